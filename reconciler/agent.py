@@ -1,0 +1,211 @@
+"""The agent: wires source, loop, containerizer, launcher and isolators, and runs them until stopped.
+
+Start: build isolators (refusing to start on a bad flag or missing kernel support) → recover →
+first listing → reconcile every name. Then every filesystem event in the manifest directory (dot
+files included: a ConfigMap's `..data` swap is one) schedules a debounced full re-list; a periodic
+resync re-lists anyway. The listing, never the event, is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from reconciler import __version__
+from reconciler import isolators as isolator_registry
+from reconciler.checkpoint import Checkpoints
+from reconciler.config import AgentConfig
+from reconciler.containerizer import Containerizer
+from reconciler.isolators.base import IsolatorSetupError
+from reconciler.launcher.base import LaunchHelper, Launcher
+from reconciler.loop import Reconciler, container_environment
+from reconciler.models import ContainerInfo
+from reconciler.source import Listing, ManifestSource
+from reconciler.status import StatusWriter, iso
+
+log = logging.getLogger(__name__)
+
+DEBOUNCE_MS = 100       # the longest a burst of events is grouped
+STEP_MS = 5             # quiet time that ends a burst (watchfiles' own default debounce is 1.6 s)
+
+
+def build_launcher(config: AgentConfig, helper: LaunchHelper) -> Launcher:
+    if config.launcher == "posix":
+        from reconciler.launcher.posix import PosixLauncher
+        return PosixLauncher(helper)
+    from reconciler.launcher.linux import LinuxLauncher
+    from reconciler.linux import cgroups
+    mounts = cgroups.find_mounts()
+    hierarchy = cgroups.unified_hierarchy(mounts) if mounts.unified else cgroups.freezer_hierarchy(mounts)
+    if hierarchy is None:
+        raise IsolatorSetupError(
+            "flag --launcher: the linux launcher needs the cgroup v1 freezer hierarchy or a unified cgroup v2 "
+            "hierarchy at /sys/fs/cgroup, and neither is mounted")
+    return LinuxLauncher(helper, config.cgroups_root, hierarchy)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.isolators = isolator_registry.create(config)       # IsolatorSetupError: exit 2
+        self.helper = LaunchHelper()
+        self.launcher = build_launcher(config, self.helper)
+        self.checkpoints = Checkpoints(config.containers_path, config.sandboxes_path)
+        self.containerizer = Containerizer(self.launcher, self.isolators, self.checkpoints)
+        self.status = StatusWriter(config.status_path)
+        default_info = ContainerInfo.model_validate(config.default_container_info) \
+            if config.default_container_info else None
+        self.source = ManifestSource(config.manifests, node_attributes=config.attributes,
+                                     default_container_info=default_info)
+        self.reconciler = Reconciler(self.containerizer, self.status, [i.name for i in self.isolators],
+                                     container_environment())
+        self.watch_mode = "inotify"
+        self.last_listed_at: float | None = None
+        self.last_reconcile_duration: float | None = None
+        self._relist = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._settling: asyncio.Task[None] | None = None
+
+    # lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.status.ensure_dir()
+        recovered = await self.containerizer.recover()
+        for stale in self.reconciler.adopt(recovered):
+            await self.containerizer.destroy(stale.id)
+            self.containerizer.remove(stale.id)
+        await self.relist()
+        assert self._settling is not None
+        await self._settling
+
+    async def relist(self) -> Listing:
+        """List, and hand every name to the loop. Does not wait for them: one slow destroy stalls no one."""
+        started = time.perf_counter()
+        listing = self.source.list()
+        self.last_listed_at = time.time()
+        self.reconciler.set_listing(listing)
+        if self._settling is None or self._settling.done():
+            self._settling = asyncio.get_running_loop().create_task(self._settle(started))
+        return listing
+
+    async def _settle(self, started: float) -> None:
+        """Once the loop is idle: record how long the pass took, collect stale status files, publish _agent.json."""
+        await self.reconciler.queue.wait_idle()
+        self.reconciler.garbage_collect_status_files()
+        self.last_reconcile_duration = time.perf_counter() - started
+        self.write_agent_status()
+
+    async def run(self) -> None:
+        """Until SIGTERM/SIGINT; containers keep running after."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.start()
+        tasks = [
+            loop.create_task(self._watch(), name="watch"),
+            loop.create_task(self._relister(), name="relist"),
+            loop.create_task(self._resync(), name="resync"),
+            loop.create_task(self._statistics(), name="statistics"),
+        ]
+        await self._stop.wait()
+        log.info("Stopping; containers keep running")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.reconciler.queue.stop()
+        if self._settling is not None:
+            self._settling.cancel()
+        self.close()
+
+    async def once(self) -> bool:
+        await self.start()
+        self.reconciler.refresh_statistics()
+        converged = self.reconciler.converged()
+        self.write_agent_status()
+        self.close()
+        return converged
+
+    def close(self) -> None:
+        self.helper.close()
+
+    # event sources ----------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Any event only schedules a re-list. Falls back to resync-only polling when inotify fails."""
+        import watchfiles
+        delay = 1.0
+        while not self._stop.is_set():
+            if not os.path.isdir(self.config.manifests):
+                self.watch_mode = "polling"
+                await asyncio.sleep(min(self.config.resync_interval, 1.0))
+                self._relist.set() if os.path.isdir(self.config.manifests) else None
+                continue
+            try:
+                self.watch_mode = "inotify"
+                async for _changes in watchfiles.awatch(
+                    self.config.manifests, watch_filter=None, debounce=DEBOUNCE_MS, step=STEP_MS,
+                    recursive=True, stop_event=self._stop, rust_timeout=1000, yield_on_timeout=False,
+                ):
+                    self._relist.set()
+                    delay = 1.0
+                    if not os.path.isdir(self.config.manifests):
+                        break
+                self._relist.set()
+            except (OSError, RuntimeError) as exc:
+                self.watch_mode = "polling"
+                log.warning("Watching %s failed (%s); relying on --resync_interval", self.config.manifests, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 20.0)
+
+    async def _relister(self) -> None:
+        while True:
+            await self._relist.wait()
+            self._relist.clear()
+            await self.relist()
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resync_interval)
+            self._relist.set()
+
+    async def _statistics(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resync_interval)
+            self.reconciler.refresh_statistics()
+            self.write_agent_status()
+
+    # _agent.json -----------------------------------------------------------------------------
+    def write_agent_status(self) -> None:
+        self.status.write_agent(self.agent_doc(), time.time())
+
+    def agent_doc(self) -> dict[str, Any]:
+        listing = self.reconciler.listing
+        extra: dict[str, Any] = {}
+        for isolator in self.isolators:
+            extra.update(isolator.agent_status())
+        invalid_docs = []
+        if listing is not None:
+            for item in list(listing.invalid.values()) + list(listing.duplicates):
+                invalid_docs.append({"file": item.manifest, "document": item.document, "name": item.name,
+                                     "error": item.message})
+        doc = {
+            "apiVersion": "reconciler/v1", "kind": "AgentStatus", "version": __version__, "pid": os.getpid(),
+            "started_at": iso(self.started_at), "isolators": [i.name for i in self.isolators],
+            "launcher": self.config.launcher, "flags": self.config.public_flags(),
+            "manifests_dir": self.config.manifests,
+            "source": {
+                "ready": bool(listing and listing.ok), "error": listing.error if listing else None,
+                "last_listed_at": iso(self.last_listed_at), "files": list(listing.files) if listing else [],
+                "watch_mode": self.watch_mode,
+            },
+            "invalid_files": [{"file": f.manifest, "error": f.message} for f in (listing.invalid_files if listing else [])],
+            "invalid_documents": invalid_docs,
+            "last_reconcile_duration_secs": self.last_reconcile_duration,
+            "counts": self.reconciler.counts(),
+            "destroy_errors": self.containerizer.destroy_errors,
+        }
+        doc.update(extra)
+        return doc

@@ -1,0 +1,109 @@
+"""The checkpoint layout under work_dir: what recovery reads (Mesos paths.hpp, runtime_dir/containers/<id>).
+
+    <work_dir>/containers/<id>/config.json       ContainerConfig, written before any isolator prepares
+    <work_dir>/containers/<id>/launch_info.json  merged launch info, written before the fork
+    <work_dir>/containers/<id>/pid.json          init pid + start time + boot id, written after the fork
+    <work_dir>/containers/<id>/status            wait status, written by the container's init
+    <work_dir>/containers/<id>/termination.json  why and how it ended, written once it is destroyed
+    <work_dir>/sandboxes/<id>/                   the sandbox (stdout, stderr, relative volumes)
+
+Every file is written write-ahead and atomically (temp file, fsync, rename, fsync dir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any
+
+from reconciler.fsutil import atomic_write_json, read_json
+from reconciler.isolators.base import ContainerConfig, LaunchInfo
+from reconciler.models import ContainerSpec
+
+CONFIG = "config.json"
+LAUNCH_INFO = "launch_info.json"
+PID = "pid.json"
+STATUS = "status"
+TERMINATION = "termination.json"
+
+
+class Checkpoints:
+    def __init__(self, containers_dir: str, sandboxes_dir: str) -> None:
+        self.containers_dir = containers_dir
+        self.sandboxes_dir = sandboxes_dir
+
+    def ensure_dirs(self) -> None:
+        os.makedirs(self.containers_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.sandboxes_dir, mode=0o755, exist_ok=True)
+
+    def dir(self, container_id: str) -> str:
+        return os.path.join(self.containers_dir, container_id)
+
+    def sandbox(self, container_id: str) -> str:
+        return os.path.join(self.sandboxes_dir, container_id)
+
+    def ids(self) -> list[str]:
+        try:
+            return sorted(e for e in os.listdir(self.containers_dir) if not e.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def sandbox_ids(self) -> list[str]:
+        try:
+            return sorted(e for e in os.listdir(self.sandboxes_dir) if not e.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    # Writers --------------------------------------------------------------------------------
+    def write_config(self, config: ContainerConfig) -> None:
+        os.makedirs(self.dir(config.container_id), mode=0o700, exist_ok=True)
+        doc = dataclasses.asdict(config) | {"spec": config.spec.model_dump(mode="json", exclude_none=True)}
+        atomic_write_json(os.path.join(self.dir(config.container_id), CONFIG), doc)
+
+    def write_launch_info(self, container_id: str, info: LaunchInfo) -> None:
+        atomic_write_json(os.path.join(self.dir(container_id), LAUNCH_INFO), dataclasses.asdict(info))
+
+    def write_pid(self, container_id: str, pid: int, start_time: int, boot_id: str, pid_namespace: bool,
+                  started_at: float) -> None:
+        atomic_write_json(os.path.join(self.dir(container_id), PID), {
+            "pid": pid, "start_time": start_time, "boot_id": boot_id,
+            "pid_namespace": pid_namespace, "started_at": started_at,
+        })
+
+    def write_termination(self, container_id: str, doc: dict[str, Any]) -> None:
+        atomic_write_json(os.path.join(self.dir(container_id), TERMINATION), doc)
+
+    # Readers --------------------------------------------------------------------------------
+    def read_config(self, container_id: str) -> ContainerConfig | None:
+        doc = read_json(os.path.join(self.dir(container_id), CONFIG))
+        if doc is None:
+            return None
+        doc["spec"] = ContainerSpec.model_validate(doc["spec"])
+        known = {f.name for f in dataclasses.fields(ContainerConfig)}
+        return ContainerConfig(**{k: v for k, v in doc.items() if k in known})
+
+    def read_launch_info(self, container_id: str) -> LaunchInfo | None:
+        doc = read_json(os.path.join(self.dir(container_id), LAUNCH_INFO))
+        if doc is None:
+            return None
+        known = {f.name for f in dataclasses.fields(LaunchInfo)}
+        return LaunchInfo(**{k: v for k, v in doc.items() if k in known})
+
+    def read_pid(self, container_id: str) -> dict[str, Any] | None:
+        return read_json(os.path.join(self.dir(container_id), PID))
+
+    def read_status(self, container_id: str) -> dict[str, Any] | None:
+        """The init's record of how the command ended; None if it never wrote one (it was SIGKILLed)."""
+        try:
+            return read_json(os.path.join(self.dir(container_id), STATUS))
+        except ValueError:
+            return None
+
+    def read_termination(self, container_id: str) -> dict[str, Any] | None:
+        return read_json(os.path.join(self.dir(container_id), TERMINATION))
+
+    # Removal (Mesos remove()) ----------------------------------------------------------------
+    def remove(self, container_id: str) -> None:
+        shutil.rmtree(self.sandbox(container_id), ignore_errors=True)
+        shutil.rmtree(self.dir(container_id), ignore_errors=True)

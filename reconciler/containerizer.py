@@ -1,0 +1,439 @@
+"""The Mesos containerizer: container records, checkpoints, and the only caller of isolators and the launcher.
+
+API (Mesos containerizer.hpp): recover, launch, update, usage, status, wait, destroy, remove.
+Launch order: checkpoint config → prepare (every isolator, table order) → checkpoint launch info →
+fork (the init blocks) → checkpoint pid → isolate (every isolator) → go → watch.
+Destroy order: SIGTERM and grace (when asked) → kill everything (launcher) → cleanup (every
+isolator, reverse order, carrying on past failures) → checkpoint the termination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from reconciler.checkpoint import Checkpoints
+from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, LaunchInfo, Limitation, PermanentError
+from reconciler.launcher.base import Forked, Launcher
+from reconciler.linux import proc
+from reconciler.models import Resources
+from reconciler.units import megabytes_to_bytes
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWPID = 0x20000000
+
+
+class State(str, enum.Enum):
+    PREPARING = "PREPARING"
+    ISOLATING = "ISOLATING"
+    RUNNING = "RUNNING"
+    DESTROYING = "DESTROYING"
+    TERMINATED = "TERMINATED"
+
+
+@dataclass
+class Termination:
+    """Mesos ContainerTermination, plus when it ended."""
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    reason: str = ""
+    message: str = ""
+    finished_at: float = 0.0
+    limited_resources: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and self.exit_signal is None and not self.reason
+
+    def to_doc(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> "Termination":
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Container:
+    config: ContainerConfig
+    state: State
+    identity: proc.ProcessIdentity | None = None
+    pid_namespace: bool = False
+    started_at: float | None = None
+    termination: Termination | None = None
+    limitation: Limitation | None = None
+    pidfd: int | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    destroy_task: "asyncio.Task[Termination] | None" = None
+
+    @property
+    def id(self) -> str:
+        return self.config.container_id
+
+    @property
+    def pid(self) -> int | None:
+        return self.identity.pid if self.identity else None
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (State.PREPARING, State.ISOLATING, State.RUNNING)
+
+
+class Containerizer:
+    def __init__(self, launcher: Launcher, isolators: list[Isolator], checkpoints: Checkpoints,
+                 on_change: Callable[[Container], None] = lambda c: None) -> None:
+        self.launcher = launcher
+        self.isolators = isolators
+        self.checkpoints = checkpoints
+        self.on_change = on_change
+        self.containers: dict[str, Container] = {}
+        self.boot_id = proc.boot_id()
+        self.destroy_errors = 0
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    # recover ----------------------------------------------------------------------------------
+    async def recover(self) -> list[Container]:
+        """Adopt live containers, learn how the others ended, destroy orphans. Returns the known containers."""
+        self.checkpoints.ensure_dirs()
+        recovered: list[Container] = []
+        to_destroy: list[Container] = []
+        orphans: set[str] = set()
+        for cid in self.checkpoints.ids():
+            config = self._read_config_or_none(cid)
+            if config is None:
+                orphans.add(cid)
+                continue
+            container = Container(config=config, state=State.RUNNING)
+            pid_doc = self.checkpoints.read_pid(cid)
+            termination_doc = self.checkpoints.read_termination(cid)
+            if termination_doc is not None:
+                container.state = State.TERMINATED
+                container.termination = Termination.from_doc(termination_doc)
+                container.started_at = pid_doc.get("started_at") if pid_doc else None
+                container.done.set()
+            elif pid_doc is None:
+                # The agent stopped between config and fork: it never ran. Clean up and forget it.
+                orphans.add(cid)
+                continue
+            else:
+                container.identity = proc.ProcessIdentity(pid_doc["pid"], pid_doc["start_time"])
+                container.pid_namespace = bool(pid_doc.get("pid_namespace"))
+                container.started_at = pid_doc.get("started_at")
+                same_boot = pid_doc.get("boot_id") == self.boot_id
+                if not (same_boot and container.identity.is_alive() and self.launcher.belongs(cid, container.identity.pid)):
+                    to_destroy.append(container)  # it ended while we were away; its status file says how
+            recovered.append(container)
+            self.containers[cid] = container
+        orphans |= self.launcher.recover(set(self.containers))
+        orphans |= {sid for sid in self.checkpoints.sandbox_ids() if sid not in self.containers}
+        live = [ContainerState(c.config, c.pid) for c in recovered if c.state != State.TERMINATED]
+        for isolator in self.isolators:
+            isolator.recover(live, orphans)
+        for container in recovered:
+            if container.state == State.RUNNING and container not in to_destroy:
+                if not self._arm_exit_watch(container):
+                    to_destroy.append(container)
+                    continue
+                for isolator in self.isolators:
+                    isolator.watch(container.id, self._limitation_callback(container), self.loop)
+        for container in to_destroy:
+            await self.destroy(container.id)
+        for cid in sorted(orphans):
+            log.info("Cleaning up orphan container %s", cid)
+            await self._destroy_orphan(cid)
+        return recovered
+
+    def _read_config_or_none(self, cid: str) -> ContainerConfig | None:
+        try:
+            return self.checkpoints.read_config(cid)
+        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint makes an orphan, not a crash
+            log.warning("Checkpoint of container %s is unreadable (%s): treating it as an orphan", cid, exc)
+            return None
+
+    async def _destroy_orphan(self, cid: str) -> None:
+        try:
+            await asyncio.to_thread(self.launcher.destroy, cid, None, False)
+        except Exception as exc:  # noqa: BLE001
+            self.destroy_errors += 1
+            log.error("Failed to kill orphan container %s: %s", cid, exc)
+            return
+        self._cleanup_isolators(cid)
+        self.checkpoints.remove(cid)
+
+    # launch -----------------------------------------------------------------------------------
+    def launch(self, config: ContainerConfig, environment: dict[str, str]) -> Container:
+        """Launch and return once the command was let go (Mesos: SUCCESS when unblocked).
+
+        Raises PermanentError for launches that cannot succeed until the spec changes; any other
+        exception is temporary. Either way nothing is left behind.
+        """
+        cid = config.container_id
+        if cid in self.containers:
+            return self.containers[cid]  # ALREADY_LAUNCHED: never touch the running one
+        container = Container(config=config, state=State.PREPARING)
+        self.containers[cid] = container
+        forked: Forked | None = None
+        try:
+            self.checkpoints.write_config(config)
+            os.makedirs(config.sandbox, mode=0o755, exist_ok=True)
+            info = LaunchInfo()
+            for isolator in self.isolators:
+                part = isolator.prepare(cid, config)
+                if part is not None:
+                    info.merge(part)
+            self.checkpoints.write_launch_info(cid, info)
+            spec = self._init_spec(config, info, environment)
+            container.pid_namespace = bool(info.clone_namespaces & CLONE_NEWPID)
+            forked = self.launcher.fork(cid, spec, info.clone_namespaces)
+            container.identity = proc.ProcessIdentity(forked.pid, forked.start_time)
+            container.pidfd = forked.pidfd
+            container.started_at = time.time()
+            self.checkpoints.write_pid(cid, forked.pid, forked.start_time, self.boot_id,
+                                       container.pid_namespace, container.started_at)
+            container.state = State.ISOLATING
+            for isolator in self.isolators:
+                isolator.isolate(cid, forked.pid)
+            for isolator in self.isolators:
+                isolator.watch(cid, self._limitation_callback(container), self.loop)
+            forked.go()
+            container.state = State.RUNNING
+            self.loop.add_reader(forked.pidfd, self._on_init_exit, container)
+        except BaseException:
+            if forked is not None:
+                forked.close_go()  # the init sees EOF and exits without running anything
+            self._abort_launch(container)
+            raise
+        return container
+
+    def _abort_launch(self, container: Container) -> None:
+        cid = container.id
+        try:
+            self.launcher.destroy(cid, container.identity, container.pid_namespace)
+        except Exception as exc:  # noqa: BLE001
+            log.error("Failed to kill container %s after a failed launch: %s", cid, exc)
+        if container.pidfd is not None:
+            os.close(container.pidfd)
+            container.pidfd = None
+        self._cleanup_isolators(cid)
+        self.checkpoints.remove(cid)
+        self.containers.pop(cid, None)
+
+    def _init_spec(self, config: ContainerConfig, info: LaunchInfo, environment: dict[str, str]) -> dict[str, Any]:
+        """What the init needs: argv, environment, files; Mesos's env precedence (agent < sandbox < isolators < user)."""
+        command = config.spec.command
+        if command.shell:
+            if not command.value:
+                raise PermanentError("Shell command is not specified")
+            executable, argv = "/bin/sh", ["sh", "-c", command.value]
+        else:
+            if not command.value:
+                raise PermanentError("Command value is not specified")
+            executable, argv = command.value, list(command.arguments) or [command.value]
+        env = dict(environment)
+        env["MESOS_SANDBOX"] = env["RECONCILER_SANDBOX"] = config.sandbox
+        env.update(info.environment)
+        if command.environment:
+            for variable in command.environment.variables:
+                env[variable.name] = variable.value
+        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        return {
+            "container_id": config.container_id,
+            "checkpoint_dir": self.checkpoints.dir(config.container_id),
+            "executable": executable,
+            "argv": argv,
+            "env": env,
+            "cwd": config.sandbox,
+            "stdout": os.path.join(config.sandbox, "stdout"),
+            "stderr": os.path.join(config.sandbox, "stderr"),
+            "hostname": info.hostname,
+            "mounts": info.mounts,
+            "rlimits": info.rlimits,
+            "pre_exec": info.pre_exec,
+            "capabilities": info.capabilities,
+            "user": info.user,
+        }
+
+    # watch ------------------------------------------------------------------------------------
+    def _arm_exit_watch(self, container: Container) -> bool:
+        """Adopt a recovered init: a pidfd, checked against the start time after opening (no pid-reuse race)."""
+        assert container.identity is not None
+        try:
+            pidfd = os.pidfd_open(container.identity.pid)
+        except ProcessLookupError:
+            return False
+        if not container.identity.is_alive():
+            os.close(pidfd)
+            return False
+        container.pidfd = pidfd
+        self.loop.add_reader(pidfd, self._on_init_exit, container)
+        return True
+
+    def _on_init_exit(self, container: Container) -> None:
+        self._forget_pidfd(container)
+        if container.destroy_task is None:
+            self._start_destroy(container, grace=0.0, termination=None)
+
+    def _forget_pidfd(self, container: Container) -> None:
+        if container.pidfd is not None:
+            try:
+                self.loop.remove_reader(container.pidfd)
+            finally:
+                os.close(container.pidfd)
+                container.pidfd = None
+
+    def _limitation_callback(self, container: Container) -> Callable[[Limitation], None]:
+        def limited(limitation: Limitation) -> None:
+            if container.destroy_task is not None or not container.alive:
+                return
+            log.info("Container %s (%s) reached a limit: %s", container.id, container.config.name, limitation.message)
+            container.limitation = limitation
+            self._start_destroy(container, grace=0.0, termination=Termination(
+                reason=limitation.reason, message=limitation.message, limited_resources=limitation.resources))
+        return limited
+
+    # destroy ----------------------------------------------------------------------------------
+    async def destroy(self, container_id: str, grace: float = 0.0, reason: str = "", message: str = "") -> Termination | None:
+        """Kill (gracefully for `grace` seconds), clean up, and return how it ended. Unknown id: None."""
+        container = self.containers.get(container_id)
+        if container is None:
+            return None
+        if container.state == State.TERMINATED:
+            return container.termination
+        if container.destroy_task is None:
+            termination = Termination(reason=reason, message=message) if (reason or message) else None
+            self._start_destroy(container, grace, termination)
+        assert container.destroy_task is not None
+        return await asyncio.shield(container.destroy_task)
+
+    def _start_destroy(self, container: Container, grace: float, termination: Termination | None) -> None:
+        container.destroy_task = self.loop.create_task(self._destroy(container, grace, termination))
+
+    async def _destroy(self, container: Container, grace: float, termination: Termination | None) -> Termination:
+        cid = container.id
+        container.state = State.DESTROYING
+        self.on_change(container)
+        identity = container.identity
+        if grace > 0 and identity is not None and identity.is_alive():
+            self.launcher.terminate(identity, signal.SIGTERM)
+            await self._wait_exit(container, grace)
+        try:
+            await asyncio.to_thread(self.launcher.destroy, cid, identity, container.pid_namespace)
+        except Exception as exc:  # noqa: BLE001 - Mesos: isolators are not cleaned up when the kill failed
+            self.destroy_errors += 1
+            log.error("Failed to kill all processes in container %s: %s", cid, exc)
+            container.state = State.TERMINATED
+            container.termination = Termination(reason="DestroyFailed", finished_at=time.time(),
+                                                message=f"Failed to kill all processes in the container: {exc}")
+            container.done.set()
+            self.on_change(container)
+            return container.termination
+        self._forget_pidfd(container)
+        cleanup_errors = self._cleanup_isolators(cid)
+        final = self._termination(container, termination)
+        if cleanup_errors:
+            final.message = (final.message + "; " if final.message else "") + \
+                "Failed to clean up an isolator when destroying container: " + "; ".join(cleanup_errors)
+        container.termination = final
+        container.state = State.TERMINATED
+        self.checkpoints.write_termination(cid, final.to_doc())
+        container.done.set()
+        self.on_change(container)
+        return final
+
+    async def _wait_exit(self, container: Container, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        identity = container.identity
+        while identity is not None and identity.is_alive() and self.loop.time() < deadline:
+            await asyncio.sleep(min(0.02, max(0.0, deadline - self.loop.time())))
+
+    def _termination(self, container: Container, given: Termination | None) -> Termination:
+        final = given or Termination()
+        status = self.checkpoints.read_status(container.id)
+        if status is None:
+            # Mesos reap(): no status written means the init itself was killed.
+            final.exit_signal = signal.SIGKILL if container.started_at is not None else None
+        else:
+            final.exit_code = status.get("exit_code")
+            final.exit_signal = status.get("exit_signal")
+            if status.get("error") and not final.message:
+                final.message = status["error"]
+                final.reason = final.reason or "LaunchFailed"
+        final.finished_at = (status or {}).get("finished_at") or time.time()
+        return final
+
+    def _cleanup_isolators(self, cid: str) -> list[str]:
+        errors = []
+        for isolator in reversed(self.isolators):
+            try:
+                isolator.cleanup(cid)
+            except Exception as exc:  # noqa: BLE001 - carry on: every isolator gets its cleanup
+                log.error("Failed to clean up isolator %s for container %s: %s", isolator.name, cid, exc)
+                errors.append(f"{isolator.name}: {exc}")
+        return errors
+
+    # wait, remove, update, usage, status -------------------------------------------------------------
+    async def wait(self, container_id: str) -> Termination | None:
+        container = self.containers.get(container_id)
+        if container is None:
+            return None
+        await container.done.wait()
+        return container.termination
+
+    def remove(self, container_id: str) -> None:
+        """Forget a terminated container: its checkpoint and its sandbox go (Mesos remove())."""
+        container = self.containers.get(container_id)
+        if container is not None and container.state != State.TERMINATED:
+            raise RuntimeError("Container has not terminated yet")
+        self.containers.pop(container_id, None)
+        self.checkpoints.remove(container_id)
+
+    def update(self, container_id: str, resources: Resources, spec_hash: str) -> None:
+        """Apply new resources in place; unknown or terminating containers are ignored (as Mesos)."""
+        container = self.containers.get(container_id)
+        if container is None or container.state != State.RUNNING:
+            return
+        for isolator in self.isolators:
+            isolator.update(container_id, resources)
+        container.config.spec = container.config.spec.model_copy(update={"resources": resources})
+        container.config.spec_hash = spec_hash
+        self.checkpoints.write_config(container.config)
+
+    def usage(self, container_id: str) -> dict[str, Any]:
+        container = self.containers.get(container_id)
+        if container is None:
+            raise KeyError(f"Unknown container {container_id}")
+        statistics: dict[str, Any] = {}
+        for isolator in self.isolators:
+            try:
+                statistics.update(isolator.usage(container_id))
+            except Exception as exc:  # noqa: BLE001 - Mesos skips a failed isolator's usage with a warning
+                log.debug("usage of %s from %s failed: %s", container_id, isolator.name, exc)
+        resources = container.config.spec.resources
+        statistics["timestamp"] = time.time()
+        if resources.cpus is not None:
+            statistics["cpus_limit"] = resources.cpus
+        if resources.mem is not None:
+            statistics["mem_limit_bytes"] = megabytes_to_bytes(resources.mem)
+        return statistics
+
+    def status(self, container_id: str) -> dict[str, Any]:
+        container = self.containers.get(container_id)
+        if container is None:
+            raise KeyError(f"Unknown container: {container_id}")
+        doc: dict[str, Any] = {"container_id": container_id, "executor_pid": container.pid}
+        for isolator in self.isolators:
+            try:
+                doc.update(isolator.status(container_id))
+            except Exception as exc:  # noqa: BLE001
+                log.debug("status of %s from %s failed: %s", container_id, isolator.name, exc)
+        return doc

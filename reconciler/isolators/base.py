@@ -1,0 +1,139 @@
+"""The isolator protocol, as Mesos's include/mesos/slave/isolator.hpp, and the launch info isolators return.
+
+The containerizer is the only caller. Order: `prepare` runs for every isolator in the fixed table
+order (Mesos `MesosContainerizer::create`), then the init is forked, then `isolate` for every
+isolator, then the command runs; `cleanup` runs in reverse order and carries on past failures.
+Every method is idempotent and tolerates unknown container ids (MESOS-6059): recovery after a
+crash may call prepare or cleanup a second time.
+
+An isolator never calls another. It may publish facts (a net_cls classid, a disk usage) through
+`status()` and `usage()`, which the containerizer folds into the status file, and it reports a
+limitation (memory or disk over its limit) through the callback given to `watch()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from reconciler.config import AgentConfig
+    from reconciler.models import ContainerSpec, Resources
+
+
+class PermanentError(Exception):
+    """A launch that cannot succeed until the manifest changes (bad user, unsatisfiable request)."""
+
+
+class IsolatorSetupError(Exception):
+    """The agent cannot start with this isolator on this host (missing kernel support, bad flag).
+
+    The message names the flag and the reason; the CLI prints it on one line and exits 2.
+    """
+
+
+@dataclass
+class ContainerConfig:
+    """What a container is launched from; checkpointed as `config` before any isolator prepares."""
+    container_id: str
+    name: str
+    manifest: str
+    spec: "ContainerSpec"
+    spec_hash: str
+    resources_free_hash: str
+    sandbox: str
+    restarts: int = 0
+    backoff_step: int = 0
+    created_at: float = 0.0
+
+
+@dataclass
+class ContainerState:
+    """Mesos ContainerState: what an isolator is told of a live container at recovery."""
+    config: ContainerConfig
+    pid: int | None
+
+
+@dataclass
+class LaunchInfo:
+    """Mesos ContainerLaunchInfo: what an isolator needs done in the container before the command runs."""
+    clone_namespaces: int = 0
+    environment: dict[str, str] = field(default_factory=dict)
+    mounts: list[dict[str, Any]] = field(default_factory=list)   # applied in order by the init
+    rlimits: list[dict[str, int]] = field(default_factory=list)
+    hostname: str | None = None
+    working_directory: str | None = None
+    pre_exec: list[dict[str, Any]] = field(default_factory=list)
+    capabilities: dict[str, Any] | None = None
+    user: dict[str, Any] | None = None
+
+    def merge(self, other: "LaunchInfo") -> None:
+        """Fold another isolator's launch info in, refusing the conflicts Mesos refuses."""
+        self.clone_namespaces |= other.clone_namespaces
+        self.environment.update(other.environment)
+        self.mounts.extend(other.mounts)
+        self.pre_exec.extend(other.pre_exec)
+        for attr, message in (
+            ("rlimits", "Multiple isolators specify rlimits"),
+            ("working_directory", "Multiple isolators specify working directory"),
+            ("capabilities", "Multiple isolators specify effective capabilities"),
+            ("hostname", "Multiple isolators specify hostname"),
+            ("user", "Multiple isolators specify user"),
+        ):
+            theirs = getattr(other, attr)
+            if theirs:
+                if getattr(self, attr):
+                    raise PermanentError(message)
+                setattr(self, attr, theirs)
+
+
+@dataclass
+class Limitation:
+    """Mesos ContainerLimitation: why an isolator wants its container destroyed."""
+    reason: str          # e.g. "MemoryLimit", "DiskLimitation"
+    message: str
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+LimitationCallback = Callable[[Limitation], None]
+
+
+class Isolator:
+    """Every hook defaults to doing nothing, as in Mesos."""
+
+    name: str = ""
+
+    def __init__(self, config: "AgentConfig") -> None:
+        self.config = config
+
+    def recover(self, states: list[ContainerState], orphans: set[str]) -> None:
+        """Rebuild in-memory state for live containers; clean up what only orphans hold."""
+
+    def prepare(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
+        return None
+
+    def isolate(self, container_id: str, pid: int) -> None:
+        """The init exists (blocked, pid in the host's namespace): put it where it belongs."""
+
+    def watch(self, container_id: str, on_limitation: LimitationCallback,
+              loop: asyncio.AbstractEventLoop) -> None:
+        """Arrange to call `on_limitation` (once, from the loop's thread) when a limit is hit."""
+
+    def update(self, container_id: str, resources: "Resources") -> None:
+        """Apply new resources in place."""
+
+    def usage(self, container_id: str) -> dict[str, float | int]:
+        """ResourceStatistics fields this isolator measures. Omit what is not measured."""
+        return {}
+
+    def status(self, container_id: str) -> dict[str, Any]:
+        """Status-file blocks this isolator owns (e.g. {"net_cls": {...}})."""
+        return {}
+
+    def cleanup(self, container_id: str) -> None:
+        """Undo prepare/isolate. Must succeed for unknown ids and when called twice."""
+
+    def agent_status(self) -> dict[str, Any]:
+        """What the isolator adds to _agent.json (e.g. handles used and free)."""
+        return {}

@@ -1,0 +1,50 @@
+"""namespaces/pid and namespaces/ipc (Mesos isolators/namespaces/{pid,ipc}.cpp).
+
+The init is cloned into the namespaces; the mounts they need (a private mount tree, a fresh /proc,
+a private /dev/shm) are applied by the init before the command starts, so nothing is mounted on the
+host and nothing a container mounts propagates back.
+"""
+
+from __future__ import annotations
+
+from reconciler.isolators.base import ContainerConfig, Isolator, LaunchInfo, PermanentError
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
+
+# Entered first in any new mount namespace: without it, mounts would propagate to the host.
+PRIVATE_ROOT = {"source": None, "target": "/", "fstype": None, "flags": MS_REC | MS_PRIVATE, "data": None}
+
+
+class PidNamespaceIsolator(Isolator):
+    def prepare(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
+        linux_info = config.spec.container.linux_info if config.spec.container else None
+        if linux_info is not None and linux_info.share_pid_namespace:
+            if self.config.disallow_sharing_agent_pid_namespace:
+                raise PermanentError("Sharing agent pid namespace with containers is disallowed")
+            return None
+        return LaunchInfo(
+            clone_namespaces=CLONE_NEWPID | CLONE_NEWNS,
+            mounts=[PRIVATE_ROOT, {"source": "proc", "target": "/proc", "fstype": "proc",
+                                   "flags": MS_NOSUID | MS_NODEV | MS_NOEXEC, "data": None}],
+        )
+
+
+class IpcNamespaceIsolator(Isolator):
+    def prepare(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
+        linux_info = config.spec.container.linux_info if config.spec.container else None
+        mode = linux_info.ipc_mode if linux_info is not None else None
+        if mode == "SHARE_PARENT":
+            if linux_info is not None and linux_info.shm_size is not None:
+                raise PermanentError("Only support specifying the size of /dev/shm when the IPC mode is `PRIVATE`")
+            return None
+        info = LaunchInfo(clone_namespaces=CLONE_NEWIPC)
+        if mode == "PRIVATE":
+            size = f",size={linux_info.shm_size}m" if linux_info is not None and linux_info.shm_size else ""
+            info.clone_namespaces |= CLONE_NEWNS
+            info.mounts = [PRIVATE_ROOT, {"source": "tmpfs", "target": "/dev/shm", "fstype": "tmpfs",
+                                          "flags": MS_NOSUID | MS_NODEV, "data": f"mode=1777{size}"}]
+        return info

@@ -1,0 +1,226 @@
+"""The container's init: what runs first inside a container, as Mesos's `mesos-containerizer launch`.
+
+It is forked (never exec'd) by the launch helper, so a container costs no new Python interpreter.
+It waits for the agent's go-ahead (sent after every isolator's `isolate`), applies the launch
+info (mounts, hostname, rlimits, user), starts the command, then stays as its parent: PID 1 of
+the container's pid namespace when it has one. It reaps every zombie, forwards termination
+signals to the command, and writes the command's wait status into the container's checkpoint
+(`status`), so an exit code survives restarts of the agent.
+
+This module imports only the standard library: it runs in the launch helper, which is kept small
+so that each forked init stays well under a megabyte of unique memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+import time
+
+# Signals an operator or the agent may send to a container; init passes them on to the command.
+FORWARDED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+    signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT,
+)
+STATUS_FILE = "status"
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str, path: str | None = None) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return result
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), "mount", target)
+
+
+def write_status(checkpoint_fd: int, doc: dict) -> None:
+    """Atomically replace `status` in the checkpoint directory (held open by fd, so mounts can't hide it)."""
+    tmp = f".{STATUS_FILE}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=checkpoint_fd)
+    try:
+        os.write(fd, json.dumps(doc).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, STATUS_FILE, src_dir_fd=checkpoint_fd, dst_dir_fd=checkpoint_fd)
+    os.fsync(checkpoint_fd)
+
+
+def termination_doc(wait_status: int | None, error: str | None = None) -> dict:
+    doc: dict = {"wait_status": wait_status, "exit_code": None, "exit_signal": None,
+                 "finished_at": time.time(), "error": error}
+    if wait_status is not None:
+        if os.WIFEXITED(wait_status):
+            doc["exit_code"] = os.WEXITSTATUS(wait_status)
+        elif os.WIFSIGNALED(wait_status):
+            doc["exit_signal"] = os.WTERMSIG(wait_status)
+    return doc
+
+
+def run(spec: dict, go_fd: int, checkpoint_fd: int) -> int:
+    """The whole life of a container's init. Returns the exit code for os._exit."""
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    blocked = {signal.SIGCHLD, *FORWARDED_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    _libc.prctl(PR_SET_NAME, b"reconciler-init", 0, 0, 0)
+
+    # The agent sends one byte after isolate(); EOF means it gave up on this launch.
+    if os.read(go_fd, 1) != b"\x01":
+        return 0
+    os.close(go_fd)
+
+    if os.getpid() != 1:
+        # Without a pid namespace, daemonised grandchildren are re-parented to us, not the host's init.
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+    try:
+        apply_launch_info(spec)
+        pid, exec_error = start_command(spec)
+    except Exception as exc:  # any setup failure ends the container with a message, as Mesos's helper does
+        message = f"Failed to launch container: {exc}"
+        _log_to_stderr(spec, message)
+        write_status(checkpoint_fd, termination_doc(None, message))
+        return 1
+    if exec_error is not None:
+        _log_to_stderr(spec, exec_error)
+        write_status(checkpoint_fd, termination_doc(None, exec_error))
+        return 1
+
+    wait_status = supervise(pid)
+    write_status(checkpoint_fd, termination_doc(wait_status))
+    if os.WIFEXITED(wait_status):
+        return os.WEXITSTATUS(wait_status)
+    return 128 + os.WTERMSIG(wait_status)
+
+
+def apply_launch_info(spec: dict) -> None:
+    """What isolators asked for, applied inside the new namespaces before the command starts."""
+    if spec.get("hostname"):
+        import socket
+        socket.sethostname(spec["hostname"])
+    for m in spec.get("mounts", []):
+        if m.get("mkdir"):
+            os.makedirs(m["target"], mode=m.get("mkdir_mode", 0o755), exist_ok=True)
+        _mount(m.get("source"), m["target"], m.get("fstype"), m.get("flags", 0), m.get("data"))
+    for rl in spec.get("rlimits", []):
+        resource.setrlimit(rl["resource"], (rl["soft"], rl["hard"]))
+
+
+def start_command(spec: dict) -> tuple[int, str | None]:
+    """Fork and exec the command. An exec failure comes back through a close-on-exec pipe."""
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    stdin = os.open("/dev/null", os.O_RDONLY)
+    stdout = os.open(spec["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    stderr = os.open(spec["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(stdin, 0)
+            os.dup2(stdout, 1)
+            os.dup2(stderr, 2)
+            os.closerange(3, err_w)
+            os.closerange(err_w + 1, 65536)
+            os.chdir(spec["cwd"])
+            user = spec.get("user")
+            if user:
+                os.setgroups(user["groups"])
+                os.setgid(user["gid"])
+                os.setuid(user["uid"])
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            executable = spec["executable"]
+            if "/" in executable:
+                os.execve(executable, spec["argv"], spec["env"])
+            else:
+                os.execvpe(executable, spec["argv"], spec["env"])
+        except BaseException as exc:  # noqa: BLE001 - report whatever stopped the exec, then die
+            what = spec["executable"]
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            try:
+                os.write(err_w, f"Failed to execute '{what}': {reason}".encode())
+            finally:
+                os._exit(127)
+    os.close(err_w)
+    for fd in (stdin, stdout, stderr):
+        os.close(fd)
+    chunks = []
+    while chunk := os.read(err_r, 4096):
+        chunks.append(chunk)
+    os.close(err_r)
+    if chunks:
+        os.waitpid(pid, 0)
+        return pid, b"".join(chunks).decode(errors="replace")
+    return pid, None
+
+
+def supervise(command_pid: int) -> int:
+    """Reap everything; forward signals to the command; return the command's wait status."""
+    waited = {signal.SIGCHLD, *FORWARDED_SIGNALS}
+    while True:
+        # Reap first: the command may already be gone before we ever wait.
+        status = _reap_all(command_pid)
+        if status is not None:
+            return status
+        info = signal.sigwaitinfo(waited)
+        if info.si_signo != signal.SIGCHLD:
+            try:
+                os.kill(command_pid, info.si_signo)
+            except ProcessLookupError:
+                pass
+
+
+def _reap_all(command_pid: int) -> int | None:
+    command_status = None
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return command_status
+        if pid == 0:
+            return command_status
+        if pid == command_pid:
+            command_status = status
+
+
+def _log_to_stderr(spec: dict, message: str) -> None:
+    try:
+        with open(spec["stderr"], "a") as f:
+            f.write(message + "\n")
+    except OSError:
+        pass
+
+
+def child_main(spec: dict, go_fd: int, checkpoint_fd: int) -> None:
+    """Entry in the freshly cloned child: never returns."""
+    code = 1
+    try:
+        code = run(spec, go_fd, checkpoint_fd)
+    except BaseException as exc:  # noqa: BLE001
+        try:
+            write_status(checkpoint_fd, termination_doc(None, f"container init failed: {exc}"))
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+        os._exit(code)

@@ -1,0 +1,407 @@
+"""The reconcile loop: level-triggered convergence of desired (manifests) and observed (containers), per name.
+
+It is handed a name, reads what is desired and what runs, and converges: launch what is missing,
+update resources in place, replace on any other change, destroy what no manifest declares any more,
+restart what died (restart policy and CrashLoopBackOff). Errors are temporary (retried with
+backoff) or permanent (recorded in status, not retried until the spec changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.containerizer import Container, Containerizer, State
+from reconciler.isolators.base import ContainerConfig, PermanentError
+from reconciler.models import ContainerSpec
+from reconciler.source import Listing
+from reconciler.status import StatusWriter, iso
+from reconciler.units import megabytes_to_bytes
+from reconciler.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+# CrashLoopBackOff, as kubelet: the first restart is immediate, then 10 s doubling to 300 s; a run of
+# 10 minutes resets it.
+BACKOFF_INITIAL = 10.0
+BACKOFF_MAX = 300.0
+BACKOFF_RESET_AFTER = 600.0
+# Temporary errors (a fork that failed, a busy cgroup): 1 s doubling to 60 s.
+RETRY_INITIAL = 1.0
+RETRY_MAX = 60.0
+
+
+def restart_delay(step: int) -> float:
+    return 0.0 if step <= 0 else min(BACKOFF_INITIAL * 2 ** (step - 1), BACKOFF_MAX)
+
+
+@dataclass
+class Target:
+    """What a name should run: the manifest's spec, or its last good spec while the manifest is broken."""
+    spec: ContainerSpec
+    spec_hash: str
+    resources_free_hash: str
+    manifest: str
+
+
+@dataclass
+class LaunchFailure:
+    spec_hash: str
+    message: str
+    permanent: bool
+    step: int = 0
+    retry_at: float = 0.0
+
+
+@dataclass
+class NameState:
+    container: Container | None = None
+    failure: LaunchFailure | None = None
+    update_refused: tuple[str, str] | None = None   # (spec hash, message)
+    statistics: dict[str, Any] | None = None
+    conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Reconciler:
+    def __init__(self, containerizer: Containerizer, status: StatusWriter, isolator_names: list[str],
+                 environment: dict[str, str]) -> None:
+        self.containerizer = containerizer
+        self.status = status
+        self.isolator_names = isolator_names
+        self.environment = environment
+        self.listing: Listing | None = None
+        self.listed_ok = False            # a successful listing happened: absence now means "gone"
+        self.names: dict[str, NameState] = {}
+        self.queue = WorkQueue(self.reconcile)
+        containerizer.on_change = self._container_changed
+
+    # inputs -----------------------------------------------------------------------------------
+    def adopt(self, containers: list[Container]) -> list[Container]:
+        """Recovered containers become each name's current one (the newest); returns the stale rest."""
+        stale = []
+        for container in sorted(containers, key=lambda c: c.config.created_at):
+            state = self.names.setdefault(container.config.name, NameState())
+            if state.container is not None:
+                stale.append(state.container)
+            state.container = container
+        return stale
+
+    def set_listing(self, listing: Listing) -> None:
+        """A new listing: every name it or we know of is looked at again (level-triggered)."""
+        self.listing = listing
+        if listing.ok:
+            self.listed_ok = True
+        for name in set(listing.desired) | set(listing.invalid) | set(self.names):
+            self.queue.add(name)
+
+    def _container_changed(self, container: Container) -> None:
+        name = container.config.name
+        state = self.names.get(name)
+        if state is not None and state.container is container:
+            self.publish(name)
+            self.queue.add(name)
+
+    # the reconcile of one name ------------------------------------------------------------------
+    async def reconcile(self, name: str) -> None:
+        listing = self.listing
+        if listing is None:
+            return
+        state = self.names.setdefault(name, NameState())
+        container = state.container
+        desired = listing.desired.get(name)
+        if desired is not None:
+            target = Target(desired.spec, desired.spec_hash, desired.resources_free_hash, desired.manifest)
+        elif container is not None and self._may_still_declare(name, container, listing):
+            config = container.config   # keep the last good spec in force
+            target = Target(config.spec, config.spec_hash, config.resources_free_hash, config.manifest)
+        elif container is not None:
+            await self._retire(name, state, container)
+            return
+        else:
+            if name in listing.invalid:
+                self.publish(name)
+            else:
+                self._forget(name)
+            return
+        await self._converge(name, state, target)
+        self.publish(name)
+
+    def _may_still_declare(self, name: str, container: Container, listing: Listing) -> bool:
+        if not (listing.ok and self.listed_ok):
+            return True   # a missing or unreadable directory is not an empty desired state
+        if name in listing.invalid:
+            return True
+        unparseable = {f.manifest for f in listing.invalid_files}
+        return container.config.manifest in unparseable
+
+    async def _converge(self, name: str, state: NameState, target: Target) -> None:
+        container = state.container
+        if container is not None and container.alive:
+            if container.config.spec_hash == target.spec_hash:
+                return
+            if container.state == State.RUNNING and container.config.resources_free_hash == target.resources_free_hash:
+                self._update_in_place(name, state, container, target)
+                return
+            await self._destroy(container, reason="Replaced", message="The manifest changed: replacing the container")
+            self.containerizer.remove(container.id)
+            state.container = container = None
+        if container is not None and container.state == State.DESTROYING:
+            return   # its destroy ends with another wake-up of this name
+        if container is not None and container.state == State.TERMINATED:
+            if container.config.spec_hash != target.spec_hash:
+                self.containerizer.remove(container.id)
+                state.container = container = None
+            else:
+                await self._maybe_restart(name, state, container, target)
+                return
+        await self._launch(name, state, target, restarts=0, backoff_step=0)
+
+    def _update_in_place(self, name: str, state: NameState, container: Container, target: Target) -> None:
+        if state.update_refused and state.update_refused[0] == target.spec_hash:
+            return
+        try:
+            self.containerizer.update(container.id, target.spec.resources, target.spec_hash)
+            container.config.manifest = target.manifest
+            state.update_refused = None
+            log.info("Updated resources of %s in place", name)
+        except PermanentError as exc:
+            state.update_refused = (target.spec_hash, f"Failed to update resources: {exc}")
+        except Exception as exc:  # noqa: BLE001 - temporary: try again soon
+            log.warning("Failed to update resources of %s: %s; retrying", name, exc)
+            self.queue.add_after(name, RETRY_INITIAL)
+
+    async def _maybe_restart(self, name: str, state: NameState, container: Container, target: Target) -> None:
+        termination = container.termination
+        assert termination is not None
+        policy = target.spec.restart_policy
+        if policy == "Never" or (policy == "OnFailure" and termination.succeeded):
+            return
+        ran = termination.finished_at - (container.started_at or termination.finished_at)
+        step = 0 if ran >= BACKOFF_RESET_AFTER else container.config.backoff_step
+        ready_at = termination.finished_at + restart_delay(step)
+        now = time.time()
+        if now < ready_at:
+            self.queue.add_after(name, ready_at - now)
+            return
+        await self._launch(name, state, target, restarts=container.config.restarts + 1, backoff_step=step + 1,
+                           previous=container)
+
+    async def _launch(self, name: str, state: NameState, target: Target, restarts: int, backoff_step: int,
+                      previous: Container | None = None) -> None:
+        failure = state.failure
+        if failure is not None and failure.spec_hash != target.spec_hash:
+            state.failure = failure = None
+        now = time.time()
+        if failure is not None:
+            if failure.permanent:
+                return
+            if now < failure.retry_at:
+                self.queue.add_after(name, failure.retry_at - now)
+                return
+        cid = str(uuid.uuid4())
+        config = ContainerConfig(
+            container_id=cid, name=name, manifest=target.manifest, spec=target.spec, spec_hash=target.spec_hash,
+            resources_free_hash=target.resources_free_hash, sandbox=self.containerizer.checkpoints.sandbox(cid),
+            restarts=restarts, backoff_step=backoff_step, created_at=now,
+        )
+        try:
+            container = self.containerizer.launch(config, self.environment)
+        except PermanentError as exc:
+            state.failure = LaunchFailure(target.spec_hash, str(exc), permanent=True)
+            log.error("Failed to launch %s: %s", name, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - anything else is worth another try
+            step = (failure.step + 1) if failure else 1
+            delay = min(RETRY_INITIAL * 2 ** (step - 1), RETRY_MAX)
+            state.failure = LaunchFailure(target.spec_hash, f"Failed to launch container: {exc}", False, step, now + delay)
+            log.warning("Failed to launch %s (retrying in %.0fs): %s", name, delay, exc)
+            self.queue.add_after(name, delay)
+            return
+        state.failure = None
+        state.update_refused = None
+        state.statistics = None
+        state.container = container
+        if previous is not None:
+            self.containerizer.remove(previous.id)
+        log.info("Launched %s as container %s (pid %s)", name, container.id, container.pid)
+
+    async def _destroy(self, container: Container, reason: str, message: str) -> None:
+        if container.alive or container.state == State.DESTROYING:
+            await self.containerizer.destroy(container.id, grace=container.config.spec.kill_grace_period,
+                                             reason=reason, message=message)
+
+    async def _retire(self, name: str, state: NameState, container: Container) -> None:
+        """The manifest that declared this name is gone: destroy gracefully, forget, remove the status file."""
+        log.info("Destroying %s: no manifest declares it any more", name)
+        await self._destroy(container, reason="Removed", message="No manifest declares this container any more")
+        self.containerizer.remove(container.id)
+        state.container = None
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        self.names.pop(name, None)
+        self.status.remove(name)
+
+    # status -----------------------------------------------------------------------------------
+    def phase(self, name: str) -> str | None:
+        state = self.names.get(name)
+        return self.compose(name, state)["phase"] if state is not None else None
+
+    def publish(self, name: str) -> None:
+        state = self.names.get(name)
+        if state is None:
+            return
+        self.status.write(name, self.compose(name, state), time.time())
+
+    def compose(self, name: str, state: NameState) -> dict[str, Any]:
+        listing = self.listing
+        container = state.container
+        invalid = listing.invalid.get(name) if listing else None
+        if invalid is None and listing is not None and container is not None and name not in listing.desired:
+            invalid = next((f for f in listing.invalid_files if f.manifest == container.config.manifest), None)
+        doc: dict[str, Any] = {
+            "apiVersion": "reconciler/v1", "kind": "ContainerStatus", "name": name,
+            "container_id": None, "manifest": None, "spec_hash": None, "phase": "Pending",
+            "pid": None, "started_at": None, "restarts": 0, "exit_code": None, "exit_signal": None,
+            "reason": "", "message": "", "conditions": [], "isolators": list(self.isolator_names),
+        }
+        desired = listing.desired.get(name) if listing else None
+        if desired is not None:
+            doc["manifest"], doc["spec_hash"] = desired.manifest, desired.spec_hash
+        if container is not None:
+            config = container.config
+            doc.update(container_id=container.id, manifest=config.manifest, spec_hash=config.spec_hash,
+                       restarts=config.restarts, started_at=iso(container.started_at))
+            doc["phase"], doc["reason"], doc["message"] = self._container_phase(name, state, container)
+            if container.alive:
+                doc["pid"] = container.pid
+            elif container.termination is not None:
+                doc["exit_code"] = container.termination.exit_code
+                doc["exit_signal"] = container.termination.exit_signal
+            if container.state != State.TERMINATED:
+                try:
+                    doc.update(self.containerizer.status(container.id) | {})
+                except KeyError:
+                    pass
+                doc.pop("executor_pid", None)
+                doc["container_id"] = container.id
+            if state.statistics and container.alive:
+                doc["statistics"] = state.statistics
+            elif container.alive:
+                doc["statistics"] = self._limits(config.spec)
+        elif invalid is not None:
+            doc["phase"], doc["message"] = "Invalid", invalid.message
+            doc["manifest"] = invalid.manifest
+        if state.failure is not None and (container is None or not container.alive):
+            doc["phase"] = "Failed" if state.failure.permanent else "Pending"
+            doc["reason"] = "LaunchFailed"
+            doc["message"] = state.failure.message
+            if not state.failure.permanent:
+                doc["message"] += f" (retrying at {iso(state.failure.retry_at)})"
+        if state.update_refused and container is not None and container.alive:
+            doc["message"] = state.update_refused[1]
+        doc["conditions"] = self._conditions(state, doc, invalid)
+        if invalid is not None and doc["phase"] != "Invalid":
+            doc["message"] = invalid.message
+        return doc
+
+    def _container_phase(self, name: str, state: NameState, container: Container) -> tuple[str, str, str]:
+        if container.state in (State.PREPARING, State.ISOLATING):
+            return "Pending", "", ""
+        if container.state == State.RUNNING:
+            return "Running", "", ""
+        if container.state == State.DESTROYING:
+            return "Terminating", "", ""
+        termination = container.termination
+        assert termination is not None
+        reason, message = termination.reason, termination.message
+        if not message:
+            if termination.exit_signal is not None:
+                message = f"Command terminated with signal {signal.Signals(termination.exit_signal).name}" \
+                    if termination.exit_signal in signal.Signals._value2member_map_ else \
+                    f"Command terminated with signal {termination.exit_signal}"
+            elif termination.exit_code is not None:
+                message = f"Command exited with status {termination.exit_code}"
+        policy = container.config.spec.restart_policy
+        ended = "Succeeded" if termination.succeeded else "Failed"
+        if policy == "Never" or (policy == "OnFailure" and termination.succeeded):
+            return ended, reason, message
+        timer = self.queue.pending_timer(name)
+        if timer is not None:
+            until = time.time() + max(0.0, timer - asyncio.get_running_loop().time())
+            return "BackOff", reason or "CrashLoopBackOff", f"{message}; restarting at {iso(until)}".lstrip("; ")
+        return ended, reason, message
+
+    def _conditions(self, state: NameState, doc: dict[str, Any], invalid: Any) -> list[dict[str, Any]]:
+        now = iso(time.time())
+        wanted = {"Ready": (doc["phase"] == "Running", "", "")}
+        if invalid is not None:
+            wanted["ManifestValid"] = (False, "InvalidManifest", invalid.message)
+        elif doc["phase"] != "Invalid":
+            wanted["ManifestValid"] = (True, "", "")
+        out = []
+        for kind, (status, reason, message) in wanted.items():
+            previous = state.conditions.get(kind)
+            since = previous["since"] if previous and previous["status"] == status else now
+            condition = {"type": kind, "status": status, "reason": reason, "message": message, "since": since}
+            state.conditions[kind] = condition
+            out.append(condition)
+        return out
+
+    @staticmethod
+    def _limits(spec: ContainerSpec) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        if spec.resources.cpus is not None:
+            stats["cpus_limit"] = spec.resources.cpus
+        if spec.resources.mem is not None:
+            stats["mem_limit_bytes"] = megabytes_to_bytes(spec.resources.mem)
+        return stats
+
+    def refresh_statistics(self) -> None:
+        """One usage pass over every running container (the figures in each status file)."""
+        for name, state in list(self.names.items()):
+            container = state.container
+            if container is None or container.state != State.RUNNING:
+                continue
+            try:
+                state.statistics = self.containerizer.usage(container.id)
+            except KeyError:
+                continue
+            self.publish(name)
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name, state in self.names.items():
+            phase = self.compose(name, state)["phase"]
+            counts[phase] = counts.get(phase, 0) + 1
+        return counts
+
+    def converged(self) -> bool:
+        """`once`: every manifest is Running or Succeeded, none is invalid."""
+        listing = self.listing
+        if listing is None or not listing.ok or listing.invalid or listing.invalid_files or listing.duplicates:
+            return False
+        for name in listing.desired:
+            state = self.names.get(name)
+            if state is None or self.compose(name, state)["phase"] not in ("Running", "Succeeded"):
+                return False
+        return True
+
+    def garbage_collect_status_files(self) -> None:
+        """Status files of names nobody knows (left by an earlier run); only after a good listing."""
+        if not self.listed_ok:
+            return
+        for name in self.status.names_on_disk() - set(self.names):
+            if self.listing is not None and name not in self.listing.invalid:
+                self.status.remove(name)
+
+
+def container_environment() -> dict[str, str]:
+    """The agent's environment, less its own settings, is what commands start from (as Mesos passes its env)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}

@@ -1,0 +1,627 @@
+"""The pydantic models at the agent's edges: the manifest (what operators write) and the status documents.
+
+Field names are Mesos's (mesos.proto's JSON form) so an operator can carry a ContainerInfo over
+unchanged. Every model forbids unknown fields: a typo such as `resurces` must be an error naming
+the field, not a silently ignored key that leaves a container without its limits.
+
+Manifest models are frozen because the source's parse cache hands the same objects to every
+listing; status models stay mutable because the loop builds them up field by field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import resource
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from reconciler.units import format_duration, parse_duration, parse_megabytes
+
+API_VERSION = "reconciler/v1"
+
+_MANIFEST_CONFIG = ConfigDict(extra="forbid", frozen=True)
+_STATUS_CONFIG = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar types with Mesos spellings
+# --------------------------------------------------------------------------------------------
+
+def _to_seconds(value: Any) -> Any:
+    # units.parse_duration trusts its caller's type; anything else must become a ValueError so
+    # pydantic reports it against the field instead of crashing the listing.
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected a duration such as 10secs or 500ms, or a number of seconds, got {value!r}")
+    return parse_duration(value)
+
+
+def _to_megabytes(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected megabytes as a number, or a string such as 128Mi or 1Gi, got {value!r}")
+    return parse_megabytes(value)
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(_to_seconds),
+    Field(ge=0, allow_inf_nan=False),
+    # Written back the way an operator writes it ("10secs"), which also keeps hashes readable.
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "number", "minimum": 0},
+            {"type": "string", "pattern": r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*[a-zA-Z]+\s*$"},
+        ],
+        "description": "Seconds, or a Mesos duration: 500ms, 10secs, 1mins, 2hrs",
+    }, mode="validation"),
+]
+
+Megabytes = Annotated[
+    float,
+    BeforeValidator(_to_megabytes),
+    Field(gt=0, allow_inf_nan=False),
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "number", "exclusiveMinimum": 0},
+            {"type": "string", "pattern": r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*([KMGTkmgt][iI])?\s*$"},
+        ],
+        "description": "Megabytes (Mesos units), or a binary quantity such as 128Mi or 1Gi",
+    }, mode="validation"),
+]
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?$")
+
+
+def is_dns1123_label(name: str) -> bool:
+    """Whether `name` may name a container; it also becomes a status file name, so it must be path-safe."""
+    return len(name) <= 63 and bool(_DNS1123_LABEL.match(name))
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest: metadata
+# --------------------------------------------------------------------------------------------
+
+class Metadata(BaseModel):
+    """Identity of the container; `name` is unique across the manifest directory."""
+
+    model_config = _MANIFEST_CONFIG
+
+    name: str = Field(description="DNS-1123 label: lowercase letters, digits and '-', at most 63 characters")
+    labels: dict[str, str] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_dns1123_label(cls, name: str) -> str:
+        if len(name) > 63:
+            raise ValueError(f"name {name!r} is longer than 63 characters")
+        if not _DNS1123_LABEL.match(name):
+            raise ValueError(
+                f"name {name!r} is not a DNS-1123 label: use lowercase letters, digits and '-', "
+                "starting and ending with a letter or digit (e.g. 'web', 'batch-job-2')"
+            )
+        return name
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest: resources and command
+# --------------------------------------------------------------------------------------------
+
+class Resources(BaseModel):
+    """Mesos scalar resources; unset means not limited."""
+
+    model_config = _MANIFEST_CONFIG
+
+    cpus: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    mem: Megabytes | None = None
+    disk: Megabytes | None = None
+
+
+class EnvironmentVariable(BaseModel):
+    model_config = _MANIFEST_CONFIG
+
+    name: str
+    type: Literal["VALUE"] = "VALUE"
+    value: str
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _only_value(cls, value: Any) -> Any:
+        if value != "VALUE":
+            raise ValueError(f"only VALUE environment variables are supported, got {value!r}")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_settable(cls, name: str) -> str:
+        # execve cannot express these: an '=' would split the name, a NUL would truncate it.
+        if not name or "=" in name or "\0" in name:
+            raise ValueError(f"invalid environment variable name {name!r}: must be non-empty, without '=' or NUL")
+        return name
+
+
+class Environment(BaseModel):
+    model_config = _MANIFEST_CONFIG
+
+    variables: list[EnvironmentVariable] = []
+
+
+class CommandInfo(BaseModel):
+    """Mesos CommandInfo. shell=true runs `value` with /bin/sh -c (arguments are ignored, as in Mesos);
+    shell=false executes `value` with `arguments` as its argv (argv[0] included)."""
+
+    model_config = _MANIFEST_CONFIG
+
+    shell: bool = True
+    value: str | None = None
+    arguments: list[str] = []
+    environment: Environment | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _value_is_given(self) -> CommandInfo:
+        if self.shell and not (self.value and self.value.strip()):
+            raise ValueError("Shell command is not specified: set command.value")
+        if not self.shell and not self.value:
+            raise ValueError("command.value (the executable) is not specified; it is required when shell is false")
+        return self
+
+    @field_validator("user")
+    @classmethod
+    def _user_not_empty(cls, user: str | None) -> str | None:
+        if user is not None and not user.strip():
+            raise ValueError("user must not be empty; leave it out to run as the agent's user")
+        return user
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest: ContainerInfo
+# --------------------------------------------------------------------------------------------
+
+class DockerImage(BaseModel):
+    model_config = _MANIFEST_CONFIG
+
+    name: str = Field(min_length=1)
+
+
+class Image(BaseModel):
+    model_config = _MANIFEST_CONFIG
+
+    type: Literal["DOCKER"]
+    docker: DockerImage
+
+
+class MesosInfo(BaseModel):
+    model_config = _MANIFEST_CONFIG
+
+    image: Image | None = None
+
+
+def _has_dotdot(path: str) -> bool:
+    return ".." in path.split("/")
+
+
+class Volume(BaseModel):
+    """A bind mount. host_path absolute = that host path; relative = a directory in the sandbox."""
+
+    model_config = _MANIFEST_CONFIG
+
+    container_path: str
+    host_path: str | None = None
+    mode: Literal["RW", "RO"] = "RW"
+
+    @field_validator("container_path")
+    @classmethod
+    def _container_path_is_absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"container_path {path!r} must be an absolute path")
+        if _has_dotdot(path):
+            raise ValueError(f"container_path {path!r} must not contain a '..' component")
+        if posixpath.normpath(path) in ("/", "//"):
+            raise ValueError("container_path must not be '/': a volume cannot replace the root filesystem")
+        return path
+
+    @field_validator("host_path")
+    @classmethod
+    def _relative_host_path_stays_in_sandbox(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        if not path:
+            raise ValueError("host_path must not be empty; leave it out instead")
+        # A relative host_path is resolved inside the sandbox; '..' would reach outside it.
+        if not path.startswith("/") and _has_dotdot(path):
+            raise ValueError(f"relative host_path {path!r} must not contain a '..' component (it is a path in the sandbox)")
+        return path
+
+
+CapName = Literal[
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+]
+
+# mesos.proto numbers these 1000 + the Linux number, in the order of <linux/capability.h>, so the
+# position in CapName is the kernel's capability number.
+CAPABILITY_NUMBERS: dict[str, int] = {name: number for number, name in enumerate(get_args(CapName))}
+
+
+def _check_capability(value: Any) -> Any:
+    # A 41-name enum error is unreadable; say what is wrong, and catch the common CAP_ prefix.
+    if isinstance(value, str) and value not in CAPABILITY_NUMBERS:
+        if value.startswith("CAP_") and value[4:] in CAPABILITY_NUMBERS:
+            raise ValueError(f"unknown capability {value!r}: Mesos names have no CAP_ prefix, use {value[4:]!r}")
+        raise ValueError(f"unknown capability {value!r}: expected a Linux capability name such as NET_BIND_SERVICE")
+    return value
+
+
+Capability = Annotated[CapName, BeforeValidator(_check_capability)]
+
+
+class CapabilityInfo(BaseModel):
+    model_config = _MANIFEST_CONFIG
+
+    capabilities: list[Capability] = []
+
+
+class LinuxInfo(BaseModel):
+    model_config = _MANIFEST_CONFIG
+
+    share_pid_namespace: bool | None = None
+    capability_info: CapabilityInfo | None = Field(
+        default=None, description="Deprecated in Mesos in favour of effective_capabilities")
+    effective_capabilities: CapabilityInfo | None = None
+    bounding_capabilities: CapabilityInfo | None = None
+    ipc_mode: Literal["PRIVATE", "SHARE_PARENT"] | None = None
+    shm_size: int | None = Field(default=None, gt=0, description="MB of /dev/shm; only with ipc_mode PRIVATE")
+
+    @field_validator("effective_capabilities")
+    @classmethod
+    def _one_effective_set(cls, value: CapabilityInfo | None, info: ValidationInfo) -> CapabilityInfo | None:
+        if value is not None and info.data.get("capability_info") is not None:
+            raise ValueError("set only one of capability_info (deprecated) and effective_capabilities")
+        return value
+
+    @field_validator("shm_size")
+    @classmethod
+    def _shm_size_needs_private_ipc(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # A shared /dev/shm belongs to the parent; sizing it from a container would resize the host's.
+        if value is not None and info.data.get("ipc_mode") != "PRIVATE":
+            raise ValueError("shm_size is only allowed with ipc_mode PRIVATE")
+        return value
+
+    @model_validator(mode="after")
+    def _effective_within_bounding(self) -> LinuxInfo:
+        effective = self.effective_capabilities or self.capability_info
+        if effective is not None and self.bounding_capabilities is not None:
+            beyond = sorted(set(effective.capabilities) - set(self.bounding_capabilities.capabilities))
+            if beyond:
+                raise ValueError(
+                    f"effective capabilities {', '.join(beyond)} are not in bounding_capabilities; "
+                    "a process cannot hold a capability outside its bounding set"
+                )
+        return self
+
+
+RLimitName = Literal[
+    "RLMT_AS", "RLMT_CORE", "RLMT_CPU", "RLMT_DATA", "RLMT_FSIZE", "RLMT_LOCKS", "RLMT_MEMLOCK",
+    "RLMT_MSGQUEUE", "RLMT_NICE", "RLMT_NOFILE", "RLMT_NPROC", "RLMT_RSS", "RLMT_RTPRIO",
+    "RLMT_RTTIME", "RLMT_SIGPENDING", "RLMT_STACK",
+]
+
+
+
+def _rlimit_number(name: str) -> int:
+    # Python's resource module has no RLIMIT_LOCKS; 10 is its value in <asm-generic/resource.h>.
+    if name == "RLMT_LOCKS":
+        return int(getattr(resource, "RLIMIT_LOCKS", 10))
+    return int(getattr(resource, "RLIMIT_" + name.removeprefix("RLMT_")))
+
+
+RLIMIT_NUMBERS: dict[str, int] = {name: _rlimit_number(name) for name in get_args(RLimitName)}
+
+
+def _check_rlimit_type(value: Any) -> Any:
+    if isinstance(value, str) and value not in RLIMIT_NUMBERS:
+        if value.startswith("RLIMIT_") and "RLMT_" + value[7:] in RLIMIT_NUMBERS:
+            raise ValueError(f"unknown rlimit type {value!r}: Mesos spells it {'RLMT_' + value[7:]!r}")
+        raise ValueError(f"unknown rlimit type {value!r}: expected one of {', '.join(RLIMIT_NUMBERS)}")
+    return value
+
+
+class RLimit(BaseModel):
+    """Both soft and hard unset = unlimited; otherwise both are required and soft <= hard (as Mesos)."""
+
+    model_config = _MANIFEST_CONFIG
+
+    type: Annotated[RLimitName, BeforeValidator(_check_rlimit_type)]
+    soft: int | None = Field(default=None, ge=0)
+    hard: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _soft_and_hard_together(self) -> RLimit:
+        if (self.soft is None) != (self.hard is None):
+            raise ValueError(f"{self.type}: set both soft and hard, or neither for unlimited")
+        if self.soft is not None and self.hard is not None and self.soft > self.hard:
+            raise ValueError(f"{self.type}: soft limit {self.soft} is greater than hard limit {self.hard}")
+        return self
+
+
+class RLimitInfo(BaseModel):
+    model_config = _MANIFEST_CONFIG
+
+    rlimits: list[RLimit] = []
+
+    @field_validator("rlimits")
+    @classmethod
+    def _one_per_type(cls, rlimits: list[RLimit]) -> list[RLimit]:
+        seen: set[str] = set()
+        for rlimit in rlimits:
+            if rlimit.type in seen:
+                raise ValueError(f"duplicate rlimit type {rlimit.type}")
+            seen.add(rlimit.type)
+        return rlimits
+
+
+class ContainerInfo(BaseModel):
+    """Mesos ContainerInfo (type MESOS only)."""
+
+    model_config = _MANIFEST_CONFIG
+
+    type: Literal["MESOS"] = "MESOS"
+    hostname: str | None = None
+    mesos: MesosInfo | None = None
+    volumes: list[Volume] = []
+    linux_info: LinuxInfo | None = None
+    rlimit_info: RLimitInfo | None = None
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _only_mesos(cls, value: Any) -> Any:
+        if value != "MESOS":
+            raise ValueError(f"only MESOS containers are supported, got {value!r}")
+        return value
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname_is_valid(cls, hostname: str | None) -> str | None:
+        if hostname is None:
+            return None
+        labels = hostname.split(".")
+        if len(hostname) > 253 or not all(len(label) <= 63 and _HOSTNAME_LABEL.match(label) for label in labels):
+            raise ValueError(
+                f"hostname {hostname!r} is not a valid hostname: dot-separated labels of letters, digits and '-', "
+                "each at most 63 characters and not starting or ending with '-'"
+            )
+        return hostname
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes_do_not_overlap(cls, volumes: list[Volume]) -> list[Volume]:
+        # Mounts are applied in list order, so a volume inside another one would be hidden or
+        # shown depending on that order; that is never what the operator meant.
+        paths = [posixpath.normpath(v.container_path) for v in volumes]
+        for i, inner in enumerate(paths):
+            for j, outer in enumerate(paths):
+                if i == j:
+                    continue
+                if inner == outer and i > j:
+                    raise ValueError(f"volumes[{i}] and volumes[{j}] both mount at {inner}")
+                if inner.startswith(outer.rstrip("/") + "/"):
+                    raise ValueError(f"volumes[{i}] ({inner}) is nested under volumes[{j}] ({outer})")
+        return volumes
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest: spec and document
+# --------------------------------------------------------------------------------------------
+
+RestartPolicy = Literal["Always", "OnFailure", "Never"]
+
+
+class ContainerSpec(BaseModel):
+    model_config = _MANIFEST_CONFIG
+
+    node_selector: dict[str, str] = Field(default={}, description="Run only on nodes whose --attributes match every key")
+    restart_policy: RestartPolicy = "Always"
+    kill_grace_period: Duration = Field(default=10.0, description="SIGTERM, then SIGKILL after this long")
+    resources: Resources = Resources()
+    command: CommandInfo
+    container: ContainerInfo | None = None
+
+
+class Manifest(BaseModel):
+    """A reconciler manifest: one container declared in Mesos ContainerInfo terms."""
+
+    model_config = _MANIFEST_CONFIG
+
+    apiVersion: Literal["reconciler/v1"]
+    kind: Literal["Container"]
+    metadata: Metadata
+    spec: ContainerSpec
+
+
+def _canonical_hash(doc: dict[str, Any]) -> str:
+    data = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
+
+
+def _hashable_dump(spec: ContainerSpec) -> dict[str, Any]:
+    # exclude_defaults: a field added later with a default must not change the hash of every
+    # existing container (and so restart it) on upgrade; kubelet learnt this in #116080.
+    return spec.model_dump(mode="json", exclude_defaults=True)
+
+
+def spec_hash(spec: ContainerSpec) -> str:
+    """Identity of a spec: equal specs hash equal whatever their key order or spelling (10secs vs 10)."""
+    return _canonical_hash(_hashable_dump(spec))
+
+
+def spec_hash_without_resources(spec: ContainerSpec) -> str:
+    """spec_hash ignoring `resources`: unchanged while only resources changed (update in place)."""
+    doc = _hashable_dump(spec)
+    doc.pop("resources", None)
+    return _canonical_hash(doc)
+
+
+# --------------------------------------------------------------------------------------------
+# Status documents
+# --------------------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "BackOff", "Terminating", "Invalid"]
+PHASES: tuple[str, ...] = get_args(Phase)
+
+
+class Condition(BaseModel):
+    model_config = _STATUS_CONFIG
+
+    type: str
+    status: bool
+    reason: str = ""
+    message: str = ""
+    since: str
+
+
+class NetClsInfo(BaseModel):
+    model_config = _STATUS_CONFIG
+
+    classid: str
+    classid_int: int
+    primary: str
+    secondary: str
+
+
+class DiskInfo(BaseModel):
+    model_config = _STATUS_CONFIG
+
+    used_bytes: int | None = None
+    limit_bytes: int | None = None
+    checked_at: str | None = None
+    enforced: bool = False
+
+
+class ResourceStatistics(BaseModel):
+    """Mesos ResourceStatistics; a field that is absent was not measured (never written as null)."""
+
+    model_config = _STATUS_CONFIG
+
+    timestamp: float | None = None
+    processes: int | None = None
+    threads: int | None = None
+    cpus_user_time_secs: float | None = None
+    cpus_system_time_secs: float | None = None
+    cpus_limit: float | None = None
+    cpus_soft_limit: float | None = None
+    cpus_nr_periods: int | None = None
+    cpus_nr_throttled: int | None = None
+    cpus_throttled_time_secs: float | None = None
+    mem_total_bytes: int | None = None
+    mem_rss_bytes: int | None = None
+    mem_cache_bytes: int | None = None
+    mem_limit_bytes: int | None = None
+    mem_soft_limit_bytes: int | None = None
+    mem_swap_bytes: int | None = None
+    mem_mapped_file_bytes: int | None = None
+    mem_unevictable_bytes: int | None = None
+    disk_used_bytes: int | None = None
+    disk_limit_bytes: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unmeasured(self, handler: Any) -> Any:
+        # Dropping None here, not at each call site, keeps "absent = not measured" true however
+        # the enclosing ContainerStatus is dumped.
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ContainerStatus(BaseModel):
+    """<status_dir>/<name>.json"""
+
+    model_config = _STATUS_CONFIG
+
+    apiVersion: Literal["reconciler/v1"] = "reconciler/v1"
+    kind: Literal["ContainerStatus"] = "ContainerStatus"
+    name: str
+    container_id: str | None = None
+    manifest: str | None = None
+    spec_hash: str | None = None
+    phase: Phase
+    pid: int | None = None
+    started_at: str | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    reason: str = Field(default="", description="Mesos-style termination reason, e.g. MemoryLimit")
+    message: str = ""
+    conditions: list[Condition] = []
+    isolators: list[str] = []
+    image: str | None = None
+    net_cls: NetClsInfo | None = None
+    disk: DiskInfo | None = None
+    statistics: ResourceStatistics | None = None
+    updated_at: str
+
+
+class SourceStatus(BaseModel):
+    model_config = _STATUS_CONFIG
+
+    ready: bool
+    error: str | None = None
+    last_listed_at: str | None = None
+    files: list[str] = Field(default=[], description="Manifest files considered in the last listing")
+    watch_mode: str = Field(default="", description="How changes are noticed, e.g. inotify or poll")
+
+
+class InvalidFileEntry(BaseModel):
+    model_config = _STATUS_CONFIG
+
+    file: str
+    error: str
+
+
+class InvalidDocumentEntry(BaseModel):
+    model_config = _STATUS_CONFIG
+
+    file: str
+    document: int
+    name: str | None = None
+    error: str
+
+
+class AgentStatus(BaseModel):
+    """<status_dir>/_agent.json: the agent's own state, as Mesos's /state."""
+
+    model_config = _STATUS_CONFIG
+
+    apiVersion: Literal["reconciler/v1"] = "reconciler/v1"
+    kind: Literal["AgentStatus"] = "AgentStatus"
+    version: str
+    pid: int
+    started_at: str
+    isolators: list[str] = []
+    launcher: str
+    flags: dict[str, Any] = {}
+    manifests_dir: str
+    source: SourceStatus
+    invalid_files: list[InvalidFileEntry] = []
+    invalid_documents: list[InvalidDocumentEntry] = []
+    last_reconcile_duration_secs: float | None = None
+    counts: dict[Phase, int] = {}
+    destroy_errors: int = Field(default=0, description="Destroys that failed since the agent started")
+    updated_at: str

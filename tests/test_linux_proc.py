@@ -1,0 +1,196 @@
+"""Real-kernel tests of the /proc readers: identities, cgroup membership, the process tree."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.linux import proc
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; all are killed and reaped afterwards, even if it fails."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+
+
+def spawn(children: list[subprocess.Popen[bytes]], argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    child: subprocess.Popen[bytes] = subprocess.Popen(argv, **kwargs)
+    children.append(child)
+    return child
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def test_start_time_is_later_for_a_later_process(children: list[subprocess.Popen[bytes]]) -> None:
+    mine = proc.start_time_ticks(os.getpid())
+    child = spawn(children, ["sleep", "30"])
+    theirs = proc.start_time_ticks(child.pid)
+    assert mine is not None and theirs is not None
+    assert 0 < mine <= theirs
+
+
+def test_start_time_of_a_missing_process_is_none() -> None:
+    assert proc.start_time_ticks(2**22 + 1) is None  # above any pid_max
+
+
+def test_stat_parsing_survives_spaces_and_parens_in_the_command_name(
+    children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    # comm is the executable's basename (first 15 bytes), chosen by whoever runs it.
+    weird = tmp_path / ") 1 2 (x) Z 9"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", weird)
+    child = spawn(children, [str(weird), "30"])
+    wait_for(lambda: "(x)" in Path(f"/proc/{child.pid}/stat").read_text())
+
+    assert proc.parent_map()[child.pid] == os.getpid()
+    identity = proc.ProcessIdentity.of(child.pid)
+    assert identity is not None and identity.is_alive()
+    stat = Path(f"/proc/{child.pid}/stat").read_text()
+    assert identity.start_time == int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def test_identity_is_alive_until_the_process_exits(children: list[subprocess.Popen[bytes]]) -> None:
+    child = spawn(children, ["sleep", "30"])
+    identity = proc.ProcessIdentity.of(child.pid)
+    assert identity is not None
+    assert identity.is_alive()
+
+    child.kill()
+    wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+    assert not identity.is_alive(), "an exited (zombie) process must not count as alive"
+
+    child.wait()
+    assert not identity.is_alive()
+
+
+def test_identity_with_another_start_time_is_a_different_process(children: list[subprocess.Popen[bytes]]) -> None:
+    # What a reused pid looks like: the pid exists, but it is not the process we recorded.
+    child = spawn(children, ["sleep", "30"])
+    identity = proc.ProcessIdentity.of(child.pid)
+    assert identity is not None
+    assert not proc.ProcessIdentity(child.pid, identity.start_time - 1).is_alive()
+
+
+def test_boot_id_is_a_stable_uuid() -> None:
+    first = proc.boot_id()
+    assert str(uuid.UUID(first)) == first
+    assert proc.boot_id() == first
+
+
+def test_cgroup_paths_lists_every_hierarchy_of_this_machine() -> None:
+    paths = proc.cgroup_paths(os.getpid())
+    # This machine: each v1 controller in its own hierarchy, a named systemd one, and cgroup2.
+    assert {"freezer", "memory", "name=systemd", ""} <= set(paths)
+    assert all(path.startswith("/") for path in paths.values())
+
+
+def test_cgroup_paths_shows_the_cgroup_a_process_was_moved_into(children: list[subprocess.Popen[bytes]]) -> None:
+    freezer = "/sys/fs/cgroup/freezer"
+    if not os.path.isdir(freezer):
+        pytest.skip("the v1 freezer hierarchy is not mounted at /sys/fs/cgroup/freezer")
+    name = f"reconciler-test-{uuid.uuid4().hex[:12]}"
+    cgroup = os.path.join(freezer, name)
+    os.mkdir(cgroup)
+    try:
+        child = spawn(children, ["sleep", "30"])
+        Path(cgroup, "cgroup.procs").write_text(str(child.pid))
+        assert proc.cgroup_paths(child.pid)["freezer"] == f"/{name}"
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+        os.rmdir(cgroup)
+
+
+def test_cgroup_paths_of_a_missing_process_raises_process_lookup_error() -> None:
+    with pytest.raises(ProcessLookupError):
+        proc.cgroup_paths(2**22 + 1)
+
+
+def test_all_pids_includes_this_process_and_its_child(children: list[subprocess.Popen[bytes]]) -> None:
+    child = spawn(children, ["sleep", "30"])
+    pids = proc.all_pids()
+    assert os.getpid() in pids
+    assert child.pid in pids
+    assert 1 in pids
+
+
+def test_parent_map_finds_a_child_and_a_grandchild(children: list[subprocess.Popen[bytes]]) -> None:
+    child = spawn(children, ["sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    grandchild = int(child.stdout.readline())
+    grandchild_identity = proc.ProcessIdentity.of(grandchild)
+    try:
+        parents = proc.parent_map()
+        assert parents[child.pid] == os.getpid()
+        assert parents[grandchild] == child.pid
+    finally:
+        # Only signal the grandchild if its pid still names the process we started.
+        if grandchild_identity is not None and grandchild_identity.is_alive():
+            os.kill(grandchild, signal.SIGKILL)
+        child.stdout.close()
+
+
+def test_parent_map_covers_hundreds_of_processes(children: list[subprocess.Popen[bytes]]) -> None:
+    for _ in range(500):
+        spawn(children, ["sleep", "60"])
+    started = time.perf_counter()
+    parents = proc.parent_map()
+    elapsed = time.perf_counter() - started
+
+    assert all(parents[child.pid] == os.getpid() for child in children)
+    assert parents[os.getpid()] == os.getppid()
+    # Not a benchmark (see bench/), only a guard against an accidental quadratic pass.
+    assert elapsed < 2.0, f"parent_map took {elapsed:.3f}s for {len(parents)} processes"
+
+
+def test_parent_map_agrees_with_stat_for_every_process() -> None:
+    parents = proc.parent_map()
+    for pid, ppid in list(parents.items())[:50]:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        assert int(stat.rsplit(")", 1)[1].split()[1]) == ppid
+
+
+def test_process_table_reports_tree_and_usage_of_a_busy_child(children: list[subprocess.Popen[bytes]]) -> None:
+    child = spawn(children, ["sh", "-c", "sleep 30 & echo $!; while :; do :; done"], stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    grandchild = int(child.stdout.readline())
+    grandchild_identity = proc.ProcessIdentity.of(grandchild)
+    try:
+        wait_for(lambda: proc.process_table()[child.pid].utime > 0)
+        table = proc.process_table()
+        entry = table[child.pid]
+        assert entry.ppid == os.getpid()
+        assert entry.session == table[os.getpid()].session  # not a session leader of its own
+        assert entry.threads == 1
+        assert entry.rss_pages > 0
+        assert proc.descendants(table, child.pid) == {grandchild}
+        assert {child.pid, grandchild} <= proc.descendants(table, os.getpid())
+    finally:
+        if grandchild_identity is not None and grandchild_identity.is_alive():
+            os.kill(grandchild, signal.SIGKILL)
+        child.stdout.close()

@@ -1,0 +1,110 @@
+"""The JSON Schemas under schemas/ are generated from the models and must never go stale."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from reconciler.schema import (
+    MANIFEST_SCHEMA_FILE,
+    STATUS_SCHEMA_FILE,
+    manifest_schema,
+    schema_files,
+    status_schema,
+    write_schemas,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+REGENERATE = "regenerate with: python3 -m reconciler.schema schemas/"
+
+
+@pytest.mark.parametrize("name", [MANIFEST_SCHEMA_FILE, STATUS_SCHEMA_FILE])
+def test_checked_in_schema_is_current(name: str) -> None:
+    checked_in = REPO / "schemas" / name
+    assert checked_in.exists(), f"schemas/{name} is missing; {REGENERATE}"
+    assert checked_in.read_text() == schema_files()[name], f"schemas/{name} is stale; {REGENERATE}"
+
+
+def test_the_entry_point_writes_both_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "reconciler.schema", str(out)], cwd=REPO,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == [str(out / MANIFEST_SCHEMA_FILE), str(out / STATUS_SCHEMA_FILE)]
+    for name, text in schema_files().items():
+        assert (out / name).read_text() == text
+
+
+def test_write_schemas_replaces_existing_files(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST_SCHEMA_FILE).write_text("stale")
+    write_schemas(str(tmp_path))
+    assert json.loads((tmp_path / MANIFEST_SCHEMA_FILE).read_text()) == manifest_schema()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_SCHEMA_FILE, STATUS_SCHEMA_FILE]
+
+
+def _objects(node: Any) -> list[dict[str, Any]]:
+    found = []
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" in node:
+            found.append(node)
+        for value in node.values():
+            found.extend(_objects(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_objects(value))
+    return found
+
+
+def test_schemas_forbid_unknown_fields_everywhere() -> None:
+    for schema in (manifest_schema(), status_schema()):
+        objects = _objects(schema)
+        assert objects
+        assert all(o.get("additionalProperties") is False for o in objects), [o.get("title") for o in objects]
+
+
+def test_manifest_schema_accepts_mesos_spellings() -> None:
+    defs = manifest_schema()["$defs"]
+    mem = defs["Resources"]["properties"]["mem"]["anyOf"][0]
+    assert {alt["type"] for alt in mem["anyOf"]} == {"number", "string"}
+    kill = defs["ContainerSpec"]["properties"]["kill_grace_period"]
+    assert {alt["type"] for alt in kill["anyOf"]} == {"number", "string"}
+    assert manifest_schema()["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+def test_status_schema_covers_both_status_files() -> None:
+    schema = status_schema()
+    assert schema["discriminator"]["propertyName"] == "kind"
+    assert set(schema["discriminator"]["mapping"]) == {"ContainerStatus", "AgentStatus"}
+    stats = schema["$defs"]["ResourceStatistics"]["properties"]
+    assert "mem_rss_bytes" in stats and "cpus_throttled_time_secs" in stats
+
+
+def test_example_manifests_satisfy_the_manifest_schema() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(manifest_schema())
+    examples = sorted((REPO / "manifests").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        for document in yaml.load_all(path.read_text(), Loader=yaml.CSafeLoader):
+            validator.validate(document)
+    with pytest.raises(jsonschema.ValidationError):
+        bad = yaml.load((REPO / "manifests" / "web.yaml").read_text(), Loader=yaml.CSafeLoader)
+        bad["spec"]["resurces"] = {}
+        validator.validate(bad)
+    ok = yaml.load((REPO / "manifests" / "web.yaml").read_text(), Loader=yaml.CSafeLoader)
+    ok["spec"]["resources"]["mem"] = "64Mi"
+    ok["spec"]["kill_grace_period"] = "500ms"
+    validator.validate(ok)
+
+
+def test_a_status_document_satisfies_the_status_schema() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from reconciler.models import ContainerStatus, ResourceStatistics
+    status = ContainerStatus(name="web", phase="Running", updated_at="t", pid=42,
+                             statistics=ResourceStatistics(processes=1))
+    jsonschema.Draft202012Validator(status_schema()).validate(status.model_dump(mode="json"))

@@ -70,10 +70,12 @@ class Agent:
         self._relist = asyncio.Event()
         self._stop = asyncio.Event()
         self._settling: asyncio.Task[None] | None = None
+        self._watching = asyncio.Event()   # set once inotify watches (or polling took over)
 
     # lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         self.status.ensure_dir()
+        self.helper.start()   # now, not at the first launch: it is one interpreter start-up
         recovered = await self.containerizer.recover()
         for stale in self.reconciler.adopt(recovered):
             await self.containerizer.destroy(stale.id)
@@ -104,9 +106,11 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        # Watch before the first listing: a manifest written in between must not wait for a resync.
+        tasks = [loop.create_task(self._watch(), name="watch")]
+        await self._watching.wait()
         await self.start()
-        tasks = [
-            loop.create_task(self._watch(), name="watch"),
+        tasks += [
             loop.create_task(self._relister(), name="relist"),
             loop.create_task(self._resync(), name="resync"),
             loop.create_task(self._statistics(), name="statistics"),
@@ -140,11 +144,15 @@ class Agent:
         while not self._stop.is_set():
             if not os.path.isdir(self.config.manifests):
                 self.watch_mode = "polling"
+                self._watching.set()
                 await asyncio.sleep(min(self.config.resync_interval, 1.0))
                 self._relist.set() if os.path.isdir(self.config.manifests) else None
                 continue
             try:
                 self.watch_mode = "inotify"
+                # awatch sets up inotify when first iterated, before it first waits: signal from a
+                # task that runs right after that point.
+                asyncio.get_running_loop().call_soon(self._watching.set)
                 async for _changes in watchfiles.awatch(
                     self.config.manifests, watch_filter=None, debounce=DEBOUNCE_MS, step=STEP_MS,
                     recursive=True, stop_event=self._stop, rust_timeout=1000, yield_on_timeout=False,
@@ -156,6 +164,7 @@ class Agent:
                 self._relist.set()
             except (OSError, RuntimeError) as exc:
                 self.watch_mode = "polling"
+                self._watching.set()
                 log.warning("Watching %s failed (%s); relying on --resync_interval", self.config.manifests, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 20.0)
@@ -183,9 +192,7 @@ class Agent:
 
     def agent_doc(self) -> dict[str, Any]:
         listing = self.reconciler.listing
-        extra: dict[str, Any] = {}
-        for isolator in self.isolators:
-            extra.update(isolator.agent_status())
+        extra = {i.name: i.agent_status() for i in self.isolators if i.agent_status()}
         invalid_docs = []
         if listing is not None:
             for item in list(listing.invalid.values()) + list(listing.duplicates):
@@ -206,6 +213,6 @@ class Agent:
             "last_reconcile_duration_secs": self.last_reconcile_duration,
             "counts": self.reconciler.counts(),
             "destroy_errors": self.containerizer.destroy_errors,
+            "isolator_status": extra,
         }
-        doc.update(extra)
         return doc

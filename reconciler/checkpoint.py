@@ -7,7 +7,12 @@
     <work_dir>/containers/<id>/termination.json  why and how it ended, written once it is destroyed
     <work_dir>/sandboxes/<id>/                   the sandbox (stdout, stderr, relative volumes)
 
-Every file is written write-ahead and atomically (temp file, fsync, rename, fsync dir).
+Every file is written write-ahead and atomically (temp file, rename): a reader, and an agent that
+crashed mid-write, sees the old file or the new one. `config` and `termination` are also fsynced
+(with their directory): they must survive a power loss (a `Never` job that finished must not run
+again after the reboot). `launch_info`, `pid` and the init's `status` describe processes, and no
+process outlives a reboot (recovery compares boot ids), so they skip the fsync, which is most of a
+launch's cost on a slow disk.
 """
 
 from __future__ import annotations
@@ -62,14 +67,14 @@ class Checkpoints:
         atomic_write_json(os.path.join(self.dir(config.container_id), CONFIG), doc)
 
     def write_launch_info(self, container_id: str, info: LaunchInfo) -> None:
-        atomic_write_json(os.path.join(self.dir(container_id), LAUNCH_INFO), dataclasses.asdict(info))
+        atomic_write_json(os.path.join(self.dir(container_id), LAUNCH_INFO), dataclasses.asdict(info), durable=False)
 
     def write_pid(self, container_id: str, pid: int, start_time: int, boot_id: str, pid_namespace: bool,
                   started_at: float) -> None:
         atomic_write_json(os.path.join(self.dir(container_id), PID), {
             "pid": pid, "start_time": start_time, "boot_id": boot_id,
             "pid_namespace": pid_namespace, "started_at": started_at,
-        })
+        }, durable=False)
 
     def write_termination(self, container_id: str, doc: dict[str, Any]) -> None:
         atomic_write_json(os.path.join(self.dir(container_id), TERMINATION), doc)

@@ -95,6 +95,12 @@ class AgentConfig(BaseModel):
             raise ValueError("the linux launcher needs root (namespaces and cgroups); use --launcher=posix")
         return value
 
+    @field_validator("work_dir", "status_dir", "docker_registry")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        # Sandboxes and checkpoints are used by processes whose working directory is not ours.
+        return os.path.abspath(value) if value else value
+
     @field_validator("cgroups_root")
     @classmethod
     def _cgroups_root(cls, value: str) -> str:

@@ -23,6 +23,7 @@ from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator,
 from reconciler.launcher.base import Forked, Launcher
 from reconciler.linux import proc
 from reconciler.models import Resources
+from reconciler.status import iso
 from reconciler.units import megabytes_to_bytes
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,19 @@ class Container:
     pidfd: int | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     destroy_task: "asyncio.Task[Termination] | None" = None
+    _started_at_iso: str | None = field(default=None, repr=False)
 
     @property
     def id(self) -> str:
         return self.config.container_id
+
+    @property
+    def started_at_iso(self) -> str | None:
+        if self.started_at is None:
+            return None
+        if self._started_at_iso is None:
+            self._started_at_iso = iso(self.started_at)
+        return self._started_at_iso
 
     @property
     def pid(self) -> int | None:

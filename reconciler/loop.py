@@ -66,6 +66,7 @@ class NameState:
     update_refused: tuple[str, str] | None = None   # (spec hash, message)
     statistics: dict[str, Any] | None = None
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    phase: str | None = None          # as last published (what _agent.json counts)
 
 
 class Reconciler:
@@ -257,7 +258,9 @@ class Reconciler:
         state = self.names.get(name)
         if state is None:
             return
-        self.status.write(name, self.compose(name, state), time.time())
+        doc = self.compose(name, state)
+        state.phase = doc["phase"]
+        self.status.write(name, doc, time.time())
 
     def compose(self, name: str, state: NameState) -> dict[str, Any]:
         listing = self.listing
@@ -277,7 +280,7 @@ class Reconciler:
         if container is not None:
             config = container.config
             doc.update(container_id=container.id, manifest=config.manifest, spec_hash=config.spec_hash,
-                       restarts=config.restarts, started_at=iso(container.started_at))
+                       restarts=config.restarts, started_at=container.started_at_iso)
             doc["phase"], doc["reason"], doc["message"] = self._container_phase(name, state, container)
             if container.alive:
                 doc["pid"] = container.pid
@@ -339,7 +342,6 @@ class Reconciler:
         return ended, reason, message
 
     def _conditions(self, state: NameState, doc: dict[str, Any], invalid: Any) -> list[dict[str, Any]]:
-        now = iso(time.time())
         wanted = {"Ready": (doc["phase"] == "Running", "", "")}
         if invalid is not None:
             wanted["ManifestValid"] = (False, "InvalidManifest", invalid.message)
@@ -348,7 +350,11 @@ class Reconciler:
         out = []
         for kind, (status, reason, message) in wanted.items():
             previous = state.conditions.get(kind)
-            since = previous["since"] if previous and previous["status"] == status else now
+            if previous and previous["status"] == status and previous["reason"] == reason \
+                    and previous["message"] == message:
+                out.append(previous)
+                continue
+            since = previous["since"] if previous and previous["status"] == status else iso(time.time())
             condition = {"type": kind, "status": status, "reason": reason, "message": message, "since": since}
             state.conditions[kind] = condition
             out.append(condition)
@@ -377,9 +383,9 @@ class Reconciler:
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for name, state in self.names.items():
-            phase = self.compose(name, state)["phase"]
-            counts[phase] = counts.get(phase, 0) + 1
+        for state in self.names.values():
+            if state.phase is not None:
+                counts[state.phase] = counts.get(state.phase, 0) + 1
         return counts
 
     def converged(self) -> bool:
@@ -402,6 +408,17 @@ class Reconciler:
                 self.status.remove(name)
 
 
+PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "TZ")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 def container_environment() -> dict[str, str]:
-    """The agent's environment, less its own settings, is what commands start from (as Mesos passes its env)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    """What every command starts from, before MESOS_SANDBOX and the manifest's variables.
+
+    Unlike a Mesos executor, a container does not inherit the agent's whole environment (it may hold
+    credentials, and it would make a container's behaviour depend on how the agent was started): only
+    the locale, the time zone and PATH pass, as kubelet passes none of its own.
+    """
+    env = {k: os.environ[k] for k in PASSED_ENVIRONMENT if k in os.environ}
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env

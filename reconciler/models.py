@@ -624,4 +624,6 @@ class AgentStatus(BaseModel):
     last_reconcile_duration_secs: float | None = None
     counts: dict[Phase, int] = {}
     destroy_errors: int = Field(default=0, description="Destroys that failed since the agent started")
+    isolator_status: dict[str, dict[str, Any]] = Field(
+        default={}, description="What each isolator reports of itself, by isolator name (e.g. net_cls handles used and free)")
     updated_at: str

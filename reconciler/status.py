@@ -28,7 +28,7 @@ def iso(timestamp: float | None) -> str | None:
 class StatusWriter:
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._last: dict[str, str] = {}   # name -> last document written, without updated_at
+        self._last: dict[str, dict[str, Any]] = {}   # name -> last document written, without updated_at
 
     def ensure_dir(self) -> None:
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
@@ -38,13 +38,12 @@ class StatusWriter:
 
     def write(self, name: str, doc: dict[str, Any], now: float) -> bool:
         """Write `doc` (adding updated_at) if it differs from what was last written. Returns whether it wrote."""
-        key = json.dumps(doc, sort_keys=True, default=str)
-        if self._last.get(name) == key and os.path.exists(self.path(name)):
+        if self._last.get(name) == doc and os.path.exists(self.path(name)):
             return False
         full = dict(doc)
         full["updated_at"] = iso(now)
         atomic_write(self.path(name), (json.dumps(full, indent=2) + "\n").encode(), durable=False)
-        self._last[name] = key
+        self._last[name] = doc
         return True
 
     def remove(self, name: str) -> None:

@@ -45,6 +45,11 @@ class LaunchHelper:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen | None = None
 
+    def start(self) -> None:
+        with self._lock:
+            if self._sock is None:
+                self._start()
+
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ)
@@ -65,6 +70,10 @@ class LaunchHelper:
             assert self._sock is not None
             self._sock.send(json.dumps({"op": "launch", "spec": spec, "clone_flags": clone_flags}).encode())
             data, fds, _flags, _addr = socket.recv_fds(self._sock, 65536, 2)
+            if not data:
+                self._sock.close()
+                self._sock = None
+                raise OSError("Failed to fork: the launch helper exited")
         reply = json.loads(data)
         if "error" in reply:
             for fd in fds:

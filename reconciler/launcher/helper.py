@@ -20,6 +20,7 @@ the helper exits and the inits are re-parented; containers outlive the agent.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -58,8 +59,12 @@ def clone(flags: int) -> tuple[int, int]:
 
 def launch(sock: socket.socket, request: dict) -> None:
     spec = request["spec"]
+    try:
+        checkpoint_fd = os.open(spec["checkpoint_dir"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        sock.send(json.dumps({"error": f"cannot open the checkpoint directory: {exc}"}).encode())
+        return
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    checkpoint_fd = os.open(spec["checkpoint_dir"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         pid, pidfd = clone(int(request.get("clone_flags", 0)))
     except OSError as exc:
@@ -96,6 +101,11 @@ def launch(sock: socket.socket, request: dict) -> None:
 
 def serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
+    # Every object the helper holds is moved out of the collector's reach and collection is off:
+    # a collection in a forked init would write to each object's header and copy its page.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps inits: exits reach the agent by pidfd
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a ^C at the agent's terminal must not reach here
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the agent stops us by closing the socket

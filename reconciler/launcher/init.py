@@ -26,6 +26,7 @@ FORWARDED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
     signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT,
 )
+RESET_SIGNALS = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ)
 STATUS_FILE = "status"
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
@@ -47,16 +48,17 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 
 
 def write_status(checkpoint_fd: int, doc: dict) -> None:
-    """Atomically replace `status` in the checkpoint directory (held open by fd, so mounts can't hide it)."""
+    """Atomically replace `status` in the checkpoint directory (held open by fd, so mounts can't hide it).
+
+    No fsync: the record only matters while this boot lasts (see reconciler.checkpoint).
+    """
     tmp = f".{STATUS_FILE}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=checkpoint_fd)
     try:
         os.write(fd, json.dumps(doc).encode())
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, STATUS_FILE, src_dir_fd=checkpoint_fd, dst_dir_fd=checkpoint_fd)
-    os.fsync(checkpoint_fd)
 
 
 def termination_doc(wait_status: int | None, error: str | None = None) -> dict:
@@ -72,13 +74,10 @@ def termination_doc(wait_status: int | None, error: str | None = None) -> dict:
 
 def run(spec: dict, go_fd: int, checkpoint_fd: int) -> int:
     """The whole life of a container's init. Returns the exit code for os._exit."""
-    for sig in range(1, signal.NSIG):
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
-            signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
+    # The only dispositions Python and the launch helper changed; every executed line of Python
+    # here copies pages of the helper, so the init does no more than it must.
+    for sig in RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
     blocked = {signal.SIGCHLD, *FORWARDED_SIGNALS}
     signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     _libc.prctl(PR_SET_NAME, b"reconciler-init", 0, 0, 0)

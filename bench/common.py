@@ -1,0 +1,98 @@
+"""What the benchmarks share: peers (runc, unshare) set up in the same run, timing and a throwaway agent setting."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+
+def require(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise SystemExit(f"bench: {tool} is needed as the peer of this benchmark: apt-get install -y {package}")
+    return path
+
+
+def runc_bundle(directory: Path, args: list[str], namespaces: list[str]) -> Path:
+    """A runc bundle whose rootfs is Debian's busybox-static, running `args` with `namespaces`."""
+    require("runc", "runc")
+    if not os.path.exists(BUSYBOX):
+        raise SystemExit("bench: busybox is needed for the runc bundle: apt-get install -y busybox-static")
+    rootfs = directory / "rootfs"
+    (rootfs / "bin").mkdir(parents=True, exist_ok=True)
+    for sub in ("proc", "dev", "sys", "tmp"):
+        (rootfs / sub).mkdir(exist_ok=True)
+    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+    for applet in ("true", "sh", "sleep"):
+        link = rootfs / "bin" / applet
+        if not link.exists():
+            link.symlink_to("busybox")
+    subprocess.run(["runc", "spec"], cwd=directory, check=True)
+    config = json.loads((directory / "config.json").read_text())
+    config["process"]["args"] = args
+    config["process"]["terminal"] = False
+    config["linux"]["namespaces"] = [{"type": t} for t in namespaces]
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def time_command(argv: list[str], runs: int, cwd: Path | None = None) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(argv, cwd=cwd, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def time_runc(bundle: Path, runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        cid = f"bench-{uuid.uuid4().hex[:10]}"
+        started = time.perf_counter()
+        subprocess.run(["runc", "run", "--bundle", str(bundle), cid], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(samples: list[float]) -> str:
+    return (f"median {statistics.median(samples) * 1000:7.2f} ms  p99 {percentile(samples, 99) * 1000:7.2f} ms"
+            f"  (n={len(samples)})")
+
+
+def ratio_line(label: str, ours: list[float], peer: list[float], peer_name: str, limit: float | None = None) -> str:
+    ratio = statistics.median(ours) / statistics.median(peer)
+    verdict = "" if limit is None else (f"  [target <= {limit}x: {'met' if ratio <= limit else 'NOT met'}]")
+    return f"{label}: {ratio:.3f}x {peer_name}{verdict}"
+
+
+def tempdir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def interleave(runs: int, *measures: Callable[[int], list[float]]) -> list[list[float]]:
+    """Alternate the measured subjects in rounds, so machine noise hits all of them alike."""
+    results: list[list[float]] = [[] for _ in measures]
+    rounds = 5
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for i, measure in enumerate(measures):
+            results[i].extend(measure(per_round))
+    return results

@@ -1,0 +1,193 @@
+"""Fixtures for real-kernel tests: each test gets its own cgroup root, work dir and manifest dir, and
+everything it started (containers, agents, cgroups) is killed and removed afterwards, even on failure.
+
+Nothing outside the test's own roots is touched: containers are found through the test's own
+checkpoints and cgroups, never by name or pattern.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from reconciler.linux import cgroups, proc
+
+IS_ROOT = os.geteuid() == 0
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "root: needs root (namespaces, cgroups, mounts)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IS_ROOT:
+        return
+    skip = pytest.mark.skip(reason="needs root: creates namespaces, cgroups and mounts")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+@dataclass
+class AgentEnv:
+    """One isolated agent setting: its directories, its cgroup root, and what it started."""
+    tmp: Path
+    cgroups_root: str
+    manifests: Path
+    work_dir: Path
+    launcher: str = "linux" if IS_ROOT else "posix"
+    isolation: str = "posix/cpu,posix/mem"
+    agents: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def status_dir(self) -> Path:
+        return self.work_dir / "status"
+
+    def flags(self, **overrides: Any) -> list[str]:
+        values: dict[str, Any] = {
+            "manifests": self.manifests, "work_dir": self.work_dir, "launcher": self.launcher,
+            "isolation": self.isolation, "cgroups_root": self.cgroups_root, "resync_interval": "2secs",
+        }
+        values.update(overrides)
+        return [f"--{k}={v}" for k, v in values.items() if v is not None]
+
+    def write_manifest(self, name: str, command: str, *, filename: str | None = None, **spec: Any) -> Path:
+        """Write a manifest atomically (temp file + rename), as GitOps tools do."""
+        doc = {"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": name},
+               "spec": {"command": {"value": command}, **spec}}
+        path = self.manifests / (filename or f"{name}.yaml")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(doc))
+        os.rename(tmp, path)
+        return path
+
+    def once(self, *extra: str, timeout: float = 60, **overrides: Any) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "reconciler", "once", *self.flags(**overrides), *extra],
+                              capture_output=True, text=True, timeout=timeout, cwd=self.tmp)
+
+    def start(self, *extra: str, **overrides: Any) -> subprocess.Popen:
+        agent = subprocess.Popen([sys.executable, "-m", "reconciler", "run", *self.flags(**overrides), *extra],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.tmp)
+        self.agents.append(agent)
+        return agent
+
+    def stop(self, agent: subprocess.Popen, sig: int = signal.SIGTERM) -> str:
+        agent.send_signal(sig)
+        try:
+            out, _ = agent.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            out, _ = agent.communicate()
+        return out or ""
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.status_dir / f"{name}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def agent_status(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.status_dir / "_agent.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def wait_status(self, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = self.status(name)
+            if last is not None and predicate(last):
+                return last
+            time.sleep(0.02)
+        raise AssertionError(f"status of {name} never matched within {timeout}s; last: {json.dumps(last, indent=1)}")
+
+    def wait_gone(self, name: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (self.status_dir / f"{name}.json").exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"status file of {name} still there after {timeout}s: {self.status(name)}")
+            time.sleep(0.02)
+
+    def sandbox(self, status: dict[str, Any]) -> Path:
+        return self.work_dir / "sandboxes" / status["container_id"]
+
+    # cleanup ----------------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        for agent in self.agents:
+            if agent.poll() is None:
+                agent.kill()
+            agent.communicate()
+        kill_checkpointed_containers(self.work_dir)
+        remove_cgroup_root(self.cgroups_root)
+
+
+def kill_checkpointed_containers(work_dir: Path) -> None:
+    """SIGKILL every init this work dir checkpointed, and its session (the posix launcher's containers)."""
+    containers = work_dir / "containers"
+    if not containers.is_dir():
+        return
+    inits, sessions = [], []
+    for entry in containers.iterdir():
+        try:
+            doc = json.loads((entry / "pid.json").read_text())
+        except (FileNotFoundError, ValueError):
+            continue
+        sessions.append(doc["pid"])
+        identity = proc.ProcessIdentity(doc["pid"], doc["start_time"])
+        if identity.is_alive():
+            inits.append(identity.pid)
+    if not sessions:
+        return
+    table = proc.process_table()
+    victims = set(inits)
+    for pid in inits:
+        victims |= proc.descendants(table, pid)
+    # What a dead init left behind in its session (a reused pid leads its own session: excluded).
+    victims |= {p for p, e in table.items() if e.session in sessions and p not in sessions}
+    victims.discard(os.getpid())
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def remove_cgroup_root(root: str) -> None:
+    """Kill and remove `root` in every hierarchy (it is the test's own)."""
+    if not IS_ROOT:
+        return
+    mounts = cgroups.find_mounts()
+    hierarchies = list(mounts.v1_hierarchies) + ([mounts.v2] if mounts.v2 else [])
+    for hierarchy in hierarchies:
+        if hierarchy.exists(root):
+            try:
+                hierarchy.kill(root, timeout=10)
+            except Exception:  # noqa: BLE001 - keep removing the rest
+                pass
+            try:
+                hierarchy.remove(root)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def agent_env(tmp_path: Path) -> Any:
+    env = AgentEnv(tmp=tmp_path, cgroups_root=f"reconciler-test-{uuid.uuid4().hex[:12]}",
+                   manifests=tmp_path / "manifests", work_dir=tmp_path / "work")
+    env.manifests.mkdir()
+    try:
+        yield env
+    finally:
+        env.cleanup()

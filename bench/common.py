@@ -84,7 +84,10 @@ def ratio_line(label: str, ours: list[float], peer: list[float], peer_name: str,
 
 
 def tempdir(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))
+    """Under /var/lib, beside the agent's default work_dir, so the figures are of the disk it uses
+    (on this VM, creating a file under /tmp costs ~1.2 ms, against ~0.06 ms under /var/lib)."""
+    base = "/var/lib" if os.access("/var/lib", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
 def interleave(runs: int, *measures: Callable[[int], list[float]]) -> list[list[float]]:

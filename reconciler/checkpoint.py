@@ -8,11 +8,12 @@
     <work_dir>/sandboxes/<id>/                   the sandbox (stdout, stderr, relative volumes)
 
 Every file is written write-ahead and atomically (temp file, rename): a reader, and an agent that
-crashed mid-write, sees the old file or the new one. `config` and `termination` are also fsynced
-(with their directory): they must survive a power loss (a `Never` job that finished must not run
-again after the reboot). `launch_info`, `pid` and the init's `status` describe processes, and no
-process outlives a reboot (recovery compares boot ids), so they skip the fsync, which is most of a
-launch's cost on a slow disk.
+crashed mid-write, sees the old file or the new one, and each is written before the step it
+describes. Only `termination` is also fsynced (with its directory): it must survive a power loss,
+or a `Never` job that finished would run again after the reboot. The others describe a process, and
+no process outlives a reboot (recovery compares boot ids): a power loss leaves nothing for them to
+describe, so they skip the fsync, which was most of a launch's cost (two fsyncs, ~5 ms, on this
+machine's disk).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Checkpoints:
     def write_config(self, config: ContainerConfig) -> None:
         os.makedirs(self.dir(config.container_id), mode=0o700, exist_ok=True)
         doc = dataclasses.asdict(config) | {"spec": config.spec.model_dump(mode="json", exclude_none=True)}
-        atomic_write_json(os.path.join(self.dir(config.container_id), CONFIG), doc)
+        atomic_write_json(os.path.join(self.dir(config.container_id), CONFIG), doc, durable=False)
 
     def write_launch_info(self, container_id: str, info: LaunchInfo) -> None:
         atomic_write_json(os.path.join(self.dir(container_id), LAUNCH_INFO), dataclasses.asdict(info), durable=False)

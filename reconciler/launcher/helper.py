@@ -103,6 +103,7 @@ def serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     # Every object the helper holds is moved out of the collector's reach and collection is off:
     # a collection in a forked init would write to each object's header and copy its page.
+    init.warm_up()
     gc.collect()
     gc.freeze()
     gc.disable()

@@ -127,11 +127,27 @@ class Agent:
 
     async def once(self) -> bool:
         await self.start()
+        await self._drain()
         self.reconciler.refresh_statistics()
         converged = self.reconciler.converged()
         self.write_agent_status()
         self.close()
         return converged
+
+    async def _drain(self) -> None:
+        """Until no destroy is under way and the loop is idle: `once` must not leave a phase half-way.
+
+        A container that exits while `once` runs (a short job) is destroyed and reconciled again
+        (restart or final phase); the status it leaves on disk is the settled one.
+        """
+        while True:
+            await asyncio.sleep(0)   # let exits already signalled by pidfds start their destroys
+            pending = [c.destroy_task for c in self.containerizer.containers.values()
+                       if c.destroy_task is not None and not c.destroy_task.done()]
+            if not pending and self.reconciler.queue.idle:
+                return
+            await asyncio.gather(*pending, return_exceptions=True)
+            await self.reconciler.queue.wait_idle()
 
     def close(self) -> None:
         self.helper.close()

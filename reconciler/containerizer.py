@@ -303,7 +303,13 @@ class Containerizer:
 
     def _limitation_callback(self, container: Container) -> Callable[[Limitation], None]:
         def limited(limitation: Limitation) -> None:
-            if container.destroy_task is not None or not container.alive:
+            if container.state == State.TERMINATED:
+                return
+            if container.destroy_task is not None:
+                # Its end was noticed first (an OOM victim's exit can beat the OOM notice): the
+                # limitation still says why it ended, unless the destroy was asked for with a reason.
+                if container.limitation is None:
+                    container.limitation = limitation
                 return
             log.info("Container %s (%s) reached a limit: %s", container.id, container.config.name, limitation.message)
             container.limitation = limitation
@@ -367,7 +373,12 @@ class Containerizer:
             await asyncio.sleep(min(0.02, max(0.0, deadline - self.loop.time())))
 
     def _termination(self, container: Container, given: Termination | None) -> Termination:
-        final = given or Termination()
+        final = given
+        if final is None and container.limitation is not None:
+            limitation = container.limitation
+            final = Termination(reason=limitation.reason, message=limitation.message,
+                                limited_resources=limitation.resources)
+        final = final or Termination()
         status = self.checkpoints.read_status(container.id)
         if status is None:
             # Mesos reap(): no status written means the init itself was killed.
@@ -412,8 +423,20 @@ class Containerizer:
         container = self.containers.get(container_id)
         if container is None or container.state != State.RUNNING:
             return
-        for isolator in self.isolators:
-            isolator.update(container_id, resources)
+        applied: list[Isolator] = []
+        try:
+            for isolator in self.isolators:
+                isolator.update(container_id, resources)
+                applied.append(isolator)
+        except BaseException:
+            # All or nothing: the checkpointed spec keeps the old resources, so must the kernel.
+            for isolator in reversed(applied):
+                try:
+                    isolator.update(container_id, container.config.spec.resources)
+                except Exception as exc:  # noqa: BLE001
+                    log.error("Failed to restore the resources of container %s in %s: %s",
+                              container_id, isolator.name, exc)
+            raise
         container.config.spec = container.config.spec.model_copy(update={"resources": resources})
         container.config.spec_hash = spec_hash
         self.checkpoints.write_config(container.config)

@@ -143,6 +143,12 @@ class Reconciler:
 
     async def _converge(self, name: str, state: NameState, target: Target) -> None:
         container = state.container
+        if container is not None and container.config.spec_hash == target.spec_hash \
+                and container.config.manifest != target.manifest:
+            # Same spec from another file (a rename): nothing restarts, but the file that now declares
+            # the name is the one whose breakage must keep it alive.
+            container.config.manifest = target.manifest
+            self.containerizer.checkpoints.write_config(container.config)
         if container is not None and container.alive:
             if container.config.spec_hash == target.spec_hash:
                 return

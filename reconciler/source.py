@@ -328,7 +328,9 @@ def _parse_file(path: str, data: bytes, default_container_info: ContainerInfo | 
     try:
         documents = _load_documents(data, json_file=path.endswith(".json"))
     except _SyntaxError as exc:
-        return (_file_error(path, str(exc)),)
+        error = str(exc)
+        return (InvalidDocument(manifest=path, document=exc.document, name=None,
+                                message=f"{path}: document {exc.document}: {error}", errors=(error,)),)
     outcomes: list[_Outcome] = []
     for index, document in enumerate(documents):
         if document is None:
@@ -384,7 +386,9 @@ def _file_error(path: str, error: str) -> InvalidDocument:
 # --------------------------------------------------------------------------------------------
 
 class _SyntaxError(Exception):
-    pass
+    def __init__(self, message: str, document: int = 0) -> None:
+        super().__init__(message)
+        self.document = document   # index of the document the parser stopped in
 
 
 class _ManifestLoader(yaml.CSafeLoader):
@@ -418,17 +422,20 @@ def _reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _load_documents(data: bytes, *, json_file: bool) -> list[Any]:
+    documents: list[Any] = []
     try:
         if json_file:
             return [json.loads(data, object_pairs_hook=_reject_duplicate_json_keys)]
-        # list(): load_all is lazy, and a syntax error in a later document makes the whole file
-        # suspect (it may be half-written), so no document of it is used.
-        return list(yaml.load_all(data, Loader=_ManifestLoader))
+        # All of them before any is used: load_all is lazy, and a syntax error in a later document
+        # makes the whole file suspect (it may be half-written), so no document of it is used.
+        for document in yaml.load_all(data, Loader=_ManifestLoader):
+            documents.append(document)
+        return documents
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         what = ": ".join(part for part in (exc.context, exc.problem) if part)
-        raise _SyntaxError(f"invalid YAML{where}: {what}") from None
+        raise _SyntaxError(f"invalid YAML{where}: {what}", document=len(documents)) from None
     except yaml.reader.ReaderError as exc:
         raise _SyntaxError(f"not UTF-8 text: {exc.reason} at byte {exc.position}") from None
     except yaml.YAMLError as exc:

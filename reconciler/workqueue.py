@@ -66,6 +66,10 @@ class WorkQueue:
             if not self._running:
                 self._idle.set()
 
+    @property
+    def idle(self) -> bool:
+        return not self._running
+
     def pending_timer(self, name: str) -> float | None:
         timer = self._timers.get(name)
         return timer.when() if timer is not None else None

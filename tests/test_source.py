@@ -306,7 +306,7 @@ def test_a_yaml_syntax_error_invalidates_the_whole_file(tmp_path: Path) -> None:
     assert listing.desired == {} and listing.invalid == {}
     [error] = listing.invalid_files
     assert error.name is None
-    assert re.fullmatch(rf"{re.escape(path)}: invalid YAML at line \d+, column \d+: .+", error.message), error.message
+    assert re.fullmatch(rf"{re.escape(path)}: document 1: invalid YAML at line \d+, column \d+: .+", error.message), error.message
 
 
 def test_a_repeated_yaml_key_is_an_error(tmp_path: Path) -> None:
@@ -314,7 +314,7 @@ def test_a_repeated_yaml_key_is_an_error(tmp_path: Path) -> None:
             "  resources: {cpus: 1}\n  command: {value: x}\n  resources: {cpus: 2}\n")
     path = write(tmp_path, "web.yaml", text)
     assert [e.message for e in listing_of(tmp_path).invalid_files] == [
-        f"{path}: invalid YAML at line 7, column 3: while constructing a mapping: found duplicate key 'resources'"]
+        f"{path}: document 0: invalid YAML at line 7, column 3: while constructing a mapping: found duplicate key 'resources'"]
 
 
 def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
@@ -329,12 +329,12 @@ def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
 def test_json_syntax_errors_are_json_errors(tmp_path: Path) -> None:
     path = write(tmp_path, "web.json", '{"apiVersion": "reconciler/v1",\n "kind": }')
     assert [e.message for e in listing_of(tmp_path).invalid_files] == [
-        f"{path}: invalid JSON at line 2, column 10: Expecting value"]
+        f"{path}: document 0: invalid JSON at line 2, column 10: Expecting value"]
 
 
 def test_json_repeated_keys_are_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, "web.json", '{"kind": "Container", "kind": "Container"}')
-    assert [e.message for e in listing_of(tmp_path).invalid_files] == [f"{path}: invalid JSON: duplicate key 'kind'"]
+    assert [e.message for e in listing_of(tmp_path).invalid_files] == [f"{path}: document 0: invalid JSON: duplicate key 'kind'"]
 
 
 def test_a_json_file_is_one_document(tmp_path: Path) -> None:
@@ -346,7 +346,7 @@ def test_a_json_file_is_one_document(tmp_path: Path) -> None:
 def test_text_that_is_not_utf8_is_an_invalid_file(tmp_path: Path) -> None:
     (tmp_path / "web.yaml").write_bytes(b"apiVersion: \xff\xfe\xfa\n")
     [error] = listing_of(tmp_path).invalid_files
-    assert error.message == f"{tmp_path / 'web.yaml'}: not UTF-8 text: invalid leading UTF-8 octet at byte 12"
+    assert error.message == f"{tmp_path / 'web.yaml'}: document 0: not UTF-8 text: invalid leading UTF-8 octet at byte 12"
 
 
 def test_files_over_10_mib_are_invalid_files(tmp_path: Path) -> None:

@@ -109,7 +109,7 @@ def _require(mounts: CgroupMounts, isolator: str, controller: str) -> Hierarchy:
 class _CgroupsIsolator(Isolator):
     """What both isolators share: one cgroup per container in each of their hierarchies."""
 
-    def __init__(self, config: "AgentConfig", mounts: CgroupMounts | None = None) -> None:
+    def __init__(self, config: "AgentConfig") -> None:
         super().__init__(config)
         self.root = config.cgroups_root.strip("/")
         self.hierarchies: list[Hierarchy] = []        # distinct, primary first
@@ -380,6 +380,7 @@ class CgroupsMemIsolator(_CgroupsIsolator):
         stats["mem_total_bytes"] = total
         stat_text = self._read(self.memory, container_id, "memory.stat")
         values = _parse_flat_keyed(stat_text or "")
+        keys: tuple[tuple[str, str], ...]
         if self.v2:
             keys = (("anon", "mem_rss_bytes"), ("file", "mem_cache_bytes"),
                     ("file_mapped", "mem_mapped_file_bytes"), ("unevictable", "mem_unevictable_bytes"))
@@ -429,6 +430,11 @@ class CgroupsMemIsolator(_CgroupsIsolator):
         on_limitation(Limitation(reason="MemoryLimit", message=message, resources=resources))
 
     def cleanup(self, container_id: str) -> None:
+        watch = self.watches.get(container_id)
+        if watch is not None:
+            # An OOM whose notice is still unread (the init's exit was handled first) is reported
+            # now, while the destroy is under way, so the termination can still say MemoryLimit.
+            watch.flush()
         watch = self.watches.pop(container_id, None)
         if watch is not None:
             watch.close()
@@ -437,6 +443,10 @@ class CgroupsMemIsolator(_CgroupsIsolator):
 
 
 class _OomWatch:
+    def flush(self) -> None:
+        """Handle a notification that arrived but was not read yet."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -444,15 +454,15 @@ class _OomWatch:
 class _EventFdWatch(_OomWatch):
     """cgroup v1: an eventfd registered for memory.oom_control through cgroup.event_control.
 
-    The kernel also signals the eventfd when the cgroup is removed, so an event only counts when
-    the cgroup is (still) under OOM or its oom_kill counter grew.
+    The kernel signals it when the cgroup enters OOM, before the OOM killer picks its victim (so
+    the oom_kill counter may not have moved yet when we look), and also when the cgroup is
+    removed: an event counts unless the cgroup is gone.
     """
 
     def __init__(self, hierarchy: Hierarchy, cgroup: str, loop: asyncio.AbstractEventLoop,
                  fire: Callable[[], None]) -> None:
         self.hierarchy, self.cgroup, self.loop, self.fire = hierarchy, cgroup, loop, fire
         self.closed = False
-        self.baseline = self._oom_kills()
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             self.control_fd = os.open(os.path.join(hierarchy.path(cgroup), "memory.oom_control"),
@@ -468,24 +478,19 @@ class _EventFdWatch(_OomWatch):
             os.close(self.control_fd)
             raise
 
-    def _oom_kills(self) -> int:
-        try:
-            return _parse_flat_keyed(self.hierarchy.read(self.cgroup, "memory.oom_control")).get("oom_kill", 0)
-        except FileNotFoundError:
-            return 0
+    def flush(self) -> None:
+        if not self.closed:
+            self._readable()
 
     def _readable(self) -> None:
         try:
             os.eventfd_read(self.efd)
         except BlockingIOError:
             return
-        try:
-            state = _parse_flat_keyed(self.hierarchy.read(self.cgroup, "memory.oom_control"))
-        except FileNotFoundError:
-            self.close()   # the cgroup is gone: that was the removal notice
+        if not self.hierarchy.exists(self.cgroup):
+            self.close()   # the removal notice, not an OOM
             return
-        if state.get("under_oom", 0) or state.get("oom_kill", 0) > self.baseline:
-            self.fire()
+        self.fire()
 
     def close(self) -> None:
         if self.closed:
@@ -507,7 +512,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _EventsFileWatch(_OomWatch):
-    """cgroup v2: an increase of oom_kill in memory.events, noticed by inotify (else polled every 100 ms)."""
+    """cgroup v2: memory.events, noticed by inotify (else polled every 100 ms).
+
+    An increase of `oom` (the cgroup hit its limit and reclaim failed: the OOM killer runs next)
+    or of `oom_kill` counts. Reacting to `oom` as v1's notification does keeps the limitation
+    ahead of the victim's exit; the kernel rate-limits these notifications to one per 10 ms.
+    """
 
     def __init__(self, hierarchy: Hierarchy, cgroup: str, loop: asyncio.AbstractEventLoop,
                  fire: Callable[[], None]) -> None:
@@ -515,7 +525,7 @@ class _EventsFileWatch(_OomWatch):
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None
         self.inotify_fd: int | None = None
-        self.baseline = self._oom_kills() or 0
+        self.baseline = self._counters() or (0, 0)
         path = os.path.join(hierarchy.path(cgroup), "memory.events")
         fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd >= 0:
@@ -528,18 +538,23 @@ class _EventsFileWatch(_OomWatch):
             log.debug("inotify is not available for %s: polling it", path)
             self.timer = loop.call_later(_OOM_POLL_SECONDS, self._poll)
 
-    def _oom_kills(self) -> int | None:
+    def _counters(self) -> tuple[int, int] | None:
         try:
-            return _parse_flat_keyed(self.hierarchy.read(self.cgroup, "memory.events")).get("oom_kill", 0)
+            events = _parse_flat_keyed(self.hierarchy.read(self.cgroup, "memory.events"))
         except FileNotFoundError:
             return None
+        return events.get("oom", 0), events.get("oom_kill", 0)
 
     def _check(self) -> None:
-        kills = self._oom_kills()
-        if kills is None:
+        counters = self._counters()
+        if counters is None:
             self.close()
-        elif kills > self.baseline:
+        elif counters[0] > self.baseline[0] or counters[1] > self.baseline[1]:
             self.fire()
+
+    def flush(self) -> None:
+        if not self.closed:
+            self._check()
 
     def _readable(self) -> None:
         assert self.inotify_fd is not None

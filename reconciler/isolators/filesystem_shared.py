@@ -110,8 +110,8 @@ class SharedFilesystemIsolator(Isolator):
         if container is None:
             return info
         # A mount at, above or below the sandbox would hide it (and the command's stdout and
-        # stderr in it) from the container.
-        taken = [posixpath.normpath(config.sandbox)]
+        # stderr in it) from the container; the work dir may be reached through a symlink.
+        taken = list(dict.fromkeys([posixpath.normpath(config.sandbox), os.path.realpath(config.sandbox)]))
         for volume in container.volumes:
             info.mounts.extend(self._volume_mounts(volume, config.sandbox, taken))
         return info
@@ -125,13 +125,18 @@ class SharedFilesystemIsolator(Isolator):
         if not volume.host_path:
             raise PermanentError(f"Volume with container path '{container_path}' must specify host path "
                                  "for shared filesystem isolator")
-        normalized = posixpath.normpath(container_path)
+        # Mesos compares strings; components (so /tmpfs is not under /tmp) and resolved symlinks
+        # (so /var/run is under /run) say what the mounts would really hide.
+        forms = list(dict.fromkeys([posixpath.normpath(container_path), os.path.realpath(container_path)]))
         for other in taken:
-            if _under(normalized, other):
-                raise PermanentError(f"Cannot mount volume to '{container_path}' because it is under volume '{other}'")
-            if _under(other, normalized):
-                raise PermanentError(f"Cannot mount volume to '{other}' because it is under volume '{container_path}'")
-        taken.append(normalized)
+            for form in forms:
+                if _under(form, other):
+                    raise PermanentError(
+                        f"Cannot mount volume to '{container_path}' because it is under volume '{other}'")
+                if _under(other, form):
+                    raise PermanentError(
+                        f"Cannot mount volume to '{other}' because it is under volume '{container_path}'")
+        taken.extend(forms)
 
         if volume.host_path.startswith("/"):
             host_path = volume.host_path

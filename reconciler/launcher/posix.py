@@ -43,10 +43,10 @@ class PosixLauncher(Launcher):
         members: set[int] = set()
         if identity.is_alive():
             members.add(identity.pid)
-        for pid, entry in table.items():
-            if entry.session == identity.pid and pid != os.getpid():
-                members.add(pid)
-        members |= proc.descendants(table, identity.pid) if identity.is_alive() else set()
+            members |= proc.descendants(table, identity.pid)
+        members |= {pid for pid, entry in table.items() if entry.session == identity.pid}
+        # A zombie is already dead: only its parent can make it go, and it may be the host's init.
+        members = {pid for pid in members if pid in table and table[pid].state not in ("Z", "X")}
         members.discard(os.getpid())
         return members
 

@@ -118,6 +118,7 @@ class ProcStat:
     pid: int
     ppid: int
     session: int
+    state: str        # R, S, D, Z (zombie: exited, waiting for its parent to reap it) …
     utime: int        # clock ticks
     stime: int        # clock ticks
     threads: int
@@ -135,7 +136,7 @@ def process_table() -> dict[int, ProcStat]:
         if f is None:
             continue
         # after "(comm)": 0 state, 1 ppid, 2 pgrp, 3 session, 11 utime, 12 stime, 17 num_threads, 21 rss
-        table[pid] = ProcStat(pid, int(f[1]), int(f[3]), int(f[11]), int(f[12]), int(f[17]), int(f[21]))
+        table[pid] = ProcStat(pid, int(f[1]), int(f[3]), f[0].decode(), int(f[11]), int(f[12]), int(f[17]), int(f[21]))
     return table
 
 

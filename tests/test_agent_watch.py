@@ -1,0 +1,259 @@
+"""The daemon watching its manifest directory: every change a user or a tool makes converges within a
+fraction of a second (well under --resync_interval, which the fixture sets to 2 s), and what is not a
+manifest (editors' files) is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.root
+
+QUICK = 1.0  # seconds: "converges within a fraction of a second" (the resync is 2 s)
+
+
+@pytest.fixture
+def env(agent_env):
+    agent_env.isolation = "namespaces/pid,namespaces/ipc,posix/cpu,posix/mem"
+    return agent_env
+
+
+def manifest_text(name: str, command: str = "exec sleep 300") -> str:
+    return json.dumps({"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": name},
+                       "spec": {"kill_grace_period": "1secs", "command": {"value": command}}})
+
+
+def running(s: dict) -> bool:
+    return s["phase"] == "Running" and s["pid"] is not None
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def started_daemon(env):
+    """A daemon that has done its first pass (its _agent.json exists)."""
+    env.start()
+    deadline = time.monotonic() + 10
+    while env.agent_status() is None:
+        assert time.monotonic() < deadline, "the daemon never published _agent.json"
+        time.sleep(0.02)
+
+
+def wait_listed(env, predicate, timeout: float = QUICK) -> dict:
+    """Until _agent.json's listing matches: proof the daemon has seen the directory as it is now."""
+    deadline = time.monotonic() + timeout
+    while True:
+        agent = env.agent_status()
+        if agent is not None and predicate(agent):
+            return agent
+        if time.monotonic() > deadline:
+            raise AssertionError(f"_agent.json never matched within {timeout}s: {json.dumps(agent, indent=1)}")
+        time.sleep(0.01)
+
+
+def test_drop_edit_remove_converge_quickly(env):
+    started_daemon(env)
+
+    t0 = time.monotonic()
+    env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
+    first = env.wait_status("web", running, timeout=QUICK)
+    assert time.monotonic() - t0 < QUICK
+
+    t0 = time.monotonic()
+    env.write_manifest("web", "exec sleep 301", kill_grace_period="1secs")
+    second = env.wait_status("web", lambda s: running(s) and s["container_id"] != first["container_id"],
+                             timeout=QUICK)
+    assert time.monotonic() - t0 < QUICK
+    assert second["pid"] != first["pid"] and second["restarts"] == 0
+
+    t0 = time.monotonic()
+    (env.manifests / "web.yaml").unlink()
+    env.wait_gone("web", timeout=QUICK)
+    assert time.monotonic() - t0 < QUICK
+    deadline = time.monotonic() + 2
+    while alive(second["pid"]):
+        assert time.monotonic() < deadline, "the container's init outlived its status file"
+        time.sleep(0.02)
+
+
+def test_several_manifests_dropped_at_once_and_status_files_are_never_partial(env):
+    started_daemon(env)
+    torn: list[str] = []
+    stop = threading.Event()
+
+    def read_continuously() -> None:
+        while not stop.is_set():
+            for path in list(env.status_dir.glob("*.json")):
+                try:
+                    json.loads(path.read_bytes())
+                except FileNotFoundError:
+                    pass
+                except ValueError as exc:
+                    torn.append(f"{path.name}: {exc}")
+
+    reader = threading.Thread(target=read_continuously, daemon=True)
+    reader.start()
+    try:
+        t0 = time.monotonic()
+        for i in range(10):
+            env.write_manifest(f"web{i}", "exec sleep 300", kill_grace_period="1secs")
+        pids = {env.wait_status(f"web{i}", running, timeout=QUICK * 3)["pid"] for i in range(10)}
+        assert len(pids) == 10
+        assert time.monotonic() - t0 < 3.0
+        for i in range(0, 10, 2):
+            (env.manifests / f"web{i}.yaml").unlink()
+        for i in range(0, 10, 2):
+            env.wait_gone(f"web{i}", timeout=3)
+        counts = wait_listed(env, lambda a: a["counts"].get("Running") == 5, timeout=3)["counts"]
+        assert counts == {"Running": 5}, counts
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+    assert not torn, torn[:5]
+
+
+def test_rename_with_same_content_does_not_restart(env):
+    old = env.manifests / "web.yaml"
+    new = env.manifests / "web-renamed.yaml"
+    env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
+    started_daemon(env)
+    before = env.wait_status("web", running)
+    t0 = time.monotonic()
+    os.rename(old, new)
+    wait_listed(env, lambda a: str(new) in a["source"]["files"] and str(old) not in a["source"]["files"])
+    assert time.monotonic() - t0 < QUICK
+    time.sleep(0.3)
+    after = env.status("web")
+    assert after is not None, "renaming the file destroyed the container"
+    assert after["pid"] == before["pid"] and after["container_id"] == before["container_id"], (before, after)
+    assert after["restarts"] == 0 and alive(before["pid"])
+    # what the status says it came from follows the file
+    assert after["manifest"] == str(new), after["manifest"]
+
+
+def test_rewriting_identical_content_does_not_restart(env):
+    path = env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
+    started_daemon(env)
+    before = env.wait_status("web", running)
+    text = path.read_text()
+    for _ in range(3):  # new inode and mtime each time, as a GitOps sync rewriting the tree
+        tmp = path.with_name(".web.yaml.tmp")
+        tmp.write_text(text)
+        os.rename(tmp, path)
+        time.sleep(0.15)
+    path.touch()
+    time.sleep(0.3)
+    after = env.status("web")
+    assert after["pid"] == before["pid"] and after["container_id"] == before["container_id"]
+
+
+def test_rename_then_break_the_renamed_file_keeps_the_container(env):
+    """After a rename, the renamed file is the one that last declared the name: breaking it destroys nothing."""
+    old = env.manifests / "web.yaml"
+    new = env.manifests / "web-renamed.yaml"
+    env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
+    started_daemon(env)
+    before = env.wait_status("web", running)
+    os.rename(old, new)
+    wait_listed(env, lambda a: str(new) in a["source"]["files"] and str(old) not in a["source"]["files"])
+    time.sleep(0.2)
+    new.write_text("metadata: {name: web\nspec: [[[")
+    wait_listed(env, lambda a: str(new) in [f["file"] for f in a["invalid_files"]])
+    time.sleep(0.5)
+    after = env.status("web")
+    assert after is not None, "breaking the renamed manifest destroyed the container"
+    assert after["pid"] == before["pid"] and alive(before["pid"])
+
+
+def test_editor_temporary_files_are_ignored(env):
+    env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
+    started_daemon(env)
+    before = env.wait_status("web", running)
+    # Editors' files declaring the same name with another command (they sort before web.yaml, so
+    # reading them would replace web) and a new name (reading it would launch something).
+    (env.manifests / ".web.yaml.swp").write_text(manifest_text("web", "exec sleep 401"))
+    (env.manifests / "4913").write_text(manifest_text("web", "exec sleep 402"))
+    (env.manifests / "web.yaml~").write_text(manifest_text("tilde", "exec sleep 403"))
+    (env.manifests / "#web.yaml#").write_text(manifest_text("emacs", "exec sleep 404"))
+    # A real manifest dropped after them: once it runs, the daemon has listed past the editor files.
+    env.write_manifest("probe", "exec sleep 300", kill_grace_period="1secs")
+    env.wait_status("probe", running, timeout=QUICK)
+    agent = wait_listed(env, lambda a: str(env.manifests / "probe.yaml") in a["source"]["files"])
+    time.sleep(0.2)
+    after = env.status("web")
+    assert after["pid"] == before["pid"] and after["container_id"] == before["container_id"]
+    assert env.status("tilde") is None and env.status("emacs") is None
+    assert sorted(agent["source"]["files"]) == sorted([str(env.manifests / "probe.yaml"), str(env.manifests / "web.yaml")])
+    assert agent["invalid_files"] == [] and agent["invalid_documents"] == []
+    for name in ("4913", ".web.yaml.swp", "web.yaml~"):
+        (env.manifests / name).unlink()
+
+
+def test_configmap_data_symlink_swap(env):
+    """Kubernetes ConfigMap volume: files are symlinks through `..data`, swapped with one rename."""
+    m = env.manifests
+    first = m / "..2026_01_01_00_00_00.000000001"
+    first.mkdir()
+    (first / "web.yaml").write_text(manifest_text("web", "exec sleep 300"))
+    (m / "..data").symlink_to(first.name)
+    (m / "web.yaml").symlink_to("..data/web.yaml")
+    started_daemon(env)
+    before = env.wait_status("web", running)
+    assert before["manifest"] == str(m / "web.yaml")
+
+    # kubelet's atomic writer: new timestamped dir, `..data_tmp` symlink, rename over `..data`
+    second = m / "..2026_01_01_00_00_05.000000002"
+    second.mkdir()
+    (second / "web.yaml").write_text(manifest_text("web", "exec sleep 301"))
+    (m / "..data_tmp").symlink_to(second.name)
+    t0 = time.monotonic()
+    os.rename(m / "..data_tmp", m / "..data")
+    after = env.wait_status("web", lambda s: running(s) and s["container_id"] != before["container_id"],
+                            timeout=QUICK)
+    assert time.monotonic() - t0 < QUICK
+    assert after["pid"] != before["pid"]
+    deadline = time.monotonic() + 3
+    while [c.cmdline() for c in psutil.Process(after["pid"]).children()] != [["sleep", "301"]]:
+        assert time.monotonic() < deadline, psutil.Process(after["pid"]).children()
+        time.sleep(0.02)
+    for f in first.iterdir():
+        f.unlink()
+    first.rmdir()
+
+    # a ConfigMap key removed: the top-level symlink goes away and the container with it
+    t0 = time.monotonic()
+    (m / "web.yaml").unlink()
+    env.wait_gone("web", timeout=QUICK)
+    assert time.monotonic() - t0 < QUICK
+
+
+def test_manifest_directory_created_after_start_is_picked_up(env):
+    env.manifests.rmdir()
+    started_daemon(env)
+    assert env.agent_status()["source"]["error"]
+    env.manifests.mkdir()
+    env.write_manifest("late", "exec sleep 300", kill_grace_period="1secs")
+    env.wait_status("late", running, timeout=3.0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_exits_0_and_leaves_containers_running(env, sig):
+    env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
+    agent = env.start()
+    status = env.wait_status("web", running)
+    out = env.stop(agent, sig)
+    assert agent.returncode == 0, out
+    assert "Traceback" not in out
+    assert alive(status["pid"])

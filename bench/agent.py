@@ -27,8 +27,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import percentile, runc_bundle, tempdir  # noqa: E402
-from reconciler.linux import cgroups  # noqa: E402
+from bench.common import remove_cgroup_root, percentile, runc_bundle, tempdir  # noqa: E402
 
 MANIFEST = {"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": ""},
             "spec": {"kill_grace_period": "1secs", "resources": {"cpus": 0.01, "mem": 32},
@@ -172,11 +171,7 @@ def main() -> None:
         # a final pass destroys everything (an empty, existing directory is authoritative)
         subprocess.run([sys.executable, "-m", "reconciler", "once", f"--manifests={manifests}", f"--work_dir={work_dir}",
                         f"--isolation={args.isolation}", f"--cgroups_root={root}", "--log_level=warning"], timeout=600)
-        mounts = cgroups.find_mounts()
-        for hierarchy in mounts.v1_hierarchies + ([mounts.v2] if mounts.v2 else []):
-            if hierarchy.exists(root):
-                hierarchy.kill(root)
-                hierarchy.remove(root)
+        remove_cgroup_root(root)
         shutil.rmtree(work, ignore_errors=True)
 
 

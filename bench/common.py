@@ -99,3 +99,16 @@ def interleave(runs: int, *measures: Callable[[int], list[float]]) -> list[list[
         for i, measure in enumerate(measures):
             results[i].extend(measure(per_round))
     return results
+
+
+def remove_cgroup_root(root: str) -> None:
+    """Kill what is left under a benchmark's cgroup root (through the freezer or v2), then remove it everywhere."""
+    from reconciler.linux import cgroups
+
+    mounts = cgroups.find_mounts()
+    killer = cgroups.freezer_hierarchy(mounts)
+    if killer is not None and killer.exists(root):
+        killer.kill(root)
+    for hierarchy in mounts.v1_hierarchies + ([mounts.v2] if mounts.v2 else []):
+        if hierarchy.exists(root):
+            hierarchy.remove(root)

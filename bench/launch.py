@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import interleave, ratio_line, require, runc_bundle, summary, tempdir, time_command, time_runc  # noqa: E402
+from bench.common import remove_cgroup_root, interleave, ratio_line, require, runc_bundle, summary, tempdir, time_command, time_runc  # noqa: E402
 from reconciler import isolators as registry  # noqa: E402
 from reconciler.agent import build_launcher  # noqa: E402
 from reconciler.checkpoint import Checkpoints  # noqa: E402
@@ -30,7 +30,6 @@ from reconciler.config import AgentConfig  # noqa: E402
 from reconciler.containerizer import Containerizer  # noqa: E402
 from reconciler.isolators.base import ContainerConfig, Isolator, LaunchInfo  # noqa: E402
 from reconciler.launcher.base import LaunchHelper  # noqa: E402
-from reconciler.linux import cgroups  # noqa: E402
 from reconciler.models import ContainerSpec, spec_hash, spec_hash_without_resources  # noqa: E402
 
 CLONE_NEWUTS = 0x04000000
@@ -98,10 +97,7 @@ async def main() -> None:
         print(ratio_line("reconciler / unshare", ours_s, unshare_s, "unshare's time"))
     finally:
         helper.close()
-        for hierarchy in cgroups.find_mounts().v1_hierarchies + ([cgroups.find_mounts().v2] if cgroups.find_mounts().v2 else []):
-            if hierarchy.exists(root):
-                hierarchy.kill(root)
-                hierarchy.remove(root)
+        remove_cgroup_root(root)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _agent(args: argparse.Namespace):  # noqa: ANN202
+    from pydantic import ValidationError
+
     from reconciler import config as config_module
     from reconciler.agent import Agent
     from reconciler.isolators.base import IsolatorSetupError
@@ -64,13 +66,12 @@ def _agent(args: argparse.Namespace):  # noqa: ANN202
     except (config_module.ConfigError, IsolatorSetupError) as exc:
         print(f"reconciler: {exc}", file=sys.stderr)
         return None
-    except ValueError as exc:  # e.g. --default_container_info that is JSON but not a ContainerInfo
-        print(f"reconciler: flag --default_container_info: {_one_line(exc)}", file=sys.stderr)
+    except ValidationError as exc:  # --default_container_info that is JSON but not a ContainerInfo
+        from reconciler.models import ContainerInfo
+        from reconciler.source import validation_messages
+        problems = "; ".join(validation_messages(exc, ContainerInfo))
+        print(f"reconciler: flag --default_container_info: {problems}", file=sys.stderr)
         return None
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import kill_checkpointed_containers
+from tests.conftest import kill_checkpointed_containers
 from reconciler.config import AgentConfig
 from reconciler.isolators.base import ContainerConfig, PermanentError
 from reconciler.isolators.filesystem_shared import SharedFilesystemIsolator, remount_read_only_flags, submounts

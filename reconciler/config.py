@@ -71,6 +71,10 @@ class AgentConfig(BaseModel):
     resync_interval: float = 10.0
     attributes: dict[str, str] = {}
     disallow_sharing_agent_pid_namespace: bool = False
+    effective_capabilities: list[str] | None = None
+    bounding_capabilities: list[str] | None = None
+    xfs_kill_containers: bool = False
+    xfs_quota_headroom: float = 0.0
 
     @field_validator("isolation", "image_providers", mode="before")
     @classmethod
@@ -172,7 +176,27 @@ class AgentConfig(BaseModel):
             return _parse_attributes(value)
         return value
 
-    @field_validator("enforce_container_disk_quota", "disallow_sharing_agent_pid_namespace", mode="before")
+    @field_validator("effective_capabilities", "bounding_capabilities", mode="before")
+    @classmethod
+    def _capabilities(cls, value: Any) -> Any:
+        from reconciler.models import CAPABILITY_NUMBERS
+        if value is None or value == "":
+            return None
+        names = [v.strip().upper() for v in value.split(",")] if isinstance(value, str) else list(value)
+        for name in names:
+            if name not in CAPABILITY_NUMBERS:
+                hint = f" (use {name[4:]})" if name.startswith("CAP_") and name[4:] in CAPABILITY_NUMBERS else ""
+                raise ValueError(f"unknown capability {name!r}{hint}")
+        return names
+
+    @field_validator("xfs_quota_headroom", mode="before")
+    @classmethod
+    def _headroom(cls, value: Any) -> Any:
+        from reconciler.units import parse_megabytes
+        return parse_megabytes(value)
+
+    @field_validator("enforce_container_disk_quota", "disallow_sharing_agent_pid_namespace", "xfs_kill_containers",
+                     mode="before")
     @classmethod
     def _bool(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -219,7 +243,7 @@ class AgentConfig(BaseModel):
 
 
 FLAG_NAMES = list(AgentConfig.model_fields)
-BOOL_FLAGS = {"enforce_container_disk_quota", "disallow_sharing_agent_pid_namespace"}
+BOOL_FLAGS = {"enforce_container_disk_quota", "disallow_sharing_agent_pid_namespace", "xfs_kill_containers"}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

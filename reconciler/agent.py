@@ -159,10 +159,12 @@ class Agent:
         delay = 1.0
         while not self._stop.is_set():
             if not os.path.isdir(self.config.manifests):
+                # Nothing to watch yet: look every second and re-list as soon as it appears.
                 self.watch_mode = "polling"
                 self._watching.set()
                 await asyncio.sleep(min(self.config.resync_interval, 1.0))
-                self._relist.set() if os.path.isdir(self.config.manifests) else None
+                if os.path.isdir(self.config.manifests):
+                    self._relist.set()
                 continue
             try:
                 self.watch_mode = "inotify"

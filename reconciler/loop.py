@@ -353,6 +353,10 @@ class Reconciler:
             wanted["ManifestValid"] = (False, "InvalidManifest", invalid.message)
         elif doc["phase"] != "Invalid":
             wanted["ManifestValid"] = (True, "", "")
+        duplicates = [d.message for d in (self.listing.duplicates if self.listing else []) if d.name == doc["name"]]
+        if duplicates:
+            # The losing declarations have no status file of their own (the name is this one's).
+            wanted["Duplicate"] = (True, "DuplicateName", "; ".join(duplicates))
         out = []
         for kind, (status, reason, message) in wanted.items():
             previous = state.conditions.get(kind)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from reconciler import users
 from reconciler.checkpoint import Checkpoints
 from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, LaunchInfo, Limitation, PermanentError
 from reconciler.launcher.base import Forked, Launcher
@@ -141,7 +142,11 @@ class Containerizer:
                 container.started_at = pid_doc.get("started_at")
                 same_boot = pid_doc.get("boot_id") == self.boot_id
                 if not (same_boot and container.identity.is_alive() and self.launcher.belongs(cid, container.identity.pid)):
-                    to_destroy.append(container)  # it ended while we were away; its status file says how
+                    # It ended while we were away; its status file says how. Whoever holds its pid now
+                    # (pids and start times repeat across boots) is not ours: only its cgroup is killed.
+                    if not same_boot or container.identity.is_alive():
+                        container.identity = None
+                    to_destroy.append(container)
             recovered.append(container)
             self.containers[cid] = container
         orphans |= self.launcher.recover(set(self.containers))
@@ -194,15 +199,18 @@ class Containerizer:
         self.containers[cid] = container
         forked: Forked | None = None
         try:
+            user = users.resolve(config.spec.command.user) if config.spec.command.user else None
             self.checkpoints.write_config(config)
             os.makedirs(config.sandbox, mode=0o755, exist_ok=True)
+            if user is not None:
+                users.give_sandbox(config.sandbox, user)
             info = LaunchInfo()
             for isolator in self.isolators:
                 part = isolator.prepare(cid, config)
                 if part is not None:
                     info.merge(part)
             self.checkpoints.write_launch_info(cid, info)
-            spec = self._init_spec(config, info, environment)
+            spec = self._init_spec(config, info, environment, user)
             container.pid_namespace = bool(info.clone_namespaces & CLONE_NEWPID)
             forked = self.launcher.fork(cid, spec, info.clone_namespaces)
             container.identity = proc.ProcessIdentity(forked.pid, forked.start_time)
@@ -238,7 +246,8 @@ class Containerizer:
         self.checkpoints.remove(cid)
         self.containers.pop(cid, None)
 
-    def _init_spec(self, config: ContainerConfig, info: LaunchInfo, environment: dict[str, str]) -> dict[str, Any]:
+    def _init_spec(self, config: ContainerConfig, info: LaunchInfo, environment: dict[str, str],
+                   user: users.User | None = None) -> dict[str, Any]:
         """What the init needs: argv, environment, files; Mesos's env precedence (agent < sandbox < isolators < user)."""
         command = config.spec.command
         if command.shell:
@@ -270,7 +279,7 @@ class Containerizer:
             "rlimits": info.rlimits,
             "pre_exec": info.pre_exec,
             "capabilities": info.capabilities,
-            "user": info.user,
+            "user": user.launch_spec() if user is not None else info.user,
         }
 
     # watch ------------------------------------------------------------------------------------

@@ -217,7 +217,8 @@ def test_on_failure_restarts_a_failing_container_but_not_a_succeeding_one(env):
 def test_always_restarts_immediately_then_backs_off(env):
     env.write_manifest("crash", "exit 1", restart_policy="Always")
     env.start()
-    first = env.wait_status("crash", lambda s: s["restarts"] >= 1, timeout=10)
+    # immediate: well before the 10 s of the first backoff
+    first = env.wait_status("crash", lambda s: s["restarts"] >= 1, timeout=4)
     backoff = env.wait_status("crash", lambda s: s["phase"] == "BackOff", timeout=10)
     now = time.time()
     assert backoff["restarts"] == 1, backoff  # the first restart was immediate, the second waits
@@ -323,9 +324,7 @@ def test_sigterm_then_sigkill_after_grace_period(env):
     took = time.monotonic() - started
     assert marker.exists() and "TERM" in marker.read_text(), "the command never got SIGTERM"
     assert took >= grace, f"killed after {took:.2f}s, before the {grace}s grace period"
-    # Bounded: the SIGKILL follows the grace period promptly. (The margin allows for this host's
-    # PID 1 reaping orphans lazily, see test_posix_destroy_does_not_wait_for_zombies_it_cannot_reap.)
-    assert took < grace + 2.5, f"took {took:.2f}s for a {grace}s grace period"
+    assert took < grace + 1.5, f"took {took:.2f}s for a {grace}s grace period"
     wait_dead(pids, timeout=2)
 
 

@@ -239,6 +239,40 @@ def test_configmap_data_symlink_swap(env):
     assert time.monotonic() - t0 < QUICK
 
 
+@pytest.mark.parametrize("how", ["rename", "symlink"])
+def test_whole_directory_swapped_is_still_watched(env, how):
+    """Some tools replace the directory itself rather than its files: `mv manifests manifests.old;
+    mv new manifests`, or a `manifests -> releases/N` symlink switched to the next release. The agent
+    must follow the path, not the old directory's inode."""
+    if how == "symlink":
+        releases = env.tmp / "releases"
+        releases.mkdir()
+        env.manifests.rmdir()
+        (releases / "1").mkdir()
+        env.manifests.symlink_to(releases / "1")
+    env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
+    started_daemon(env)
+    before = env.wait_status("web", running)
+    new = env.tmp / "releases" / "2" if how == "symlink" else env.tmp / "manifests.new"
+    new.mkdir()
+    (new / "web.yaml").write_text(manifest_text("web", "exec sleep 301"))
+    if how == "symlink":
+        (env.tmp / "manifests.tmp").symlink_to(new)
+        os.rename(env.tmp / "manifests.tmp", env.manifests)
+    else:
+        os.rename(env.manifests, env.tmp / "manifests.old")
+        os.rename(new, env.manifests)
+    # at the latest at the next resync (2 s in these tests)
+    env.wait_status("web", lambda s: running(s) and s["container_id"] != before["container_id"], timeout=3.5)
+    # and from then on, changes in the new directory are seen as quickly as ever
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    env.write_manifest("late", "exec sleep 300", kill_grace_period="1secs")
+    env.wait_status("late", running, timeout=5)
+    took = time.monotonic() - t0
+    assert took < QUICK, f"a manifest dropped into the swapped-in directory took {took:.2f}s (resync is 2 s)"
+
+
 def test_manifest_directory_created_after_start_is_picked_up(env):
     env.manifests.rmdir()
     started_daemon(env)

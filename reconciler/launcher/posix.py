@@ -40,6 +40,8 @@ class PosixLauncher(Launcher):
     def _members(self, identity: proc.ProcessIdentity) -> set[int]:
         """The init (if it is still that process), its session, and its descendants."""
         table = proc.process_table()
+        if identity.pid in table and proc.start_time_ticks(identity.pid) != identity.start_time:
+            return set()   # the pid was reused: that process and its session are someone else's
         members: set[int] = set()
         if identity.is_alive():
             members.add(identity.pid)

@@ -168,16 +168,22 @@ class Agent:
                 continue
             try:
                 self.watch_mode = "inotify"
+                watched = _identity(self.config.manifests)
                 # awatch sets up inotify when first iterated, before it first waits: signal from a
                 # task that runs right after that point.
                 asyncio.get_running_loop().call_soon(self._watching.set)
-                async for _changes in watchfiles.awatch(
+                # Every second without events (rust_timeout) it yields an empty set: the moment to
+                # notice that the directory itself was replaced (`mv new manifests`, or a symlink
+                # re-pointed), which inotify, attached to the old directory, cannot report.
+                async for changes in watchfiles.awatch(
                     self.config.manifests, watch_filter=None, debounce=DEBOUNCE_MS, step=STEP_MS,
-                    recursive=True, stop_event=self._stop, rust_timeout=1000, yield_on_timeout=False,
+                    recursive=True, stop_event=self._stop, rust_timeout=1000, yield_on_timeout=True,
                 ):
-                    self._relist.set()
-                    delay = 1.0
-                    if not os.path.isdir(self.config.manifests):
+                    if changes:
+                        self._relist.set()
+                        delay = 1.0
+                    if _identity(self.config.manifests) != watched:
+                        log.info("%s was replaced: watching the new directory", self.config.manifests)
                         break
                 self._relist.set()
             except (OSError, RuntimeError) as exc:
@@ -234,3 +240,12 @@ class Agent:
             "isolator_status": extra,
         }
         return doc
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which directory a path names now (symlinks followed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)

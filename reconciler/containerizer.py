@@ -93,6 +93,11 @@ class Container:
         return self.identity.pid if self.identity else None
 
     @property
+    def destroy_failed(self) -> bool:
+        """Its processes could not all be killed: it must not be forgotten, and destroy may be retried."""
+        return self.termination is not None and self.termination.reason == "DestroyFailed"
+
+    @property
     def alive(self) -> bool:
         return self.state in (State.PREPARING, State.ISOLATING, State.RUNNING)
 
@@ -333,7 +338,9 @@ class Containerizer:
         if container is None:
             return None
         if container.state == State.TERMINATED:
-            return container.termination
+            if not container.destroy_failed:
+                return container.termination
+            container.destroy_task = None   # the kill failed last time: try it again
         if container.destroy_task is None:
             termination = Termination(reason=reason, message=message) if (reason or message) else None
             self._start_destroy(container, grace, termination)

@@ -64,6 +64,7 @@ class NameState:
     container: Container | None = None
     failure: LaunchFailure | None = None
     update_refused: tuple[str, str] | None = None   # (spec hash, message)
+    destroy_retry: tuple[int, float] = (0, 0.0)     # after failed kills: (failures, when to try again)
     statistics: dict[str, Any] | None = None
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
     phase: str | None = None          # as last published (what _agent.json counts)
@@ -155,11 +156,15 @@ class Reconciler:
             if container.state == State.RUNNING and container.config.resources_free_hash == target.resources_free_hash:
                 self._update_in_place(name, state, container, target)
                 return
-            await self._destroy(container, reason="Replaced", message="The manifest changed: replacing the container")
+            if not await self._destroy(container, reason="Replaced", message="The manifest changed: replacing the container"):
+                return
             self.containerizer.remove(container.id)
             state.container = container = None
         if container is not None and container.state == State.DESTROYING:
             return   # its destroy ends with another wake-up of this name
+        if container is not None and container.destroy_failed:
+            if not await self._destroy(container, reason="", message=""):
+                return   # nothing restarts beside processes that may have survived
         if container is not None and container.state == State.TERMINATED:
             if container.config.spec_hash != target.spec_hash:
                 self.containerizer.remove(container.id)
@@ -238,15 +243,31 @@ class Reconciler:
             self.containerizer.remove(previous.id)
         log.info("Launched %s as container %s (pid %s)", name, container.id, container.pid)
 
-    async def _destroy(self, container: Container, reason: str, message: str) -> None:
-        if container.alive or container.state == State.DESTROYING:
+    async def _destroy(self, container: Container, reason: str, message: str) -> bool:
+        """Destroy gracefully; False when some process could not be killed (retried with backoff)."""
+        name = container.config.name
+        state = self.names.setdefault(name, NameState())
+        failures, retry_at = state.destroy_retry
+        if container.destroy_failed and time.time() < retry_at:
+            self.queue.add_after(name, retry_at - time.time())
+            return False
+        if container.alive or container.state == State.DESTROYING or container.destroy_failed:
             await self.containerizer.destroy(container.id, grace=container.config.spec.kill_grace_period,
                                              reason=reason, message=message)
+        if container.destroy_failed:
+            # Something may have survived: keep its checkpoint and its status (which says why).
+            delay = min(RETRY_INITIAL * 2 ** failures, RETRY_MAX)
+            state.destroy_retry = (failures + 1, time.time() + delay)
+            self.queue.add_after(name, delay)
+            return False
+        state.destroy_retry = (0, 0.0)
+        return True
 
     async def _retire(self, name: str, state: NameState, container: Container) -> None:
         """The manifest that declared this name is gone: destroy gracefully, forget, remove the status file."""
         log.info("Destroying %s: no manifest declares it any more", name)
-        await self._destroy(container, reason="Removed", message="No manifest declares this container any more")
+        if not await self._destroy(container, reason="Removed", message="No manifest declares this container any more"):
+            return
         self.containerizer.remove(container.id)
         state.container = None
         self._forget(name)

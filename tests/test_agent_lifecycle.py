@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -153,7 +152,8 @@ def test_launch_running_with_live_pid_sandbox_env_and_logs(env):
     assert "RECONCILER_" not in out
 
 
-def test_status_pid_is_the_init_and_command_runs_under_it(env):
+def test_status_pid_is_the_init_and_command_runs_under_it(linux_env):
+    env = linux_env
     env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
     assert env.once().returncode == 0
     status = env.status("web")
@@ -201,7 +201,8 @@ def test_exit_code_captured_never(env):
     assert env.status("ok")["restarts"] == 0 and env.status("ok")["phase"] == "Succeeded"
 
 
-def test_on_failure_restarts_a_failing_container_but_not_a_succeeding_one(env):
+def test_on_failure_restarts_a_failing_container_but_not_a_succeeding_one(linux_env):
+    env = linux_env
     env.write_manifest("flaky", "exit 1", restart_policy="OnFailure")
     env.write_manifest("done", "exit 0", restart_policy="OnFailure")
     env.start()
@@ -235,13 +236,15 @@ def test_always_restarts_immediately_then_backs_off(env):
     assert later["phase"] == "BackOff" and later["restarts"] == 1, later
 
 
-def test_always_restarts_a_succeeding_container_too(env):
+def test_always_restarts_a_succeeding_container_too(linux_env):
+    env = linux_env
     env.write_manifest("loop", "exit 0", restart_policy="Always")
     env.start()
     env.wait_status("loop", lambda s: s["restarts"] >= 1, timeout=10)
 
 
-def test_killed_by_a_signal_reports_exit_signal(env):
+def test_killed_by_a_signal_reports_exit_signal(linux_env):
+    env = linux_env
     env.write_manifest("sig", "kill -9 $$", restart_policy="Never")
     env.start()
     status = env.wait_status("sig", lambda s: s["phase"] in ("Failed", "Succeeded"))
@@ -260,7 +263,8 @@ def test_container_killed_from_outside_is_restarted(env):
     wait_dead([before["pid"]])
 
 
-def test_exec_command_without_shell(env):
+def test_exec_command_without_shell(linux_env):
+    env = linux_env
     write_doc(env, "direct", {"kill_grace_period": "1secs",
                               "command": {"shell": False, "value": "/bin/sleep", "arguments": ["sleep", "300"]}})
     write_doc(env, "missing", {"restart_policy": "Never",
@@ -295,7 +299,8 @@ def test_documents_of_one_file_are_separate_containers(linux_env):
     assert env.status("two")["pid"] == two["pid"]
 
 
-def test_spec_change_resets_crash_loop_backoff(env):
+def test_spec_change_resets_crash_loop_backoff(linux_env):
+    env = linux_env
     env.write_manifest("crash", "exit 1", restart_policy="Always", kill_grace_period="1secs")
     env.start()
     env.wait_status("crash", lambda s: s["phase"] == "BackOff", timeout=10)
@@ -328,7 +333,8 @@ def test_sigterm_then_sigkill_after_grace_period(env):
     wait_dead(pids, timeout=2)
 
 
-def test_a_command_that_obeys_sigterm_stops_without_waiting_for_the_grace_period(env):
+def test_a_command_that_obeys_sigterm_stops_without_waiting_for_the_grace_period(linux_env):
+    env = linux_env
     env.write_manifest("polite", "exec sleep 300", kill_grace_period="10secs")
     env.start()
     status = env.wait_status("polite", running)

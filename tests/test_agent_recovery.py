@@ -161,7 +161,8 @@ def test_exit_code_of_a_container_that_ended_while_the_agent_was_down(env):
     assert after["container_id"] == before["container_id"] and after["restarts"] == 0
 
 
-def test_on_failure_container_that_failed_while_down_is_restarted(env):
+def test_on_failure_container_that_failed_while_down_is_restarted(linux_env):
+    env = linux_env
     env.write_manifest("job", "sleep 0.5; exit 7", restart_policy="OnFailure")
     agent = env.start()
     before = env.wait_status("job", running)
@@ -172,7 +173,8 @@ def test_on_failure_container_that_failed_while_down_is_restarted(env):
     assert after["container_id"] != before["container_id"]
 
 
-def test_crash_loop_backoff_survives_an_agent_restart(env):
+def test_crash_loop_backoff_survives_an_agent_restart(linux_env):
+    env = linux_env
     env.write_manifest("crash", "exit 1", restart_policy="Always")
     agent = env.start()
     before = env.wait_status("crash", lambda s: s["phase"] == "BackOff", timeout=10)
@@ -202,7 +204,8 @@ def test_manifest_deleted_while_down_is_destroyed_on_start(env):
     same_container(keep, env.status("keep"))
 
 
-def test_missing_directory_at_start_destroys_nothing_until_it_is_back(env):
+def test_missing_directory_at_start_destroys_nothing_until_it_is_back(linux_env):
+    env = linux_env
     env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
     assert env.once().returncode == 0
     web = env.status("web")
@@ -308,7 +311,8 @@ def test_orphan_cgroup_is_killed_and_removed(linux_env):
             intruder.wait()
 
 
-def test_orphan_sandbox_is_removed(env):
+def test_orphan_sandbox_is_removed(linux_env):
+    env = linux_env
     env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
     assert env.once().returncode == 0
     web = env.status("web")
@@ -322,7 +326,8 @@ def test_orphan_sandbox_is_removed(env):
     same_container(web, env.status("web"))
 
 
-def test_checkpoint_without_pid_is_cleaned_up(env):
+def test_checkpoint_without_pid_is_cleaned_up(linux_env):
+    env = linux_env
     """The agent died between writing a config and forking: nothing ran; the leftovers go."""
     env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
     assert env.once().returncode == 0
@@ -341,7 +346,8 @@ def test_checkpoint_without_pid_is_cleaned_up(env):
     same_container(web, env.status("web"))
 
 
-def test_stale_status_file_of_an_unknown_name_is_removed(env):
+def test_stale_status_file_of_an_unknown_name_is_removed(linux_env):
+    env = linux_env
     env.status_dir.mkdir(parents=True)
     (env.status_dir / "ghost.json").write_text(json.dumps({"name": "ghost", "phase": "Running", "pid": 1}))
     env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")

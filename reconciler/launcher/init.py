@@ -2,10 +2,10 @@
 
 It is forked (never exec'd) by the launch helper, so a container costs no new Python interpreter.
 It waits for the agent's go-ahead (sent after every isolator's `isolate`), applies the launch
-info (mounts, hostname, rlimits, user), starts the command, then stays as its parent: PID 1 of
-the container's pid namespace when it has one. It reaps every zombie, forwards termination
-signals to the command, and writes the command's wait status into the container's checkpoint
-(`status`), so an exit code survives restarts of the agent.
+info (mounts, hostname, rlimits), starts the command (as its user, with its capabilities), then
+stays as its parent: PID 1 of the container's pid namespace when it has one. It reaps every
+zombie, forwards termination signals to the command, and writes the command's wait status into
+the container's checkpoint (`status`), so an exit code survives restarts of the agent.
 
 This module imports only the standard library: it runs in the launch helper, which is kept small
 so that each forked init stays well under a megabyte of unique memory.
@@ -31,6 +31,13 @@ STATUS_FILE = "status"
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+# Capabilities, set in the command's process before exec (see _limit_capabilities).
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+SECBIT_NOROOT = 1
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # Not reconciler.linux.syscalls: it imports dataclasses and platform, and a heavier launch helper was
 # measured to cost each init ~200 KiB more unique memory. These two calls are all the init needs.
@@ -138,7 +145,21 @@ def apply_launch_info(spec: dict) -> None:
             os.makedirs(m["target"], mode=m.get("mkdir_mode", 0o755), exist_ok=True)
         _mount(m.get("source"), m["target"], m.get("fstype"), m.get("flags", 0), m.get("data"))
     for rl in spec.get("rlimits", []):
-        resource.setrlimit(rl["resource"], (rl["soft"], rl["hard"]))
+        try:
+            resource.setrlimit(rl["resource"], (rl["soft"], rl["hard"]))
+        except (OSError, ValueError) as exc:
+            raise OSError(f"Failed to set {rl.get('name', rl['resource'])} limit: {_rlimit_reason(rl, exc)}") from None
+
+
+def _rlimit_reason(rl: dict, exc: Exception) -> str:
+    # Python turns EPERM and EINVAL into ValueErrors with its own words; say what the kernel said, and why.
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if "raise maximum" not in str(exc):
+        return os.strerror(22) + f" ({exc})"
+    hard = resource.getrlimit(rl["resource"])[1]
+    hint = ", and RLMT_NOFILE cannot exceed /proc/sys/fs/nr_open" if rl["resource"] == resource.RLIMIT_NOFILE else ""
+    return f"{os.strerror(1)}: raising a hard limit above the agent's own ({hard}) needs CAP_SYS_RESOURCE{hint}"
 
 
 def start_command(spec: dict) -> tuple[int, str | None]:
@@ -149,31 +170,7 @@ def start_command(spec: dict) -> tuple[int, str | None]:
     stderr = os.open(spec["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     pid = os.fork()
     if pid == 0:
-        try:
-            os.dup2(stdin, 0)
-            os.dup2(stdout, 1)
-            os.dup2(stderr, 2)
-            os.closerange(3, err_w)
-            os.closerange(err_w + 1, 65536)
-            os.chdir(spec["cwd"])
-            user = spec.get("user")
-            if user:
-                os.setgroups(user["groups"])
-                os.setgid(user["gid"])
-                os.setuid(user["uid"])
-            signal.pthread_sigmask(signal.SIG_SETMASK, set())
-            executable = spec["executable"]
-            if "/" in executable:
-                os.execve(executable, spec["argv"], spec["env"])
-            else:
-                os.execvpe(executable, spec["argv"], spec["env"])
-        except BaseException as exc:  # noqa: BLE001 - report whatever stopped the exec, then die
-            what = spec["executable"]
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            try:
-                os.write(err_w, f"Failed to execute '{what}': {reason}".encode())
-            finally:
-                os._exit(127)
+        _exec_command(spec, stdin, stdout, stderr, err_w)
     os.close(err_w)
     for fd in (stdin, stdout, stderr):
         os.close(fd)
@@ -185,6 +182,83 @@ def start_command(spec: dict) -> tuple[int, str | None]:
         os.waitpid(pid, 0)
         return pid, b"".join(chunks).decode(errors="replace")
     return pid, None
+
+
+def _exec_command(spec: dict, stdin: int, stdout: int, stderr: int, err_w: int) -> None:
+    """In the command's process: become the command's user with its capabilities, and exec. Never returns.
+
+    A function of its own so the init, which only forks, never runs (and so never copies) this code.
+    """
+    failing = ""
+    try:
+        os.dup2(stdin, 0)
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+        os.closerange(3, err_w)
+        os.closerange(err_w + 1, 65536)
+        os.chdir(spec["cwd"])
+        user = spec.get("user")
+        uid = user["uid"] if user else os.getuid()
+        caps = spec.get("capabilities")
+        if caps:
+            failing = "Failed to set capabilities"
+            _limit_capabilities(caps, uid)
+        if user:
+            failing = f"Failed to switch to user '{user.get('name', uid)}'"
+            os.fchown(1, uid, user["gid"])   # the sandbox's stdout and stderr are the user's, as the sandbox
+            os.fchown(2, uid, user["gid"])
+            os.setgroups(user["groups"])
+            os.setgid(user["gid"])
+            os.setuid(uid)
+        if caps and caps["effective"] is not None:
+            failing = "Failed to set capabilities"
+            _grant_capabilities(caps["effective"])
+        failing = ""
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        executable = spec["executable"]
+        if "/" in executable:
+            os.execve(executable, spec["argv"], spec["env"])
+        else:
+            os.execvpe(executable, spec["argv"], spec["env"])
+    except BaseException as exc:  # noqa: BLE001 - report whatever stopped the exec, then die
+        failing = failing or f"Failed to execute '{spec['executable']}'"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        try:
+            os.write(err_w, f"{failing}: {reason}".encode())
+        finally:
+            os._exit(127)
+    os._exit(127)   # not reached: exec either replaced this process or raised
+
+
+def _limit_capabilities(caps: dict, uid: int) -> None:
+    """In the command's process, before it changes user: shrink the bounding set, keep what is granted.
+
+    Only the command's process runs this (it is exec'd right after), so the init stays small.
+    """
+    keep = set(caps["bounding"])
+    for cap in range(caps["last_cap"] + 1):
+        if cap not in keep:
+            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
+    if caps["effective"] is None:
+        return   # Mesos: the user's default capabilities (root keeps its bounding set, others none)
+    if uid == 0:
+        # Without this, exec gives root every capability of its bounding set whatever was granted.
+        _check(_libc.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT, 0, 0, 0), "prctl(PR_SET_SECUREBITS)")
+    else:
+        _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+
+
+def _grant_capabilities(effective: list[int]) -> None:
+    """After setuid: exactly `effective` as effective, permitted, inheritable and ambient (kept across exec)."""
+    mask = 0
+    for cap in effective:
+        mask |= 1 << cap
+    low, high = mask & 0xFFFFFFFF, mask >> 32
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(low, low, low, high, high, high)   # two {effective, permitted, inheritable}
+    _check(_libc.capset(header, data), "capset")
+    for cap in effective:
+        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), f"prctl(PR_CAP_AMBIENT_RAISE, {cap})")
 
 
 def supervise(command_pid: int) -> int:

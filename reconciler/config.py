@@ -180,9 +180,17 @@ class AgentConfig(BaseModel):
     @classmethod
     def _capabilities(cls, value: Any) -> Any:
         from reconciler.models import CAPABILITY_NUMBERS
-        if value is None or value == "":
+        if value is None:
             return None
-        names = [v.strip().upper() for v in value.split(",")] if isinstance(value, str) else list(value)
+        if isinstance(value, str) and value.strip().startswith("{"):
+            # Mesos's own form: {"capabilities": ["NET_ADMIN", ...]}
+            try:
+                value = json.loads(value).get("capabilities", [])
+            except (json.JSONDecodeError, AttributeError):
+                raise ValueError(f"{value!r} is not a comma list nor Mesos's JSON {{\"capabilities\": [...]}}") from None
+        if isinstance(value, str):   # an empty value is the empty set: drop every capability
+            value = [v for v in value.split(",") if v.strip()]
+        names = [str(v).strip().upper() for v in value]
         for name in names:
             if name not in CAPABILITY_NUMBERS:
                 hint = f" (use {name[4:]})" if name.startswith("CAP_") and name[4:] in CAPABILITY_NUMBERS else ""

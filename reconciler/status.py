@@ -18,6 +18,16 @@ from reconciler.fsutil import atomic_write
 AGENT_FILE = "_agent.json"
 
 
+def render(doc: dict[str, Any]) -> bytes:
+    """One top-level key per line, each value in compact JSON.
+
+    Readable with `cat`, and several times cheaper than json.dumps(indent=...), which falls back to
+    the pure-Python encoder: a statistics pass rewrites every running container's file.
+    """
+    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in doc.items()]
+    return ("{\n" + ",\n".join(lines) + "\n}\n").encode()
+
+
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
@@ -42,7 +52,7 @@ class StatusWriter:
             return False
         full = dict(doc)
         full["updated_at"] = iso(now)
-        atomic_write(self.path(name), (json.dumps(full, indent=2) + "\n").encode(), durable=False)
+        atomic_write(self.path(name), render(full), durable=False)
         self._last[name] = doc
         return True
 
@@ -73,8 +83,7 @@ class StatusWriter:
     def write_agent(self, doc: dict[str, Any], now: float) -> None:
         full = dict(doc)
         full["updated_at"] = iso(now)
-        atomic_write(os.path.join(self.directory, AGENT_FILE), (json.dumps(full, indent=2) + "\n").encode(),
-                     durable=False)
+        atomic_write(os.path.join(self.directory, AGENT_FILE), render(full), durable=False)
 
     def read_agent(self) -> dict[str, Any] | None:
         try:

@@ -87,3 +87,12 @@ def test_a_default_container_info_that_is_not_a_container_info_is_one_line(tmp_p
     assert result.stderr.splitlines() == [
         "reconciler: flag --default_container_info: volumes[0].container_path: container_path 'rel' must be "
         "an absolute path; bogus: unknown field; expected one of: type, hostname, mesos, volumes, linux_info, rlimit_info"]
+
+
+def test_capability_flags_take_a_list_mesos_json_or_nothing() -> None:
+    assert load(["--effective_capabilities=NET_BIND_SERVICE,chown"]).effective_capabilities == ["NET_BIND_SERVICE", "CHOWN"]
+    assert load(['--bounding_capabilities={"capabilities": ["NET_ADMIN"]}']).bounding_capabilities == ["NET_ADMIN"]
+    assert load(["--effective_capabilities="]).effective_capabilities == []      # drop them all
+    assert load([]).effective_capabilities is None                              # not managed
+    with pytest.raises(ConfigError, match=r"unknown capability 'CAP_CHOWN' \(use CHOWN\)"):
+        load(["--bounding_capabilities=CAP_CHOWN"])

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import pytest
 
 from reconciler.linux import cgroups, proc
@@ -191,3 +194,50 @@ def agent_env(tmp_path: Path) -> Any:
         yield env
     finally:
         env.cleanup()
+
+
+@pytest.fixture
+def outside_tmp_env(agent_env: AgentEnv) -> Any:
+    """agent_env with its work dir under /var/tmp, mode 0755: /tmp can then be a volume (the mount
+    would hide a sandbox under /tmp), and a non-root command user can reach its sandbox (pytest's
+    tmp_path is root's 0700). Fails if a mount is left under it, and never removes through one."""
+    outside = Path(tempfile.mkdtemp(prefix="reconciler-test-", dir="/var/tmp"))
+    outside.chmod(0o755)
+    agent_env.work_dir = outside / "work"
+    try:
+        yield agent_env
+    finally:
+        for agent in agent_env.agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+        kill_checkpointed_containers(agent_env.work_dir)
+        left = str(outside) in Path("/proc/self/mountinfo").read_text()
+        if not left:
+            shutil.rmtree(outside, ignore_errors=True)
+        assert not left, f"mounts left under {outside}"
+
+
+# helpers for the tests -------------------------------------------------------------------------
+
+def running(status: dict[str, Any]) -> bool:
+    return status["phase"] == "Running" and status["pid"] is not None
+
+
+def alive(pid: int) -> bool:
+    """Running code: a zombie (exited, not yet reaped) is not alive."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_dead(pids: list[int], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in pids if alive(p)]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes still alive after {timeout}s: {left}")
+        time.sleep(0.02)

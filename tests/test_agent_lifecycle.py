@@ -22,6 +22,8 @@ import pytest
 
 from reconciler.linux import cgroups
 
+from tests.conftest import alive, running, wait_dead
+
 pytestmark = pytest.mark.root
 
 CONFIGS = {
@@ -52,24 +54,6 @@ def write_doc(env, name: str, spec: dict[str, Any], filename: str | None = None)
     tmp.write_text(json.dumps(doc))
     os.rename(tmp, path)
     return path
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_dead(pids, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [p for p in pids if alive(p)]
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"processes still alive after {timeout}s: {left}")
-        time.sleep(0.02)
 
 
 def command_pids(init_pid: int, timeout: float = 5.0, at_least: int = 1) -> list[int]:
@@ -112,10 +96,6 @@ def cgroup_dir(env, container_id: str) -> Path:
 
 def parse_iso(text: str) -> float:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
-
-
-def running(s: dict) -> bool:
-    return s["phase"] == "Running" and s["pid"] is not None
 
 
 # launch, sandbox, environment, fds ------------------------------------------------------------------

@@ -18,6 +18,8 @@ import pytest
 
 from reconciler.linux import cgroups
 
+from tests.conftest import alive, running, wait_dead
+
 pytestmark = pytest.mark.root
 
 CONFIGS = {
@@ -36,28 +38,6 @@ def env(request, agent_env):
 def linux_env(agent_env):
     agent_env.launcher, agent_env.isolation = CONFIGS["linux"]
     return agent_env
-
-
-def running(s: dict) -> bool:
-    return s["phase"] == "Running" and s["pid"] is not None
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_dead(pids, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [p for p in pids if alive(p)]
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"processes still alive after {timeout}s: {left}")
-        time.sleep(0.02)
 
 
 def descendants(pid: int, at_least: int = 1, timeout: float = 5.0) -> list[int]:

@@ -14,6 +14,8 @@ import time
 import psutil
 import pytest
 
+from tests.conftest import alive, running
+
 pytestmark = pytest.mark.root
 
 QUICK = 1.0  # seconds: "converges within a fraction of a second" (the resync is 2 s)
@@ -28,17 +30,6 @@ def env(agent_env):
 def manifest_text(name: str, command: str = "exec sleep 300") -> str:
     return json.dumps({"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": name},
                        "spec": {"kill_grace_period": "1secs", "command": {"value": command}}})
-
-
-def running(s: dict) -> bool:
-    return s["phase"] == "Running" and s["pid"] is not None
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def started_daemon(env):

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -23,7 +21,7 @@ from reconciler.config import AgentConfig
 from reconciler.isolators.base import ContainerConfig, IsolatorSetupError, PermanentError
 from reconciler.isolators.capabilities import LinuxCapabilitiesIsolator, mesos_set
 from reconciler.models import CAPABILITY_NUMBERS, ContainerSpec
-from tests.conftest import IS_ROOT, kill_checkpointed_containers
+from tests.conftest import IS_ROOT
 from tests.test_isolator_filesystem_shared import wait_for_text
 
 ISOLATION = "linux/capabilities,namespaces/pid,cgroups/cpu,cgroups/mem"
@@ -64,21 +62,9 @@ def command_pid(init_pid: int, comm: str, timeout: float = 10) -> int:
 
 
 @pytest.fixture
-def env(agent_env: Any) -> Iterator[Any]:
-    """agent_env with its work dir where any user can reach a sandbox (pytest's tmp_path is 0700 root's)."""
-    outside = Path(tempfile.mkdtemp(prefix="reconciler-test-", dir="/var/tmp"))
-    outside.chmod(0o755)
-    agent_env.work_dir = outside / "work"
-    agent_env.isolation = ISOLATION
-    try:
-        yield agent_env
-    finally:
-        for agent in agent_env.agents:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
-        kill_checkpointed_containers(agent_env.work_dir)
-        shutil.rmtree(outside, ignore_errors=True)
+def env(outside_tmp_env: Any) -> Any:
+    outside_tmp_env.isolation = ISOLATION
+    return outside_tmp_env
 
 
 def write_manifest(env: Any, name: str, value: str, user: str | None = None, **spec: Any) -> None:

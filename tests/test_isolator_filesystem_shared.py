@@ -8,18 +8,15 @@ Real kernel, as root, through the agent (`reconciler once`). The sandbox must no
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.conftest import kill_checkpointed_containers
 from reconciler.config import AgentConfig
 from reconciler.isolators.base import ContainerConfig, PermanentError
 from reconciler.isolators.filesystem_shared import SharedFilesystemIsolator, remount_read_only_flags, submounts
@@ -33,22 +30,9 @@ ISOLATION = "filesystem/shared,cgroups/cpu,cgroups/mem,posix/cpu"
 # --- helpers -------------------------------------------------------------------------------------
 
 @pytest.fixture
-def env(agent_env: Any) -> Iterator[Any]:
-    """agent_env with its work dir outside /tmp, so that /tmp can be a volume."""
-    outside = Path(tempfile.mkdtemp(prefix="reconciler-test-", dir="/var/tmp"))
-    agent_env.work_dir = outside / "work"
-    agent_env.isolation = ISOLATION
-    try:
-        yield agent_env
-    finally:
-        for agent in agent_env.agents:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
-        kill_checkpointed_containers(agent_env.work_dir)
-        # Never rmtree through a mount (it could be a bind of a host directory).
-        assert str(outside) not in host_mountinfo(), f"mounts left under {outside}"
-        shutil.rmtree(outside, ignore_errors=True)
+def env(outside_tmp_env: Any) -> Any:
+    outside_tmp_env.isolation = ISOLATION
+    return outside_tmp_env
 
 
 def host_mountinfo() -> str:

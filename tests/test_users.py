@@ -11,7 +11,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +19,6 @@ import pytest
 
 from reconciler import users
 from reconciler.isolators.base import PermanentError
-from tests.conftest import kill_checkpointed_containers
 from tests.test_isolator_capabilities import launch, proc_caps, run_to_end, write_manifest
 from tests.test_isolator_filesystem_shared import wait_for_text
 
@@ -29,20 +27,9 @@ ID = "id -u; id -g; id -G; echo done"
 
 
 @pytest.fixture
-def env(agent_env: Any) -> Iterator[Any]:
-    outside = Path(tempfile.mkdtemp(prefix="reconciler-test-", dir="/var/tmp"))
-    outside.chmod(0o755)
-    agent_env.work_dir = outside / "work"
-    agent_env.isolation = ISOLATION
-    try:
-        yield agent_env
-    finally:
-        for agent in agent_env.agents:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
-        kill_checkpointed_containers(agent_env.work_dir)
-        shutil.rmtree(outside, ignore_errors=True)
+def env(outside_tmp_env: Any) -> Any:
+    outside_tmp_env.isolation = ISOLATION
+    return outside_tmp_env
 
 
 @pytest.fixture

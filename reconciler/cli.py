@@ -130,7 +130,7 @@ def format_table(docs: list[dict[str, Any]], now: float) -> str:
         disk_text = "-"
         if disk:
             used, limit = disk.get("used_bytes"), disk.get("limit_bytes")
-            disk_text = f"{_bytes(used)}/{_bytes(limit)}"
+            disk_text = f"{_bytes(used)}/{_bytes(limit) if limit is not None else '-'}"
         rows.append([
             doc.get("name", "?"), doc.get("phase", "?"), str(doc.get("pid") or "-"), str(doc.get("restarts", 0)),
             net_cls, disk_text, _age(doc.get("started_at"), now), (doc.get("message") or "")[:80],

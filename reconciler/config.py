@@ -74,7 +74,7 @@ class AgentConfig(BaseModel):
     effective_capabilities: list[str] | None = None
     bounding_capabilities: list[str] | None = None
     xfs_kill_containers: bool = False
-    xfs_quota_headroom: float = 0.0
+    xfs_quota_headroom: float = 10.0     # MB, Mesos's default: room to pass the soft limit and be seen
 
     @field_validator("isolation", "image_providers", mode="before")
     @classmethod
@@ -219,7 +219,8 @@ class AgentConfig(BaseModel):
     @model_validator(mode="after")
     def _derived(self) -> "AgentConfig":
         if self.launcher == "posix":
-            linux_only = [i for i in self.isolation if not i.startswith("posix/")]
+            # disk/du (Mesos "posix/disk") only walks sandboxes: it works with any launcher, as in Mesos.
+            linux_only = [i for i in self.isolation if not i.startswith("posix/") and i != "disk/du"]
             if linux_only:
                 raise ValueError(
                     f"isolator '{linux_only[0]}' needs --launcher=linux (the posix launcher supports "

@@ -109,9 +109,25 @@ class Containerizer:
         self.isolators = isolators
         self.checkpoints = checkpoints
         self.on_change = on_change
+        # A running container's isolator facts changed (no phase change): rewrite its status only.
+        self.on_status: Callable[[Container], None] = lambda c: None
         self.containers: dict[str, Container] = {}
         self.boot_id = proc.boot_id()
         self.destroy_errors = 0
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        for isolator in isolators:
+            isolator.status_changed = self._isolator_status_changed
+
+    def _isolator_status_changed(self, container_id: str) -> None:
+        """From any thread (isolators measure in their own): hop to the loop, then publish."""
+        loop = self._event_loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._publish_status, container_id)
+
+    def _publish_status(self, container_id: str) -> None:
+        container = self.containers.get(container_id)
+        if container is not None and container.state == State.RUNNING:
+            self.on_status(container)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -120,6 +136,7 @@ class Containerizer:
     # recover ----------------------------------------------------------------------------------
     async def recover(self) -> list[Container]:
         """Adopt live containers, learn how the others ended, destroy orphans. Returns the known containers."""
+        self._event_loop = asyncio.get_running_loop()
         self.checkpoints.ensure_dirs()
         recovered: list[Container] = []
         to_destroy: list[Container] = []

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.containerizer import Container, Containerizer, State
-from reconciler.isolators.base import ContainerConfig, PermanentError
+from reconciler.isolators.base import ContainerConfig, PermanentError, ResourceExhaustedError
 from reconciler.models import ContainerSpec
 from reconciler.source import Listing
 from reconciler.status import StatusWriter, iso
@@ -57,6 +57,8 @@ class LaunchFailure:
     permanent: bool
     step: int = 0
     retry_at: float = 0.0
+    reason: str = "LaunchFailed"
+    waits_for_release: bool = False    # retried when a destroy gives a node resource back, not on a timer
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Reconciler:
         self.names: dict[str, NameState] = {}
         self.queue = WorkQueue(self.reconcile)
         containerizer.on_change = self._container_changed
+        containerizer.on_status = self._container_status_changed
 
     # inputs -----------------------------------------------------------------------------------
     def adopt(self, containers: list[Container]) -> list[Container]:
@@ -108,6 +111,16 @@ class Reconciler:
         if state is not None and state.container is container:
             self.publish(name)
             self.queue.add(name)
+        if container.state == State.TERMINATED:
+            # Its isolators' cleanup gave back what it held (a net_cls handle, an XFS project id).
+            for other, other_state in self.names.items():
+                if other_state.failure is not None and other_state.failure.waits_for_release:
+                    self.queue.add(other)
+
+    def _container_status_changed(self, container: Container) -> None:
+        state = self.names.get(container.config.name)
+        if state is not None and state.container is container:
+            self.publish(container.config.name)
 
     # the reconcile of one name ------------------------------------------------------------------
     async def reconcile(self, name: str) -> None:
@@ -224,6 +237,11 @@ class Reconciler:
         )
         try:
             container = self.containerizer.launch(config, self.environment)
+        except ResourceExhaustedError as exc:
+            state.failure = LaunchFailure(target.spec_hash, str(exc), permanent=False, reason=exc.reason,
+                                          waits_for_release=True)
+            log.warning("Failed to launch %s: %s (retrying when a container's destroy frees one)", name, exc)
+            return
         except PermanentError as exc:
             state.failure = LaunchFailure(target.spec_hash, str(exc), permanent=True)
             log.error("Failed to launch %s: %s", name, exc)
@@ -329,11 +347,14 @@ class Reconciler:
             doc["phase"], doc["message"] = "Invalid", invalid.message
             doc["manifest"] = invalid.manifest
         if state.failure is not None and (container is None or not container.alive):
-            doc["phase"] = "Failed" if state.failure.permanent else "Pending"
-            doc["reason"] = "LaunchFailed"
-            doc["message"] = state.failure.message
-            if not state.failure.permanent:
-                doc["message"] += f" (retrying at {iso(state.failure.retry_at)})"
+            failure = state.failure
+            doc["phase"] = "Failed" if failure.permanent or failure.waits_for_release else "Pending"
+            doc["reason"] = failure.reason
+            doc["message"] = failure.message
+            if failure.waits_for_release:
+                doc["message"] += " (retried as soon as a container's destroy frees one)"
+            elif not failure.permanent:
+                doc["message"] += f" (retrying at {iso(failure.retry_at)})"
         if state.update_refused and container is not None and container.alive:
             doc["message"] = state.update_refused[1]
         doc["conditions"] = self._conditions(state, doc, invalid)

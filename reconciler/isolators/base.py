@@ -26,6 +26,13 @@ class PermanentError(Exception):
     """A launch that cannot succeed until the manifest changes (bad user, unsatisfiable request)."""
 
 
+class ResourceExhaustedError(Exception):
+    """A node-local resource the launch needs is used up (net_cls handles, XFS project ids). The container
+    is Failed with `reason`; its launch is tried again as soon as a container's destroy gives one back."""
+
+    reason = "ResourceExhausted"
+
+
 class IsolatorSetupError(Exception):
     """The agent cannot start with this isolator on this host (missing kernel support, bad flag).
 
@@ -99,6 +106,10 @@ class Limitation:
 LimitationCallback = Callable[[Limitation], None]
 
 
+def _nobody_listens(container_id: str) -> None:
+    return None
+
+
 class Isolator:
     """Every hook defaults to doing nothing, as in Mesos."""
 
@@ -106,6 +117,9 @@ class Isolator:
 
     def __init__(self, config: "AgentConfig") -> None:
         self.config = config
+        # Set by the containerizer; callable from any thread: what `status()` says of the container
+        # changed (a disk measurement), so its status file should be written again.
+        self.status_changed: Callable[[str], None] = _nobody_listens
 
     def recover(self, states: list[ContainerState], orphans: set[str]) -> None:
         """Rebuild in-memory state for live containers; clean up what only orphans hold."""

@@ -157,7 +157,7 @@ class _CgroupsIsolator(Isolator):
                     continue
                 log.info("Removing unknown orphan cgroup %s", hierarchy.path(self.cgroup(child)))
                 try:
-                    _kill_and_remove(hierarchy, self.cgroup(child))
+                    kill_and_remove(hierarchy, self.cgroup(child))
                 except Exception as exc:  # noqa: BLE001 - one stuck orphan must not stop recovery
                     log.error("Failed to clean up unknown orphan cgroup %s: %s",
                               hierarchy.path(self.cgroup(child)), exc)
@@ -169,7 +169,8 @@ class _CgroupsIsolator(Isolator):
             return None
 
 
-def _kill_and_remove(hierarchy: Hierarchy, cgroup: str) -> None:
+def kill_and_remove(hierarchy: Hierarchy, cgroup: str) -> None:
+    """Kill what a cgroup holds (freezer / cgroup.kill, else pidfd-checked SIGKILLs) and remove it."""
     if hierarchy.version == 2 or "freezer" in hierarchy.controllers:
         hierarchy.kill(cgroup)
     else:

@@ -27,28 +27,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import remove_cgroup_root, percentile, runc_bundle, tempdir  # noqa: E402
+from bench.common import phase, remove_cgroup_root, wait_for, write_manifest, percentile, runc_bundle, tempdir  # noqa: E402
 
-MANIFEST = {"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": ""},
-            "spec": {"kill_grace_period": "1secs", "resources": {"cpus": 0.01, "mem": 32},
-                     "command": {"shell": False, "value": "/bin/sleep", "arguments": ["sleep", "3600"]}}}
-
-
-def write_manifest(directory: Path, name: str) -> float:
-    doc = json.loads(json.dumps(MANIFEST))
-    doc["metadata"]["name"] = name
-    tmp = directory / f".{name}.tmp"
-    tmp.write_text(json.dumps(doc))
-    started = time.perf_counter()
-    os.rename(tmp, directory / f"{name}.yaml")
-    return started
-
-
-def phase(status_dir: Path, name: str) -> str | None:
-    try:
-        return json.loads((status_dir / f"{name}.json").read_text()).get("phase")
-    except (FileNotFoundError, ValueError):
-        return None
+SPEC = {"kill_grace_period": "1secs", "resources": {"cpus": 0.01, "mem": 32},
+        "command": {"shell": False, "value": "/bin/sleep", "arguments": ["sleep", "3600"]}}
 
 
 def cpu_ns(pid: int) -> int:
@@ -76,15 +58,6 @@ def runc_detached(bundle: Path, runs: int) -> list[float]:
     return samples
 
 
-def wait_for(predicate, timeout: float, poll: float = 0.0005) -> bool:  # noqa: ANN001
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return False
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency-runs", type=int, default=100)
@@ -109,7 +82,7 @@ def main() -> None:
         latencies = []
         for i in range(args.latency_runs):
             name = f"lat-{i}"
-            started = write_manifest(manifests, name)
+            started = write_manifest(manifests, name, SPEC)
             assert wait_for(lambda: phase(status_dir, name) == "Running", 10), f"{name} never ran"
             latencies.append(time.perf_counter() - started)
         runc_lat = runc_detached(bundle, 20)
@@ -126,7 +99,7 @@ def main() -> None:
         names = [f"c-{i:04d}" for i in range(args.containers)]
         started = time.perf_counter()
         for name in names:
-            write_manifest(manifests, name)
+            write_manifest(manifests, name, SPEC)
         running = lambda: all(phase(status_dir, n) == "Running" for n in names)  # noqa: E731
         assert wait_for(running, 120, 0.05), "not all containers reached Running"
         burst = time.perf_counter() - started

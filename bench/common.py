@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 
@@ -112,3 +113,29 @@ def remove_cgroup_root(root: str) -> None:
     for hierarchy in mounts.v1_hierarchies + ([mounts.v2] if mounts.v2 else []):
         if hierarchy.exists(root):
             hierarchy.remove(root)
+
+
+def write_manifest(directory: Path, name: str, spec: dict) -> float:
+    """Write a manifest atomically (temp file + rename); returns when the rename happened (perf_counter)."""
+    doc = {"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": name}, "spec": spec}
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(json.dumps(doc))
+    started = time.perf_counter()
+    os.rename(tmp, directory / f"{name}.yaml")
+    return started
+
+
+def phase(status_dir: Path, name: str) -> str | None:
+    try:
+        return json.loads((status_dir / f"{name}.json").read_text()).get("phase")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, poll: float = 0.0005) -> bool:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False

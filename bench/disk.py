@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import percentile, remove_cgroup_root, require, tempdir  # noqa: E402
+from bench.common import percentile, phase, remove_cgroup_root, require, tempdir, wait_for, write_manifest  # noqa: E402
 from reconciler.isolators.disk_du import Inotify, TreeUsage, measure  # noqa: E402
 
 BASE_ISOLATION = "namespaces/pid,namespaces/ipc,posix/cpu,posix/mem"
@@ -132,33 +132,7 @@ def bench_measurement(files: int, rounds: int) -> None:
 
 # Each container writes 40 small files into its sandbox, so that measuring it is real work.
 COMMAND = "i=0; while [ $i -lt 40 ]; do echo $i > f$i; i=$((i+1)); done; exec sleep 3600"
-
-
-def write_manifest(directory: Path, name: str) -> float:
-    doc = {"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": name},
-           "spec": {"kill_grace_period": "1secs", "resources": {"cpus": 0.01, "mem": 32, "disk": 64},
-                    "command": {"value": COMMAND}}}
-    tmp = directory / f".{name}.tmp"
-    tmp.write_text(json.dumps(doc))
-    started = time.perf_counter()
-    os.rename(tmp, directory / f"{name}.yaml")
-    return started
-
-
-def phase(status_dir: Path, name: str) -> str | None:
-    try:
-        return json.loads((status_dir / f"{name}.json").read_text()).get("phase")
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def wait_for(predicate, timeout: float, poll: float = 0.0005) -> bool:  # noqa: ANN001
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return False
+SPEC = {"kill_grace_period": "1secs", "resources": {"cpus": 0.01, "mem": 32, "disk": 64}, "command": {"value": COMMAND}}
 
 
 def latency_run(isolation: str, containers: int, runs: int, extra: list[str]) -> tuple[list[float], int]:
@@ -177,14 +151,14 @@ def latency_run(isolation: str, containers: int, runs: int, extra: list[str]) ->
         assert wait_for(lambda: (status_dir / "_agent.json").exists(), 30), "the agent did not start"
         names = [f"bg-{i:04d}" for i in range(containers)]
         for name in names:
-            write_manifest(manifests, name)
+            write_manifest(manifests, name, SPEC)
         assert wait_for(lambda: all(phase(status_dir, n) == "Running" for n in names), 300, 0.05), \
             "not all background containers reached Running"
         time.sleep(3)      # every sandbox is now measured once a second (with disk/du)
         latencies = []
         for i in range(runs):
             name = f"lat-{i:03d}"
-            started = write_manifest(manifests, name)
+            started = write_manifest(manifests, name, SPEC)
             assert wait_for(lambda: phase(status_dir, name) == "Running", 30), f"{name} never ran"
             latencies.append(time.perf_counter() - started)
             time.sleep(0.05)

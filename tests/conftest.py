@@ -196,6 +196,26 @@ def agent_env(tmp_path: Path) -> Any:
         env.cleanup()
 
 
+# The two settings the agent's own tests run under: the linux launcher with namespaces, and posix.
+CONFIGS = {
+    "linux": ("linux", "namespaces/pid,namespaces/ipc,posix/cpu,posix/mem"),
+    "posix": ("posix", "posix/cpu,posix/mem"),
+}
+
+
+@pytest.fixture(params=list(CONFIGS))
+def env(request: pytest.FixtureRequest, agent_env: AgentEnv) -> AgentEnv:
+    """agent_env under each launcher in turn (a test file may override `env` with one setting)."""
+    agent_env.launcher, agent_env.isolation = CONFIGS[request.param]
+    return agent_env
+
+
+@pytest.fixture
+def linux_env(agent_env: AgentEnv) -> AgentEnv:
+    agent_env.launcher, agent_env.isolation = CONFIGS["linux"]
+    return agent_env
+
+
 @pytest.fixture
 def outside_tmp_env(agent_env: AgentEnv) -> Any:
     """agent_env with its work dir under /var/tmp, mode 0755: /tmp can then be a volume (the mount

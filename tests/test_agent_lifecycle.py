@@ -22,27 +22,9 @@ import pytest
 
 from reconciler.linux import cgroups
 
-from tests.conftest import alive, running, wait_dead
+from tests.conftest import CONFIGS, alive, running, wait_dead
 
 pytestmark = pytest.mark.root
-
-CONFIGS = {
-    "linux": ("linux", "namespaces/pid,namespaces/ipc,posix/cpu,posix/mem"),
-    "posix": ("posix", "posix/cpu,posix/mem"),
-}
-
-
-@pytest.fixture(params=list(CONFIGS))
-def env(request, agent_env):
-    agent_env.launcher, agent_env.isolation = CONFIGS[request.param]
-    return agent_env
-
-
-@pytest.fixture
-def linux_env(agent_env):
-    agent_env.launcher, agent_env.isolation = CONFIGS["linux"]
-    return agent_env
-
 
 # helpers ------------------------------------------------------------------------------------------
 

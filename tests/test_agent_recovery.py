@@ -22,24 +22,6 @@ from tests.conftest import alive, running, wait_dead
 
 pytestmark = pytest.mark.root
 
-CONFIGS = {
-    "linux": ("linux", "namespaces/pid,namespaces/ipc,posix/cpu,posix/mem"),
-    "posix": ("posix", "posix/cpu,posix/mem"),
-}
-
-
-@pytest.fixture(params=list(CONFIGS))
-def env(request, agent_env):
-    agent_env.launcher, agent_env.isolation = CONFIGS[request.param]
-    return agent_env
-
-
-@pytest.fixture
-def linux_env(agent_env):
-    agent_env.launcher, agent_env.isolation = CONFIGS["linux"]
-    return agent_env
-
-
 def descendants(pid: int, at_least: int = 1, timeout: float = 5.0) -> list[int]:
     """The processes below a container's init (waiting until the command has started `at_least`)."""
     deadline = time.monotonic() + timeout

@@ -102,6 +102,16 @@ class Container:
         return self.state in (State.PREPARING, State.ISOLATING, State.RUNNING)
 
 
+def resource_limits(resources: Resources) -> dict[str, Any]:
+    """The limits a container's statistics carry (Mesos's _usage adds them): cpus_limit, mem_limit_bytes."""
+    limits: dict[str, Any] = {}
+    if resources.cpus is not None:
+        limits["cpus_limit"] = resources.cpus
+    if resources.mem is not None:
+        limits["mem_limit_bytes"] = megabytes_to_bytes(resources.mem)
+    return limits
+
+
 class Containerizer:
     def __init__(self, launcher: Launcher, isolators: list[Isolator], checkpoints: Checkpoints,
                  on_change: Callable[[Container], None] = lambda c: None) -> None:
@@ -484,12 +494,8 @@ class Containerizer:
                 statistics.update(isolator.usage(container_id))
             except Exception as exc:  # noqa: BLE001 - Mesos skips a failed isolator's usage with a warning
                 log.debug("usage of %s from %s failed: %s", container_id, isolator.name, exc)
-        resources = container.config.spec.resources
         statistics["timestamp"] = time.time()
-        if resources.cpus is not None:
-            statistics["cpus_limit"] = resources.cpus
-        if resources.mem is not None:
-            statistics["mem_limit_bytes"] = megabytes_to_bytes(resources.mem)
+        statistics.update(resource_limits(container.config.spec.resources))
         return statistics
 
     def status(self, container_id: str) -> dict[str, Any]:

@@ -17,12 +17,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.containerizer import Container, Containerizer, State
+from reconciler.containerizer import Container, Containerizer, State, resource_limits
 from reconciler.isolators.base import ContainerConfig, PermanentError, ResourceExhaustedError
 from reconciler.models import ContainerSpec
 from reconciler.source import Listing
 from reconciler.status import StatusWriter, iso
-from reconciler.units import megabytes_to_bytes
 from reconciler.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -342,7 +341,7 @@ class Reconciler:
             if state.statistics and container.alive:
                 doc["statistics"] = state.statistics
             elif container.alive:
-                doc["statistics"] = self._limits(config.spec)
+                doc["statistics"] = resource_limits(config.spec.resources)
         elif invalid is not None:
             doc["phase"], doc["message"] = "Invalid", invalid.message
             doc["manifest"] = invalid.manifest
@@ -411,15 +410,6 @@ class Reconciler:
             state.conditions[kind] = condition
             out.append(condition)
         return out
-
-    @staticmethod
-    def _limits(spec: ContainerSpec) -> dict[str, Any]:
-        stats: dict[str, Any] = {}
-        if spec.resources.cpus is not None:
-            stats["cpus_limit"] = spec.resources.cpus
-        if spec.resources.mem is not None:
-            stats["mem_limit_bytes"] = megabytes_to_bytes(spec.resources.mem)
-        return stats
 
     def refresh_statistics(self) -> None:
         """One usage pass over every running container (the figures in each status file)."""

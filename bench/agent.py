@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import phase, remove_cgroup_root, wait_for, write_manifest, percentile, runc_bundle, tempdir  # noqa: E402
+from bench.common import phase, stop_agent_and_destroy_all, wait_for, write_manifest, percentile, runc_bundle, tempdir  # noqa: E402
 
 SPEC = {"kill_grace_period": "1secs", "resources": {"cpus": 0.01, "mem": 32},
         "command": {"shell": False, "value": "/bin/sleep", "arguments": ["sleep", "3600"]}}
@@ -134,17 +133,8 @@ def main() -> None:
         print(f"per-container init USS: median {uss / 1024:.0f} KiB, max {max(inits) / 1024:.0f} KiB"
               f"  [target <= 1 MB: {'met' if uss <= 2**20 else 'NOT met'}]")
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        for name in os.listdir(manifests):
-            os.unlink(manifests / name)
-        # a final pass destroys everything (an empty, existing directory is authoritative)
-        subprocess.run([sys.executable, "-m", "reconciler", "once", f"--manifests={manifests}", f"--work_dir={work_dir}",
-                        f"--isolation={args.isolation}", f"--cgroups_root={root}", "--log_level=warning"], timeout=600)
-        remove_cgroup_root(root)
+        stop_agent_and_destroy_all(agent, manifests, [f"--manifests={manifests}", f"--work_dir={work_dir}",
+                                   f"--isolation={args.isolation}", f"--cgroups_root={root}", "--log_level=warning"], root)
         shutil.rmtree(work, ignore_errors=True)
 
 

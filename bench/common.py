@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -139,3 +140,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float, poll: float = 0.0005
             return True
         time.sleep(poll)
     return False
+
+
+def stop_agent_and_destroy_all(agent: subprocess.Popen, manifests: Path, once_flags: list[str], root: str,
+                               timeout: float = 600) -> None:
+    """SIGTERM a benchmark's agent, then destroy every container it ran with a final `once` over its
+    emptied manifest directory (an existing empty directory is authoritative), then its cgroup root."""
+    import sys
+
+    agent.send_signal(signal.SIGTERM)
+    try:
+        agent.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+    for name in os.listdir(manifests):
+        os.unlink(manifests / name)
+    subprocess.run([sys.executable, "-m", "reconciler", "once", *once_flags], timeout=timeout)
+    remove_cgroup_root(root)

@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import percentile, phase, remove_cgroup_root, require, tempdir, wait_for, write_manifest  # noqa: E402
+from bench.common import percentile, phase, stop_agent_and_destroy_all, require, tempdir, wait_for, write_manifest  # noqa: E402
 from reconciler.isolators.disk_du import Inotify, TreeUsage, measure  # noqa: E402
 
 BASE_ISOLATION = "namespaces/pid,namespaces/ipc,posix/cpu,posix/mem"
@@ -166,15 +165,7 @@ def latency_run(isolation: str, containers: int, runs: int, extra: list[str]) ->
         measurements = agent_doc.get("isolator_status", {}).get("disk/du", {}).get("measurements", 0)
         return latencies, measurements
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        for name in os.listdir(manifests):
-            os.unlink(manifests / name)
-        subprocess.run([sys.executable, "-m", "reconciler", "once", *flags], timeout=900)
-        remove_cgroup_root(root)
+        stop_agent_and_destroy_all(agent, manifests, flags, root, timeout=900)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -238,6 +238,19 @@ def outside_tmp_env(agent_env: AgentEnv) -> Any:
         assert not left, f"mounts left under {outside}"
 
 
+@pytest.fixture(scope="module")
+def xfs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A loop-mounted XFS image without quotas (skipped with the reason where it cannot be made):
+    project ids work on any kernel with XFS, quotactl does not."""
+    from tests.test_linux_quota import mount_xfs, umount_xfs
+
+    mount = mount_xfs(tmp_path_factory.mktemp("xfs"))
+    try:
+        yield mount
+    finally:
+        umount_xfs(mount)
+
+
 # helpers for the tests -------------------------------------------------------------------------
 
 def running(status: dict[str, Any]) -> bool:

@@ -118,15 +118,6 @@ def test_the_agent_refuses_to_start_exit_2_naming_the_flag(tmp_path: Path) -> No
     assert not (tmp_path / "work" / "containers").exists()       # nothing was started
 
 
-@pytest.fixture(scope="module")
-def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XfsMount]:
-    mount = mount_xfs(tmp_path_factory.mktemp("xfs"))
-    try:
-        yield mount
-    finally:
-        umount_xfs(mount)
-
-
 @root_only
 def test_xfs_without_project_quotas_is_refused_with_the_kernels_reason(xfs: XfsMount) -> None:
     work_dir = xfs.mountpoint / "work-refused"

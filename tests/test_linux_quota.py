@@ -15,7 +15,6 @@ import os
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,16 +76,6 @@ def umount_xfs(mount: XfsMount) -> None:
         subprocess.run(["umount", "-l", str(mount.mountpoint)], capture_output=True)
     if mount.image.exists():
         mount.image.unlink()
-
-
-@pytest.fixture(scope="module")
-def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XfsMount]:
-    """XFS without quotas: project ids work on any kernel with XFS, quotactl does not."""
-    mount = mount_xfs(tmp_path_factory.mktemp("xfs"))
-    try:
-        yield mount
-    finally:
-        umount_xfs(mount)
 
 
 # --- layouts --------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from reconciler.isolators.disk_du import (
     MountTable,
     TreeUsage,
     _Tracked,
+    du_measure,
     format_bytes,
     measure,
 )
@@ -114,6 +115,41 @@ def test_the_figure_is_gnu_du_s_figure_on_a_mixed_tree(tmp_path: Path) -> None:
     ours, theirs = measure(str(tmp_path)).used_bytes, du_bytes(tmp_path)
     assert ours == theirs                    # not just within 1 %: the same count
     assert ours < 10 * MB                    # allocated blocks, not apparent sizes
+
+
+def test_the_periodic_full_walk_runs_gnu_du_with_mount_points_excluded(tmp_path: Path) -> None:
+    # The full walk is du itself; excluded paths (volumes' mount points) go to it as --exclude patterns,
+    # escaped, so a name with glob characters excludes itself and nothing else.
+    write(tmp_path / "kept" / "f", 64 * KB)
+    write(tmp_path / "vol[1]" / "big", 512 * KB)
+    write(tmp_path / "vol1" / "f", 32 * KB)                  # would match an unescaped "vol[1]"
+    os.link(tmp_path / "kept" / "f", tmp_path / "kept" / "g")
+    (tmp_path / "symlink").symlink_to("/usr")
+    excludes = [str(tmp_path / "vol[1]")]
+    assert du_measure(str(tmp_path)).used_bytes == measure(str(tmp_path)).used_bytes == du_bytes(tmp_path)
+    assert du_measure(str(tmp_path), excludes).used_bytes == measure(str(tmp_path), excludes).used_bytes
+    assert du_measure(str(tmp_path), excludes).used_bytes < du_bytes(tmp_path) - 500 * KB
+    assert du_measure(str(tmp_path), [str(tmp_path)]).used_bytes == 0
+    with pytest.raises(FileNotFoundError):
+        du_measure(str(tmp_path / "missing"))
+
+
+def test_the_du_full_walk_is_cancelled_by_killing_du(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slow_du = tmp_path / "du"
+    slow_du.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow_du.chmod(0o755)
+    monkeypatch.setattr(disk_du, "_GNU_DU", [str(slow_du)])
+    asked = []
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        du_measure(str(tmp_path), cancelled=lambda: asked.append(1) or len(asked) > 2)
+    assert time.monotonic() - started < 5 and len(asked) == 3
+
+
+def test_without_gnu_du_the_full_walk_is_our_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "f", 64 * KB)
+    monkeypatch.setattr(disk_du, "_GNU_DU", [None])
+    assert du_measure(str(tmp_path), entries=7) == measure(str(tmp_path))
 
 
 def test_a_vanished_or_missing_path(tmp_path: Path) -> None:
@@ -258,7 +294,7 @@ def test_writes_no_event_reports_are_caught_by_the_periodic_full_walk(tmp_path: 
 def test_collector_measures_each_sandbox_repeatedly_one_walk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     active, peak, walks = [0], [0], []
     lock = threading.Lock()
-    real = disk_du.measure
+    real = disk_du.du_measure
 
     def slow_measure(path: str, excludes: Any = (), cancelled: Any = None) -> DiskUsage:
         with lock:
@@ -271,7 +307,7 @@ def test_collector_measures_each_sandbox_repeatedly_one_walk_at_a_time(tmp_path:
             with lock:
                 active[0] -= 1
                 walks.append(path)
-    monkeypatch.setattr(disk_du, "measure", slow_measure)
+    monkeypatch.setattr(disk_du, "du_measure", slow_measure)
     results: dict[str, list[int]] = {}
     collector = DiskUsageCollector(0.05, lambda t, u: results.setdefault(t.container_id, []).append(u.used_bytes))
     tracked = []

@@ -26,21 +26,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import phase, stop_agent_and_destroy_all, wait_for, write_manifest, percentile, runc_bundle, tempdir  # noqa: E402
+from bench.common import cpu_ns, phase, stop_agent_and_destroy_all, wait_for, write_manifest, percentile, runc_bundle, tempdir  # noqa: E402
 
 SPEC = {"kill_grace_period": "1secs", "resources": {"cpus": 0.01, "mem": 32},
         "command": {"shell": False, "value": "/bin/sleep", "arguments": ["sleep", "3600"]}}
 
 
-def cpu_ns(pid: int) -> int:
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total
 
 
 def runc_detached(bundle: Path, runs: int) -> list[float]:

@@ -68,6 +68,18 @@ def time_runc(bundle: Path, runs: int) -> list[float]:
     return samples
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of `pid` so far, from schedstat (nanoseconds)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
 def percentile(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))

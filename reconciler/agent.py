@@ -20,8 +20,10 @@ from reconciler import isolators as isolator_registry
 from reconciler.checkpoint import Checkpoints
 from reconciler.config import AgentConfig
 from reconciler.containerizer import Containerizer
+from reconciler.http import HttpFace
 from reconciler.isolators.base import IsolatorSetupError
 from reconciler.launcher.base import LaunchHelper, Launcher
+from reconciler.logs import LogRotator, RotationPolicy
 from reconciler.loop import Reconciler, container_environment
 from reconciler.models import ContainerInfo
 from reconciler.source import Listing, ManifestSource
@@ -48,15 +50,31 @@ def build_launcher(config: AgentConfig, helper: LaunchHelper) -> Launcher:
     return LinuxLauncher(helper, config.cgroups_root, hierarchy)
 
 
+def build_image_store(config: AgentConfig):  # noqa: ANN201 - reconciler.images.ImageStore | None
+    """The local image store with --image_providers=docker (Mesos's docker store), else None."""
+    if "docker" not in config.image_providers:
+        return None
+    from reconciler.images.errors import ImageError
+    from reconciler.images.store import ImageStore
+    try:
+        return ImageStore(config.docker_registry_path, config.docker_store_path)
+    except ImageError as exc:
+        raise IsolatorSetupError(f"flag --docker_store_dir: {exc}") from None
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.started_at = time.time()
+        # --http_address binds first: a port in use stops the agent like a bad flag, before any isolator
+        # touched the host.
+        self.http = HttpFace(self) if config.http_address else None
         self.isolators = isolator_registry.create(config)       # IsolatorSetupError: exit 2
         self.helper = LaunchHelper()
         self.launcher = build_launcher(config, self.helper)
         self.checkpoints = Checkpoints(config.containers_path, config.sandboxes_path)
-        self.containerizer = Containerizer(self.launcher, self.isolators, self.checkpoints)
+        self.containerizer = Containerizer(self.launcher, self.isolators, self.checkpoints,
+                                           image_store=build_image_store(config))
         self.status = StatusWriter(config.status_path)
         default_info = ContainerInfo.model_validate(config.default_container_info) \
             if config.default_container_info else None
@@ -64,6 +82,8 @@ class Agent:
                                      default_container_info=default_info)
         self.reconciler = Reconciler(self.containerizer, self.status, [i.name for i in self.isolators],
                                      container_environment())
+        self.reconciler.log_rotator = LogRotator(RotationPolicy(
+            config.container_logger_max_stdout_size, config.container_logger_max_stderr_size, config.container_logger_keep))
         self.watch_mode = "inotify"
         self.last_listed_at: float | None = None
         self.last_reconcile_duration: float | None = None
@@ -74,6 +94,8 @@ class Agent:
 
     # lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.http is not None:
+            self.http.start()
         self.status.ensure_dir()
         self.helper.start()   # now, not at the first launch: it is one interpreter start-up
         recovered = await self.containerizer.recover()
@@ -81,6 +103,8 @@ class Agent:
             await self.containerizer.destroy(stale.id)
             self.containerizer.remove(stale.id)
         await self.relist()
+        if self.http is not None:
+            self.http.set_ready()
         assert self._settling is not None
         await self._settling
 
@@ -90,6 +114,8 @@ class Agent:
         listing = self.source.list()
         self.last_listed_at = time.time()
         self.reconciler.set_listing(listing)
+        if self.http is not None:
+            self.http.listed(listing, started)
         if self._settling is None or self._settling.done():
             self._settling = asyncio.get_running_loop().create_task(self._settle(started))
         return listing
@@ -99,6 +125,8 @@ class Agent:
         await self.reconciler.queue.wait_idle()
         self.reconciler.garbage_collect_status_files()
         self.last_reconcile_duration = time.perf_counter() - started
+        if self.http is not None:
+            self.http.pass_done(self.last_reconcile_duration)
         self.write_agent_status()
 
     async def run(self) -> None:
@@ -150,6 +178,8 @@ class Agent:
             await self.reconciler.queue.wait_idle()
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         self.helper.close()
 
     # event sources ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import shutil
 from typing import Any
 
 from reconciler.fsutil import atomic_write_json, read_json
-from reconciler.isolators.base import ContainerConfig, LaunchInfo
+from reconciler.isolators.base import ContainerConfig, LaunchInfo, ProvisionedImage
 from reconciler.models import ContainerSpec
 
 CONFIG = "config.json"
@@ -86,6 +86,8 @@ class Checkpoints:
         if doc is None:
             return None
         doc["spec"] = ContainerSpec.model_validate(doc["spec"])
+        if isinstance(doc.get("image"), dict):
+            doc["image"] = ProvisionedImage(**doc["image"])
         known = {f.name for f in dataclasses.fields(ContainerConfig)}
         return ContainerConfig(**{k: v for k, v in doc.items() if k in known})
 

@@ -1,4 +1,4 @@
-"""`reconciler run | once | validate | status | schema` (SPEC "Command line").
+"""`reconciler run | once | plan | validate | status | logs | images | schema` (SPEC "Command line").
 
 Every error a user can cause is one line naming the file and field or the flag, never a traceback;
 a bad flag stops the agent at start with exit status 2.
@@ -24,29 +24,68 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reconciler {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, help_text in (("run", "the daemon: watch, reconcile, publish status, until SIGTERM/SIGINT"),
-                            ("once", "one full reconcile pass, then exit; containers keep running")):
+    # Each command: its parser, and its handler as the `handler` default (main() calls it).
+    for name, handler, help_text in (
+            ("run", _run, "the daemon: watch, reconcile, publish status, until SIGTERM/SIGINT"),
+            ("once", _once, "one full reconcile pass, then exit; containers keep running")):
         p = sub.add_parser(name, help=help_text)
         config_module.add_flags(p)
         p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+        p.set_defaults(handler=handler)
+
+    p = sub.add_parser("plan", help="what a reconcile would do now, without touching anything "
+                                    "(exit 0: no changes, 2: changes, 1: error)")
+    config_module.add_flags(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=_plan)
 
     p = sub.add_parser("validate", help="parse and validate manifests without touching the host")
     p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(handler=_validate)
 
     p = sub.add_parser("status", help="print the status of every container")
     p.add_argument("--status_dir", default=None)
     p.add_argument("--work_dir", default=None)
     p.add_argument("--json", action="store_true", help="print the raw status documents")
+    p.add_argument("--watch", "-w", action="store_true", help="redraw the table until Ctrl-C")
+    p.add_argument("--interval", default="1secs", metavar="DURATION", help="--watch: time between redraws (1secs)")
+    p.add_argument("--count", type=int, default=None, metavar="N", help="--watch: stop after N tables")
+    p.set_defaults(handler=_status)
+
+    p = sub.add_parser("logs", help="print a container's stdout (or stderr) from its sandbox")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing new output, across rotations, until the container ends or Ctrl-C")
+    p.add_argument("--stderr", action="store_true", help="the container's stderr instead of its stdout")
+    p.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N lines")
+    p.add_argument("--status_dir", default=None)
+    p.add_argument("--work_dir", default=None)
+    p.set_defaults(handler=_logs)
+
+    p = sub.add_parser("images", help="the local image store: `images list`, `images prune`")
+    config_module.add_flags(p)
+    p.add_argument("action", choices=["list", "prune"],
+                   help="list: the stored images; prune: remove the layers no container uses")
+    p.add_argument("--json", action="store_true", help="list: print the images as JSON")
+    p.set_defaults(handler=_images)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the manifest")
     p.add_argument("--status", action="store_true", help="the status document's schema instead")
+    p.set_defaults(handler=_schema)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return {"run": _run, "once": _once, "validate": _validate, "status": _status, "schema": _schema}[args.command](args)
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        # A usage error exits 2, which `plan` uses for "changes": there it is an error, 1.
+        if exc.code == 2 and next((a for a in argv if not a.startswith("-")), None) == "plan":
+            return 1
+        raise
+    try:
+        return args.handler(args)
     except BrokenPipeError:
         return 0
 
@@ -105,19 +144,123 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace) -> int:
-    import os
+def _plan(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
 
-    from reconciler.config import AgentConfig
+    from reconciler import config as config_module
+    from reconciler import plan
+
+    try:
+        config = config_module.load(args)
+        result = plan.make_plan(config)
+    except (config_module.ConfigError, plan.PlanError) as exc:
+        print(f"reconciler plan: {exc}", file=sys.stderr)
+        return plan.EXIT_ERROR
+    except ValidationError as exc:  # --default_container_info that is JSON but not a ContainerInfo
+        from reconciler.models import ContainerInfo
+        from reconciler.source import validation_messages
+        print(f"reconciler plan: flag --default_container_info: {'; '.join(validation_messages(exc, ContainerInfo))}",
+              file=sys.stderr)
+        return plan.EXIT_ERROR
+    print(plan.render_json(result) if args.json else plan.format_plan(result))
+    return result.exit_code
+
+
+def _status(args: argparse.Namespace) -> int:
     from reconciler.status import StatusWriter
 
-    directory = args.status_dir or os.path.join(args.work_dir or AgentConfig.model_fields["work_dir"].default, "status")
-    writer = StatusWriter(directory)
+    writer = StatusWriter(_status_dir(args))
+    if args.watch:
+        return _watch_status(writer, args)
     docs = writer.read_all()
     if args.json:
         print(json.dumps({"agent": writer.read_agent(), "containers": docs}, indent=2))
         return 0
     print(format_table(docs, time.time()))
+    return 0
+
+
+def _work_dir(args: argparse.Namespace) -> str:
+    import os
+
+    from reconciler.config import AgentConfig
+
+    return os.path.abspath(args.work_dir or AgentConfig.model_fields["work_dir"].default)
+
+
+def _status_dir(args: argparse.Namespace) -> str:
+    import os
+
+    return args.status_dir or os.path.join(_work_dir(args), "status")
+
+
+def _watch_status(writer: Any, args: argparse.Namespace) -> int:
+    """Redraw in place on a terminal; append time-stamped tables otherwise (a log, a pipe)."""
+    from reconciler.status import iso
+    from reconciler.units import parse_duration
+
+    try:
+        interval = parse_duration(args.interval)
+    except ValueError as exc:
+        print(f"reconciler status: flag --interval: {exc}", file=sys.stderr)
+        return 2
+    if interval <= 0:
+        print("reconciler status: flag --interval: must be longer than zero", file=sys.stderr)
+        return 2
+    tty = sys.stdout.isatty()
+    shown = 0
+    try:
+        while args.count is None or shown < args.count:
+            now = time.time()
+            table = format_table(writer.read_all(), now)
+            header = f"Every {args.interval}: reconciler status ({writer.directory})    {iso(now)}"
+            if tty:
+                # Home, each line cleared to its end, then everything below: no flicker, no leftovers.
+                lines = [header, "", *table.splitlines()]
+                sys.stdout.write(("\x1b[H\x1b[2J" if shown == 0 else "\x1b[H")
+                                 + "".join(line + "\x1b[K\n" for line in lines) + "\x1b[J")
+            else:
+                sys.stdout.write(("\n" if shown else "") + f"--- {iso(now)}\n{table}\n")
+            sys.stdout.flush()
+            shown += 1
+            if args.count is None or shown < args.count:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        if tty:
+            sys.stdout.write("\n")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from reconciler import logs
+
+    try:
+        found = logs.find_container(args.name, _status_dir(args), _work_dir(args))
+    except logs.LogsError as exc:
+        print(f"reconciler logs: {exc}", file=sys.stderr)
+        return 1
+    import os
+
+    stream = "stderr" if args.stderr else "stdout"
+    out = sys.stdout.buffer
+    # The follower notes the newest rotated file before the history is read: a rotation in between is seen.
+    follower = logs.Follower(os.path.join(found.sandbox, stream), offset=0) if args.follow else None
+    history = logs.History(found.sandbox, stream)
+    try:
+        if args.tail is not None:
+            out.write(history.tail(args.tail))
+        else:
+            for chunk in history.all():
+                out.write(chunk)
+        out.flush()
+        if follower is not None:
+            follower.offset = history.live_offset
+            for chunk in logs.follow(follower, found.running):
+                out.write(chunk)
+                out.flush()
+            print(f"reconciler logs: container {found.name!r} ({found.container_id}) ended", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 0
     return 0
 
 
@@ -162,6 +305,32 @@ def _age(started_at: str | None, now: float) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def _images(args: argparse.Namespace) -> int:
+    """`images list` / `images prune`: the store of --docker_store_dir, as the agent with the same flags uses it.
+    Prune keeps every layer a container of --work_dir uses (its checkpoint's image.json), under the store's
+    lock, so it is safe while the agent runs."""
+    from reconciler import config as config_module
+    from reconciler.images.errors import ImageError
+    from reconciler.images.store import ImageStore
+
+    try:
+        config = config_module.load(args)
+        store = ImageStore(config.docker_registry_path, config.docker_store_path)
+        if args.action == "prune":
+            removed = store.prune(set(), work_dir=config.work_dir)   # what is in use is read under the lock
+            for layer_id in removed:
+                print(f"removed layer sha256:{layer_id}")
+            print(f"{len(removed)} unused layer(s) removed from {config.docker_store_path}")
+            return 0
+        images = store.images()
+    except (config_module.ConfigError, ImageError, OSError) as exc:
+        print(f"reconciler images: {exc}", file=sys.stderr)
+        return 1
+    from reconciler.images.listing import image_doc, images_table
+    print(json.dumps([image_doc(i) for i in images], indent=2) if args.json else images_table(images, time.time()))
+    return 0
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -50,6 +50,18 @@ def _parse_attributes(text: str) -> dict[str, str]:
     return attributes
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port); the host keeps its brackets off."""
+    text = text.strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([A-Za-z0-9.-]+):(\d+)", text)
+    if not m:
+        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:5051, 0.0.0.0:5051 or [::1]:5051)")
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port} of {text!r} is out of range 1-65535")
+    return host, int(port)
+
+
 class AgentConfig(BaseModel):
     """Every flag of `reconciler run` / `once`, already validated and converted."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,11 +75,16 @@ class AgentConfig(BaseModel):
     cgroups_net_cls_primary_handle: int | None = None
     cgroups_net_cls_secondary_handles: tuple[int, int] = (0x0001, 0xFFFF)
     container_disk_watch_interval: float = 15.0
+    # Sandbox log rotation (Mesos's logrotate container logger; see reconciler.logs). Bytes; 0: off.
+    container_logger_max_stdout_size: int = 10 * 1024 * 1024
+    container_logger_max_stderr_size: int = 10 * 1024 * 1024
+    container_logger_keep: int = 5
     enforce_container_disk_quota: bool = False
     xfs_project_range: tuple[int, int] = (5000, 10000)
     default_container_info: dict[str, Any] | None = None
     docker_registry: str | None = None
     image_providers: list[str] = []
+    docker_store_dir: str | None = None    # layers extracted from images; <work_dir>/store/docker when unset
     resync_interval: float = 10.0
     attributes: dict[str, str] = {}
     disallow_sharing_agent_pid_namespace: bool = False
@@ -75,6 +92,7 @@ class AgentConfig(BaseModel):
     bounding_capabilities: list[str] | None = None
     xfs_kill_containers: bool = False
     xfs_quota_headroom: float = 10.0     # MB, Mesos's default: room to pass the soft limit and be seen
+    http_address: str | None = None      # host:port of /state, /metrics, /healthz...; off when unset
 
     @field_validator("isolation", "image_providers", mode="before")
     @classmethod
@@ -99,7 +117,18 @@ class AgentConfig(BaseModel):
             raise ValueError("the linux launcher needs root (namespaces and cgroups); use --launcher=posix")
         return value
 
-    @field_validator("work_dir", "status_dir", "docker_registry")
+    @field_validator("image_providers")
+    @classmethod
+    def _image_types(cls, value: list[str]) -> list[str]:
+        # Mesos Store::create: the names are case-insensitive; APPC is Mesos's but not ours.
+        for name in value:
+            if name.upper() not in ("APPC", "DOCKER"):
+                raise ValueError(f"Unknown image type '{name}'")
+            if name.upper() != "DOCKER":
+                raise ValueError(f"Unsupported image type '{name}'")
+        return ["docker"] if value else []
+
+    @field_validator("work_dir", "status_dir", "docker_registry", "docker_store_dir")
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
         # Sandboxes and checkpoints are used by processes whose working directory is not ours.
@@ -120,6 +149,23 @@ class AgentConfig(BaseModel):
         if seconds <= 0:
             raise ValueError("must be longer than zero")
         return seconds
+
+    @field_validator("container_logger_max_stdout_size", "container_logger_max_stderr_size", mode="before")
+    @classmethod
+    def _log_size(cls, value: Any) -> int:
+        from reconciler.logs import parse_size
+        return parse_size(value)
+
+    @field_validator("container_logger_keep", mode="before")
+    @classmethod
+    def _log_keep(cls, value: Any) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a whole number of files") from None
+        if number < 0 or number > 1000:
+            raise ValueError(f"{value!r} must be between 0 (drop rotated output) and 1000")
+        return number
 
     @field_validator("cgroups_net_cls_primary_handle", mode="before")
     @classmethod
@@ -197,6 +243,14 @@ class AgentConfig(BaseModel):
                 raise ValueError(f"unknown capability {name!r}{hint}")
         return names
 
+    @field_validator("http_address", mode="before")
+    @classmethod
+    def _http_address(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        host, port = parse_host_port(str(value))
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     @field_validator("xfs_quota_headroom", mode="before")
     @classmethod
     def _headroom(cls, value: Any) -> Any:
@@ -218,6 +272,15 @@ class AgentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _derived(self) -> "AgentConfig":
+        if self.image_providers:
+            # Mesos's refusals, in its order (MesosContainerizer::create, then the provisioner's Store::create).
+            if "filesystem/linux" not in self.isolation:
+                raise ValueError("The 'filesystem/linux' isolator must be enabled for container image support")
+            if self.launcher != "linux":
+                raise ValueError("The 'linux' launcher must be used for container image support")
+            if "docker/runtime" not in self.isolation:
+                raise ValueError("Docker runtime isolator has to be specified if 'DOCKER' is included in "
+                                 "'image_providers'. Please add 'docker/runtime' to '--isolation' flags")
         if self.launcher == "posix":
             # disk/du (Mesos "posix/disk") only walks sandboxes: it works with any launcher, as in Mesos.
             linux_only = [i for i in self.isolation if not i.startswith("posix/") and i != "disk/du"]
@@ -245,6 +308,11 @@ class AgentConfig(BaseModel):
     @property
     def docker_registry_path(self) -> str:
         return self.docker_registry or os.path.join(self.work_dir, "images")
+
+    @property
+    def docker_store_path(self) -> str:
+        """Mesos --docker_store_dir: where image layers are extracted, shared by every container."""
+        return self.docker_store_dir or os.path.join(self.work_dir, "store", "docker")
 
     def public_flags(self) -> dict[str, Any]:
         """The flags as _agent.json shows them (Mesos /flags)."""

@@ -20,7 +20,16 @@ from typing import Any, Callable
 
 from reconciler import users
 from reconciler.checkpoint import Checkpoints
-from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, LaunchInfo, Limitation, PermanentError
+from reconciler.isolators.base import (
+    CONTAINER_SANDBOX,
+    ContainerConfig,
+    ContainerState,
+    Isolator,
+    LaunchInfo,
+    Limitation,
+    PermanentError,
+    ProvisionedImage,
+)
 from reconciler.launcher.base import Forked, Launcher
 from reconciler.linux import proc
 from reconciler.models import Resources
@@ -114,8 +123,9 @@ def resource_limits(resources: Resources) -> dict[str, Any]:
 
 class Containerizer:
     def __init__(self, launcher: Launcher, isolators: list[Isolator], checkpoints: Checkpoints,
-                 on_change: Callable[[Container], None] = lambda c: None) -> None:
+                 on_change: Callable[[Container], None] = lambda c: None, image_store: Any = None) -> None:
         self.launcher = launcher
+        self.image_store = image_store     # reconciler.images.ImageStore with --image_providers=docker
         self.isolators = isolators
         self.checkpoints = checkpoints
         self.on_change = on_change
@@ -217,6 +227,29 @@ class Containerizer:
         self._cleanup_isolators(cid)
         self.checkpoints.remove(cid)
 
+    # provision (Mesos's provisioner) ----------------------------------------------------------
+    async def provision(self, config: ContainerConfig) -> None:
+        """The container's image in the store (pulled from --docker_registry once), set on `config`, and its
+        layers recorded in the checkpoint as in use (before the store's lock is let go, so a concurrent
+        `reconciler images prune` cannot take them). Runs in a thread: extracting a layer takes time."""
+        container = config.spec.container
+        image = container.mesos.image if container is not None and container.mesos is not None else None
+        if image is None:
+            return
+        if self.image_store is None:
+            raise PermanentError("Container image is not supported: the agent runs without --image_providers=docker")
+        from reconciler.images.errors import InvalidReference
+        from reconciler.images.store import IMAGE_RECORD
+        record_dir = self.checkpoints.dir(config.container_id)
+        os.makedirs(record_dir, mode=0o700, exist_ok=True)
+        try:
+            pulled = await asyncio.to_thread(self.image_store.pull, image.docker.name,
+                                             in_use_record=os.path.join(record_dir, IMAGE_RECORD))
+        except InvalidReference as exc:
+            raise PermanentError(str(exc)) from None
+        config.image = ProvisionedImage(reference=pulled.reference, id=pulled.id, layers=list(pulled.layers),
+                                        config=dict(pulled.config))
+
     # launch -----------------------------------------------------------------------------------
     def launch(self, config: ContainerConfig, environment: dict[str, str]) -> Container:
         """Launch and return once the command was let go (Mesos: SUCCESS when unblocked).
@@ -282,7 +315,9 @@ class Containerizer:
                    user: users.User | None = None) -> dict[str, Any]:
         """What the init needs: argv, environment, files; Mesos's env precedence (agent < sandbox < isolators < user)."""
         command = config.spec.command
-        if command.shell:
+        if info.command:   # docker/runtime: the image's Entrypoint/Cmd, argv[0] is the program
+            executable, argv = info.command[0], list(info.command)
+        elif command.shell:
             if not command.value:
                 raise PermanentError("Shell command is not specified")
             executable, argv = "/bin/sh", ["sh", "-c", command.value]
@@ -291,7 +326,8 @@ class Containerizer:
                 raise PermanentError("Command value is not specified")
             executable, argv = command.value, list(command.arguments) or [command.value]
         env = dict(environment)
-        env["MESOS_SANDBOX"] = env["RECONCILER_SANDBOX"] = config.sandbox
+        # With its own root filesystem, the container finds its sandbox where filesystem/linux bound it.
+        env["MESOS_SANDBOX"] = env["RECONCILER_SANDBOX"] = CONTAINER_SANDBOX if info.rootfs else config.sandbox
         env.update(info.environment)
         if command.environment:
             for variable in command.environment.variables:
@@ -303,7 +339,10 @@ class Containerizer:
             "executable": executable,
             "argv": argv,
             "env": env,
-            "cwd": config.sandbox,
+            # Mesos ignores an isolator's working directory unless the container has an image.
+            "cwd": info.working_directory if config.image is not None and info.working_directory
+            else CONTAINER_SANDBOX if info.rootfs else config.sandbox,
+            "rootfs": info.rootfs,
             "stdout": os.path.join(config.sandbox, "stdout"),
             "stderr": os.path.join(config.sandbox, "stderr"),
             "hostname": info.hostname,

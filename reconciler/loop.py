@@ -9,16 +9,19 @@ backoff) or permanent (recorded in status, not retried until the spec changes).
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import signal
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from reconciler.containerizer import Container, Containerizer, State, resource_limits
+from reconciler.images.errors import ImageError
 from reconciler.isolators.base import ContainerConfig, PermanentError, ResourceExhaustedError
+from reconciler.logs import LogRotator
 from reconciler.models import ContainerSpec
 from reconciler.source import Listing
 from reconciler.status import StatusWriter, iso
@@ -49,6 +52,72 @@ class Target:
     manifest: str
 
 
+# The decision, as pure functions of desired and observed state: the loop acts on them, and
+# `reconciler plan` reports them, so the two cannot disagree.
+class Action(str, enum.Enum):
+    NONE = "none"
+    CREATE = "create"
+    UPDATE = "update"      # resources changed only: applied in place, nothing restarts
+    REPLACE = "replace"    # any other change: the old container is destroyed, a new one launched
+    DESTROY = "destroy"    # no manifest declares the name any more
+    RESTART = "restart"    # it exited and its restart policy restarts it (perhaps after a back-off)
+
+
+@dataclass(frozen=True)
+class RestartPlan:
+    at: float      # when it may be launched again (CrashLoopBackOff)
+    step: int      # the back-off step this restart is at
+
+
+def may_still_declare(name: str, manifest: str, listing: Listing, listed_ok: bool) -> bool:
+    """A name missing from `listing.desired` whose container must be kept (with its last good spec)."""
+    if not (listing.ok and listed_ok):
+        return True   # a missing or unreadable directory is not an empty desired state
+    if name in listing.invalid:
+        return True
+    return manifest in {f.manifest for f in listing.invalid_files}
+
+
+def target_of(name: str, container: Container | None, listing: Listing, listed_ok: bool) -> Target | None:
+    """What `name` should run: its manifest's spec, the last good one while that manifest is broken,
+    or None when nothing declares it any more."""
+    desired = listing.desired.get(name)
+    if desired is not None:
+        return Target(desired.spec, desired.spec_hash, desired.resources_free_hash, desired.manifest)
+    if container is not None and may_still_declare(name, container.config.manifest, listing, listed_ok):
+        config = container.config
+        return Target(config.spec, config.spec_hash, config.resources_free_hash, config.manifest)
+    return None
+
+
+def converge_action(container: Container | None, target: Target) -> Action:
+    """What converging a declared name does to its current container (after a failed destroy is retried)."""
+    if container is None:
+        return Action.CREATE
+    if container.alive:
+        if container.config.spec_hash == target.spec_hash:
+            return Action.NONE
+        if container.state == State.RUNNING and container.config.resources_free_hash == target.resources_free_hash:
+            return Action.UPDATE
+        return Action.REPLACE
+    if container.state == State.DESTROYING:
+        return Action.NONE   # its destroy ends with another wake-up of the name
+    if container.config.spec_hash != target.spec_hash:
+        return Action.REPLACE
+    return Action.RESTART if restart_plan(container, target.spec.restart_policy) is not None else Action.NONE
+
+
+def restart_plan(container: Container, policy: str) -> RestartPlan | None:
+    """When an exited container is launched again, or None when its restart policy keeps it down."""
+    termination = container.termination
+    assert termination is not None
+    if policy == "Never" or (policy == "OnFailure" and termination.succeeded):
+        return None
+    ran = termination.finished_at - (container.started_at or termination.finished_at)
+    step = 0 if ran >= BACKOFF_RESET_AFTER else container.config.backoff_step
+    return RestartPlan(at=termination.finished_at + restart_delay(step), step=step)
+
+
 @dataclass
 class LaunchFailure:
     spec_hash: str
@@ -58,6 +127,8 @@ class LaunchFailure:
     retry_at: float = 0.0
     reason: str = "LaunchFailed"
     waits_for_release: bool = False    # retried when a destroy gives a node resource back, not on a timer
+    failed: bool = False               # shown Failed while waiting to retry (an image that could not be provisioned)
+    image: tuple[str, str] | None = None   # (reference, image id) when the image was provisioned before the failure
 
 
 @dataclass
@@ -81,7 +152,12 @@ class Reconciler:
         self.listing: Listing | None = None
         self.listed_ok = False            # a successful listing happened: absence now means "gone"
         self.names: dict[str, NameState] = {}
-        self.queue = WorkQueue(self.reconcile)
+        self.queue = WorkQueue(self._timed_reconcile)
+        # Observers (the HTTP face): a status document that changed, a forgotten name, one reconcile.
+        self.on_published: Callable[[str, dict[str, Any], float], None] = lambda name, doc, now: None
+        self.on_forgotten: Callable[[str], None] = lambda name: None
+        self.on_reconciled: Callable[[float, str], None] = lambda seconds, result: None
+        self.log_rotator: LogRotator | None = None     # set by the agent (--container_logger_*)
         containerizer.on_change = self._container_changed
         containerizer.on_status = self._container_status_changed
 
@@ -122,22 +198,28 @@ class Reconciler:
             self.publish(container.config.name)
 
     # the reconcile of one name ------------------------------------------------------------------
+    async def _timed_reconcile(self, name: str) -> None:
+        """reconcile(), timed and its result counted (ok; failed: a launch failure recorded; error)."""
+        started = time.perf_counter()
+        result = "error"
+        try:
+            await self.reconcile(name)
+            state = self.names.get(name)
+            result = "failed" if state is not None and state.failure is not None else "ok"
+        finally:
+            self.on_reconciled(time.perf_counter() - started, result)
+
     async def reconcile(self, name: str) -> None:
         listing = self.listing
         if listing is None:
             return
         state = self.names.setdefault(name, NameState())
         container = state.container
-        desired = listing.desired.get(name)
-        if desired is not None:
-            target = Target(desired.spec, desired.spec_hash, desired.resources_free_hash, desired.manifest)
-        elif container is not None and self._may_still_declare(name, container, listing):
-            config = container.config   # keep the last good spec in force
-            target = Target(config.spec, config.spec_hash, config.resources_free_hash, config.manifest)
-        elif container is not None:
+        target = target_of(name, container, listing, self.listed_ok)
+        if target is None and container is not None:
             await self._retire(name, state, container)
             return
-        else:
+        if target is None:
             if name in listing.invalid:
                 self.publish(name)
             else:
@@ -145,14 +227,6 @@ class Reconciler:
             return
         await self._converge(name, state, target)
         self.publish(name)
-
-    def _may_still_declare(self, name: str, container: Container, listing: Listing) -> bool:
-        if not (listing.ok and self.listed_ok):
-            return True   # a missing or unreadable directory is not an empty desired state
-        if name in listing.invalid:
-            return True
-        unparseable = {f.manifest for f in listing.invalid_files}
-        return container.config.manifest in unparseable
 
     async def _converge(self, name: str, state: NameState, target: Target) -> None:
         container = state.container
@@ -162,28 +236,27 @@ class Reconciler:
             # the name is the one whose breakage must keep it alive.
             container.config.manifest = target.manifest
             self.containerizer.checkpoints.write_config(container.config)
-        if container is not None and container.alive:
-            if container.config.spec_hash == target.spec_hash:
-                return
-            if container.state == State.RUNNING and container.config.resources_free_hash == target.resources_free_hash:
-                self._update_in_place(name, state, container, target)
-                return
-            if not await self._destroy(container, reason="Replaced", message="The manifest changed: replacing the container"):
-                return
-            self.containerizer.remove(container.id)
-            state.container = container = None
-        if container is not None and container.state == State.DESTROYING:
-            return   # its destroy ends with another wake-up of this name
         if container is not None and container.destroy_failed:
             if not await self._destroy(container, reason="", message=""):
                 return   # nothing restarts beside processes that may have survived
-        if container is not None and container.state == State.TERMINATED:
-            if container.config.spec_hash != target.spec_hash:
-                self.containerizer.remove(container.id)
-                state.container = container = None
-            else:
-                await self._maybe_restart(name, state, container, target)
+        action = converge_action(container, target)
+        if action == Action.NONE:
+            return
+        if action == Action.UPDATE:
+            assert container is not None
+            self._update_in_place(name, state, container, target)
+            return
+        if action == Action.RESTART:
+            assert container is not None
+            await self._maybe_restart(name, state, container, target)
+            return
+        if action == Action.REPLACE:
+            assert container is not None
+            if container.alive and not await self._destroy(
+                    container, reason="Replaced", message="The manifest changed: replacing the container"):
                 return
+            self.containerizer.remove(container.id)
+            state.container = None
         await self._launch(name, state, target, restarts=0, backoff_step=0)
 
     def _update_in_place(self, name: str, state: NameState, container: Container, target: Target) -> None:
@@ -201,14 +274,10 @@ class Reconciler:
             self.queue.add_after(name, RETRY_INITIAL)
 
     async def _maybe_restart(self, name: str, state: NameState, container: Container, target: Target) -> None:
-        termination = container.termination
-        assert termination is not None
-        policy = target.spec.restart_policy
-        if policy == "Never" or (policy == "OnFailure" and termination.succeeded):
+        plan = restart_plan(container, target.spec.restart_policy)
+        if plan is None:
             return
-        ran = termination.finished_at - (container.started_at or termination.finished_at)
-        step = 0 if ran >= BACKOFF_RESET_AFTER else container.config.backoff_step
-        ready_at = termination.finished_at + restart_delay(step)
+        ready_at, step = plan.at, plan.step
         now = time.time()
         if now < ready_at:
             self.queue.add_after(name, ready_at - now)
@@ -235,20 +304,27 @@ class Reconciler:
             restarts=restarts, backoff_step=backoff_step, created_at=now,
         )
         try:
-            container = self.containerizer.launch(config, self.environment)
+            try:
+                await self.containerizer.provision(config)
+                container = self.containerizer.launch(config, self.environment)
+            finally:
+                provisioned = (config.image.reference, config.image.id) if config.image is not None else None
         except ResourceExhaustedError as exc:
             state.failure = LaunchFailure(target.spec_hash, str(exc), permanent=False, reason=exc.reason,
-                                          waits_for_release=True)
+                                          waits_for_release=True, image=provisioned)
             log.warning("Failed to launch %s: %s (retrying when a container's destroy frees one)", name, exc)
             return
         except PermanentError as exc:
-            state.failure = LaunchFailure(target.spec_hash, str(exc), permanent=True)
+            state.failure = LaunchFailure(target.spec_hash, str(exc), permanent=True, image=provisioned)
             log.error("Failed to launch %s: %s", name, exc)
             return
         except Exception as exc:  # noqa: BLE001 - anything else is worth another try
             step = (failure.step + 1) if failure else 1
             delay = min(RETRY_INITIAL * 2 ** (step - 1), RETRY_MAX)
-            state.failure = LaunchFailure(target.spec_hash, f"Failed to launch container: {exc}", False, step, now + delay)
+            state.failure = LaunchFailure(target.spec_hash, f"Failed to launch container: {exc}", False, step, now + delay,
+                                          image=provisioned)
+            if isinstance(exc, ImageError):
+                state.failure.reason, state.failure.failed = "ProvisioningFailed", True
             log.warning("Failed to launch %s (retrying in %.0fs): %s", name, delay, exc)
             self.queue.add_after(name, delay)
             return
@@ -292,6 +368,7 @@ class Reconciler:
     def _forget(self, name: str) -> None:
         self.names.pop(name, None)
         self.status.remove(name)
+        self.on_forgotten(name)
 
     # status -----------------------------------------------------------------------------------
     def phase(self, name: str) -> str | None:
@@ -304,7 +381,9 @@ class Reconciler:
             return
         doc = self.compose(name, state)
         state.phase = doc["phase"]
-        self.status.write(name, doc, time.time())
+        now = time.time()
+        if self.status.write(name, doc, now):
+            self.on_published(name, doc, now)
 
     def compose(self, name: str, state: NameState) -> dict[str, Any]:
         listing = self.listing
@@ -331,6 +410,8 @@ class Reconciler:
             elif container.termination is not None:
                 doc["exit_code"] = container.termination.exit_code
                 doc["exit_signal"] = container.termination.exit_signal
+            if config.image is not None:
+                doc["image"], doc["image_id"] = config.image.reference, config.image.id
             if container.state != State.TERMINATED:
                 try:
                     doc.update(self.containerizer.status(container.id) | {})
@@ -347,7 +428,9 @@ class Reconciler:
             doc["manifest"] = invalid.manifest
         if state.failure is not None and (container is None or not container.alive):
             failure = state.failure
-            doc["phase"] = "Failed" if failure.permanent or failure.waits_for_release else "Pending"
+            if failure.image is not None:
+                doc["image"], doc["image_id"] = failure.image
+            doc["phase"] = "Failed" if failure.permanent or failure.waits_for_release or failure.failed else "Pending"
             doc["reason"] = failure.reason
             doc["message"] = failure.message
             if failure.waits_for_release:
@@ -412,16 +495,21 @@ class Reconciler:
         return out
 
     def refresh_statistics(self) -> None:
-        """One usage pass over every running container (the figures in each status file)."""
+        """One usage pass over every running container (the figures in each status file), and a log
+        rotation pass over their sandboxes (in a thread: see reconciler.logs)."""
+        sandboxes = []
         for name, state in list(self.names.items()):
             container = state.container
             if container is None or container.state != State.RUNNING:
                 continue
+            sandboxes.append(container.config.sandbox)
             try:
                 state.statistics = self.containerizer.usage(container.id)
             except KeyError:
                 continue
             self.publish(name)
+        if self.log_rotator is not None:
+            self.log_rotator.check(sandboxes)
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -23,12 +23,14 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from reconciler.units import format_duration, parse_duration, parse_megabytes
 
@@ -177,8 +179,7 @@ class CommandInfo(BaseModel):
     def _value_is_given(self) -> CommandInfo:
         if self.shell and not (self.value and self.value.strip()):
             raise ValueError("Shell command is not specified: set command.value")
-        if not self.shell and not self.value:
-            raise ValueError("command.value (the executable) is not specified; it is required when shell is false")
+        # shell=false without a value is checked by ContainerSpec: an image's Entrypoint/Cmd may supply it.
         return self
 
     @field_validator("user")
@@ -446,6 +447,16 @@ class ContainerSpec(BaseModel):
     command: CommandInfo
     container: ContainerInfo | None = None
 
+    @model_validator(mode="after")
+    def _executable_is_given(self) -> ContainerSpec:
+        # docker/runtime: with an image, shell=false and no value runs the image's Entrypoint/Cmd.
+        has_image = self.container is not None and self.container.mesos is not None and self.container.mesos.image
+        if not self.command.shell and not self.command.value and not has_image:
+            message = "command.value (the executable) is not specified; it is required when shell is false"
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type=PydanticCustomError("value_error", message), loc=("command",), input=self.command)])
+        return self
+
 
 class Manifest(BaseModel):
     """A reconciler manifest: one container declared in Mesos ContainerInfo terms."""
@@ -571,7 +582,8 @@ class ContainerStatus(BaseModel):
     message: str = ""
     conditions: list[Condition] = []
     isolators: list[str] = []
-    image: str | None = None
+    image: str | None = Field(default=None, description="The image reference the container runs (container.mesos.image)")
+    image_id: str | None = Field(default=None, description="The image it resolved to in the store (sha256 of its config)")
     net_cls: NetClsInfo | None = None
     disk: DiskInfo | None = None
     statistics: ResourceStatistics | None = None

@@ -12,6 +12,7 @@ from reconciler.isolators.base import Isolator, IsolatorSetupError
 
 # name -> "module:Class", listed in the order Mesos prepares them.
 REGISTRY: dict[str, str] = {
+    "filesystem/linux": "reconciler.isolators.filesystem_linux:LinuxFilesystemIsolator",
     "filesystem/shared": "reconciler.isolators.filesystem_shared:SharedFilesystemIsolator",
     "posix/cpu": "reconciler.isolators.posix:PosixCpuIsolator",
     "posix/mem": "reconciler.isolators.posix:PosixMemIsolator",

@@ -14,6 +14,7 @@ limitation (memory or disk over its limit) through the callback given to `watch(
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -40,6 +41,24 @@ class IsolatorSetupError(Exception):
     """
 
 
+# In the sandbox: the overlay's upper (writable) and work directories and its mount point, so what a
+# container writes to its root filesystem is sandbox usage (disk/du) and goes with the sandbox.
+ROOTFS_DIR = ".rootfs"
+# Where a container with its own root filesystem finds its sandbox (Mesos: flags.sandbox_directory).
+CONTAINER_SANDBOX = "/mnt/mesos/sandbox"
+
+
+@dataclass
+class ProvisionedImage:
+    """A container's image once the provisioner has it (Mesos ProvisionInfo): the reference asked for,
+    the resolved image id, the stored layer directories (lowest first) and the image's runtime config,
+    the "config" object of a Docker/OCI image config (Entrypoint, Cmd, Env, WorkingDir, User)."""
+    reference: str
+    id: str
+    layers: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class ContainerConfig:
     """What a container is launched from; checkpointed as `config` before any isolator prepares."""
@@ -53,6 +72,18 @@ class ContainerConfig:
     restarts: int = 0
     backoff_step: int = 0
     created_at: float = 0.0
+    image: ProvisionedImage | None = None     # set by the provisioner before isolators prepare
+
+    @property
+    def rootfs(self) -> str | None:
+        """Where the container's root filesystem is mounted (in its own mount namespace) when it has an
+        image: the overlay's merged directory, next to its writable upper layer in the sandbox."""
+        return os.path.join(self.sandbox, ROOTFS_DIR, "merged") if self.image is not None else None
+
+    def in_rootfs(self, path: str) -> str:
+        """`path` as the init sees it before it enters the rootfs (the path itself without a rootfs)."""
+        rootfs = self.rootfs
+        return path if rootfs is None else os.path.join(rootfs, path.lstrip("/"))
 
 
 @dataclass
@@ -74,6 +105,11 @@ class LaunchInfo:
     pre_exec: list[dict[str, Any]] = field(default_factory=list)
     capabilities: dict[str, Any] | None = None
     user: dict[str, Any] | None = None
+    # docker/runtime: the argv to exec instead of the manifest's command (argv[0] is the program,
+    # looked up in PATH when it has no slash); None keeps the manifest's command.
+    command: list[str] | None = None
+    # filesystem/linux: the init pivots into this directory after every mount is made.
+    rootfs: str | None = None
 
     def merge(self, other: "LaunchInfo") -> None:
         """Fold another isolator's launch info in, refusing the conflicts Mesos refuses."""
@@ -87,6 +123,8 @@ class LaunchInfo:
             ("capabilities", "Multiple isolators specify effective capabilities"),
             ("hostname", "Multiple isolators specify hostname"),
             ("user", "Multiple isolators specify user"),
+            ("command", "Multiple isolators specify command"),
+            ("rootfs", "Multiple isolators specify rootfs"),
         ):
             theirs = getattr(other, attr)
             if theirs:

@@ -28,7 +28,7 @@ class PidNamespaceIsolator(Isolator):
             return None
         return LaunchInfo(
             clone_namespaces=CLONE_NEWPID | CLONE_NEWNS,
-            mounts=[PRIVATE_ROOT, {"source": "proc", "target": "/proc", "fstype": "proc",
+            mounts=[PRIVATE_ROOT, {"source": "proc", "target": config.in_rootfs("/proc"), "fstype": "proc", "mkdir": True,
                                    "flags": MS_NOSUID | MS_NODEV | MS_NOEXEC, "data": None}],
         )
 
@@ -45,6 +45,7 @@ class IpcNamespaceIsolator(Isolator):
         if mode == "PRIVATE":
             size = f",size={linux_info.shm_size}m" if linux_info is not None and linux_info.shm_size else ""
             info.clone_namespaces |= CLONE_NEWNS
-            info.mounts = [PRIVATE_ROOT, {"source": "tmpfs", "target": "/dev/shm", "fstype": "tmpfs",
+            info.mounts = [PRIVATE_ROOT, {"source": "tmpfs", "target": config.in_rootfs("/dev/shm"), "fstype": "tmpfs",
+                                          "mkdir": config.rootfs is not None,
                                           "flags": MS_NOSUID | MS_NODEV, "data": f"mode=1777{size}"}]
         return info

@@ -38,6 +38,9 @@ PR_SET_SECUREBITS = 28
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
 SECBIT_NOROOT = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
+MNT_DETACH = 2
+# pivot_root has no glibc wrapper (the same table as reconciler.linux.syscalls, which the init can't import).
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "ppc64": 203, "s390x": 217}
 
 # Not reconciler.linux.syscalls: it imports dataclasses and platform, and a heavier launch helper was
 # measured to cost each init ~200 KiB more unique memory. These two calls are all the init needs.
@@ -115,16 +118,22 @@ def run(spec: dict, go_fd: int, checkpoint_fd: int) -> int:
         # Without a pid namespace, daemonised grandchildren are re-parented to us, not the host's init.
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
+    stdio = None
     try:
+        # Opened here, by their host paths: a root filesystem entered below would hide them.
+        stdio = open_stdio(spec)
         apply_launch_info(spec)
-        pid, exec_error = start_command(spec)
+        pid, exec_error = start_command(spec, stdio)
     except Exception as exc:  # any setup failure ends the container with a message, as Mesos's helper does
         message = f"Failed to launch container: {exc}"
-        _log_to_stderr(spec, message)
+        _log_to_stderr(spec, message, stdio)
         write_status(checkpoint_fd, termination_doc(None, message))
         return 1
     if exec_error is not None:
-        _log_to_stderr(spec, exec_error)
+        _log_to_stderr(spec, exec_error, stdio)
+    for fd in stdio:
+        os.close(fd)
+    if exec_error is not None:
         write_status(checkpoint_fd, termination_doc(None, exec_error))
         return 1
 
@@ -140,10 +149,24 @@ def apply_launch_info(spec: dict) -> None:
     if spec.get("hostname"):
         import socket
         socket.sethostname(spec["hostname"])
+    rootfs = spec.get("rootfs")
     for m in spec.get("mounts", []):
+        target = m["target"]
+        if rootfs and target.startswith(rootfs + "/"):
+            # Inside the image's root filesystem: its symbolic links must not lead a mount to the host.
+            target = resolve_in_root(rootfs, target[len(rootfs):])
+        if "symlink" in m:
+            if not os.path.lexists(target):
+                os.symlink(m["symlink"], target)
+            continue
         if m.get("mkdir"):
-            os.makedirs(m["target"], mode=m.get("mkdir_mode", 0o755), exist_ok=True)
-        _mount(m.get("source"), m["target"], m.get("fstype"), m.get("flags", 0), m.get("data"))
+            os.makedirs(target, mode=m.get("mkdir_mode", 0o755), exist_ok=True)
+        elif m.get("file"):
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+        _mount(m.get("source"), target, m.get("fstype"), m.get("flags", 0), m.get("data"))
+    if rootfs:
+        pivot_root(rootfs)
     for rl in spec.get("rlimits", []):
         try:
             resource.setrlimit(rl["resource"], (rl["soft"], rl["hard"]))
@@ -162,18 +185,65 @@ def _rlimit_reason(rl: dict, exc: Exception) -> str:
     return f"{os.strerror(1)}: raising a hard limit above the agent's own ({hard}) needs CAP_SYS_RESOURCE{hint}"
 
 
-def start_command(spec: dict) -> tuple[int, str | None]:
+def open_stdio(spec: dict) -> tuple[int, int, int]:
+    """The command's stdin (/dev/null), stdout and stderr (appended to, in the sandbox)."""
+    stdin = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    stdout = os.open(spec["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    stderr = os.open(spec["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    return stdin, stdout, stderr
+
+
+def resolve_in_root(root: str, path: str) -> str:
+    """`path` inside `root`, its symbolic links resolved as if `root` were / (an absolute link restarts
+    at `root`, `..` stops there), as runc's securejoin; missing components are kept as they are."""
+    pending = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        current = os.path.join(root, *resolved, part)
+        if os.path.islink(current):
+            links += 1
+            if links > 40:
+                raise OSError(40, f"Too many levels of symbolic links resolving '{path}' in the root filesystem")
+            link = os.readlink(current)
+            if link.startswith("/"):
+                resolved = []
+            pending = [p for p in link.split("/") if p] + pending
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
+def pivot_root(new_root: str) -> None:
+    """Enter `new_root` (a mount point) as / and detach the old root, as Mesos's fs::chroot::enter."""
+    os.chdir(new_root)
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(38, f"pivot_root: unknown system call number on {os.uname().machine}")
+    # pivot_root(".", "."): the old root ends up stacked on the new one, then is detached.
+    _check(_libc.syscall(number, b".", b"."), "pivot_root", new_root)
+    _check(_libc.umount2(b".", MNT_DETACH), "umount2", "/")
+    os.chdir("/")
+
+
+def start_command(spec: dict, stdio: tuple[int, int, int] | None = None) -> tuple[int, str | None]:
     """Fork and exec the command. An exec failure comes back through a close-on-exec pipe."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    stdin = os.open("/dev/null", os.O_RDONLY)
-    stdout = os.open(spec["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    stderr = os.open(spec["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    stdin, stdout, stderr = stdio if stdio is not None else open_stdio(spec)
     pid = os.fork()
     if pid == 0:
         _exec_command(spec, stdin, stdout, stderr, err_w)
     os.close(err_w)
-    for fd in (stdin, stdout, stderr):
-        os.close(fd)
+    if stdio is None:
+        for fd in (stdin, stdout, stderr):
+            os.close(fd)
     chunks = []
     while chunk := os.read(err_r, 4096):
         chunks.append(chunk)
@@ -196,6 +266,13 @@ def _exec_command(spec: dict, stdin: int, stdout: int, stderr: int, err_w: int) 
         os.dup2(stderr, 2)
         os.closerange(3, err_w)
         os.closerange(err_w + 1, 65536)
+        # As Mesos's launch helper: a working directory the image lacks is made (inside the container's
+        # root, as root, before the user changes); only failing to enter it fails the launch.
+        try:
+            os.makedirs(spec["cwd"], mode=0o755, exist_ok=True)
+        except OSError:
+            pass
+        failing = f"Failed to chdir into current working directory '{spec['cwd']}'"
         os.chdir(spec["cwd"])
         user = spec.get("user")
         uid = user["uid"] if user else os.getuid()
@@ -290,8 +367,11 @@ def _reap_all(command_pid: int) -> int | None:
             command_status = status
 
 
-def _log_to_stderr(spec: dict, message: str) -> None:
+def _log_to_stderr(spec: dict, message: str, stdio: tuple[int, int, int] | None = None) -> None:
     try:
+        if stdio is not None:
+            os.write(stdio[2], (message + "\n").encode())
+            return
         with open(spec["stderr"], "a") as f:
             f.write(message + "\n")
     except OSError:

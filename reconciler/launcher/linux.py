@@ -5,14 +5,23 @@ hierarchy (cgroup v1) or the unified hierarchy (v2), entered before the init may
 Destroy kills the pid namespace's init when there is one (the kernel then ends the rest) and the
 whole cgroup otherwise (freezer or cgroup.kill), so nothing that forked or daemonised survives.
 Recovery lists `<cgroups_root>`: a cgroup no checkpoint owns is an orphan.
+
+In every other hierarchy the init is moved to `<hierarchy>/<cgroups_root>` before it runs (the
+cgroups isolators then move it on to its own cgroup in theirs), so no container process stays in
+the agent's own cgroups: a container runtime that clears the agent's pod on a rolling update, or
+systemd stopping the agent's unit, then cannot kill containers (Mesos moves its executors out of
+the agent's systemd unit into mesos_executors.slice for the same reason).
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 
 from reconciler.launcher.base import Forked, LaunchHelper, Launcher, signal_pid, wait_gone
 from reconciler.linux import cgroups, proc
+
+log = logging.getLogger(__name__)
 
 
 class LinuxLauncher(Launcher):
@@ -23,6 +32,7 @@ class LinuxLauncher(Launcher):
         self.cgroups_root = cgroups_root.strip("/")
         self.hierarchy = hierarchy
         self.hierarchy.create(self.cgroups_root)
+        self.others = self._leave_agent_cgroups_in()
 
     def cgroup(self, container_id: str) -> str:
         return f"{self.cgroups_root}/{container_id}"
@@ -33,11 +43,34 @@ class LinuxLauncher(Launcher):
         forked = self.helper.fork(spec, clone_flags)
         try:
             self.hierarchy.attach(cgroup, forked.pid)
+            for other in self.others:
+                try:
+                    other.attach(self.cgroups_root, forked.pid)
+                except OSError as exc:
+                    log.warning("container %s stays in the agent's cgroup of %s: %s", container_id, other.mountpoint, exc)
         except BaseException:
             signal_pid(forked.pid, signal.SIGKILL)
             forked.close_go()
             raise
         return forked
+
+    def _leave_agent_cgroups_in(self) -> list[cgroups.Hierarchy]:
+        """The other mounted hierarchies, each with its `<cgroups_root>` made (not the named ones
+        the kernel shows but nothing mounts: nobody can kill through those)."""
+        mounts = cgroups.find_mounts()
+        hierarchies = list(mounts.v1_hierarchies) + ([mounts.v2] if mounts.v2 else [])
+        others = []
+        for hierarchy in hierarchies:
+            if hierarchy.mountpoint == self.hierarchy.mountpoint or hierarchy.root != "/":
+                continue
+            try:
+                hierarchy.create(self.cgroups_root)
+            except OSError as exc:
+                log.warning("cannot create %s in %s: containers stay in the agent's cgroup there: %s",
+                            self.cgroups_root, hierarchy.mountpoint, exc)
+                continue
+            others.append(hierarchy)
+        return others
 
     def destroy(self, container_id: str, identity: proc.ProcessIdentity | None, pid_namespace: bool) -> None:
         cgroup = self.cgroup(container_id)

@@ -1,0 +1,374 @@
+"""Safe extraction of one image layer (an untrusted tar stream) into a fresh directory.
+
+Every write goes through directory file descriptors opened with O_NOFOLLOW, one path component at a
+time, and every file is created with O_EXCL after removing what was there: a member can never make a
+later one write through a symlink (`a -> /etc` then `a/passwd` is refused), whatever order they come
+in. Refused, each with an UnsafeArchive error naming the archive, the layer and the member: absolute
+member names, `..` components, hard links to anything outside the layer or not yet in it, symlinks
+whose relative target climbs above the layer root (absolute targets such as `/bin/busybox` are normal
+and resolve inside the container's root), block and character devices, unknown member types, a member
+or a layer larger than the limit (the layer's uncompressed tar stream is counted, so a gzip bomb stops
+at the limit too). FIFOs are kept, as Docker keeps them.
+
+Docker's whiteouts become overlayfs's at extraction, as Mesos's convertWhiteouts does after untar:
+`.wh.<name>` → a 0/0 character device `<name>`, `.wh..wh..opq` → `trusted.overlay.opaque=y` on the
+directory. Modes (setuid included), owners, mtimes and the `security.capability` and `user.*` xattrs
+are kept; other xattrs (`trusted.*` could steer overlayfs) are dropped.
+"""
+
+from __future__ import annotations
+
+import bz2
+import errno
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import shutil
+import stat
+import tarfile
+import zlib
+from dataclasses import dataclass
+from typing import IO, Any
+
+from reconciler.images.errors import ArchiveError, DigestMismatch, ImageError, UnsafeArchive
+
+DEFAULT_MAX_LAYER_BYTES = 8 << 30
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+KEPT_XATTRS = ("security.capability", "user.")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CHUNK = 1 << 20
+
+
+@dataclass
+class LayerStats:
+    diff_id: str        # "sha256:<hex>" of the uncompressed tar stream
+    entries: int        # members written (whiteouts included, the root entry not)
+    bytes: int          # bytes of regular file content
+
+
+class _Counted(io.RawIOBase):
+    """Hashes and counts what passes through; past `limit` bytes it raises `over_limit()`."""
+
+    def __init__(self, f: IO[bytes], limit: int | None = None, over_limit: object = None) -> None:
+        self.f, self.limit, self.over_limit = f, limit, over_limit
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        data = self.f.read(len(buf))
+        if not data:
+            return 0
+        self.count += len(data)
+        if self.limit is not None and self.count > self.limit:
+            raise self.over_limit()  # type: ignore[misc,operator]
+        self.sha.update(data)
+        buf[:len(data)] = data
+        return len(data)
+
+
+def _decompressed(buffered: Any, where: str) -> IO[bytes]:
+    magic = buffered.peek(6)[:6]
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+    if magic[:3] == b"BZh":
+        return bz2.BZ2File(buffered)  # type: ignore[return-value]
+    if magic[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(buffered)  # type: ignore[return-value]
+    if magic[:4] == b"\x28\xb5\x2f\xfd":
+        raise ArchiveError(f"{where} is zstd-compressed, which this store does not support "
+                           "(re-save the image with gzip or uncompressed layers)")
+    return buffered
+
+
+class _Extractor:
+    def __init__(self, root_fd: int, where: str) -> None:
+        self.root_fd = root_fd
+        self.where = where
+        self.is_root = os.geteuid() == 0
+        self.dir_times: list[tuple[list[str], int]] = []
+        self.entries = 0
+        self.bytes = 0
+        self.name = ""
+
+    def refuse(self, why: str) -> UnsafeArchive:
+        return UnsafeArchive(f"Refusing {self.where}: member '{self.name}': {why}")
+
+    def components(self, name: str, what: str = "path") -> list[str]:
+        if name.startswith("/"):
+            raise self.refuse(f"absolute {what} '{name}'")
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise self.refuse(f"{what} '{name}' contains '..'")
+        return parts
+
+    def open_dir(self, parts: list[str], create: bool) -> int:
+        """An fd of the directory `parts` under the root, never crossing a symlink; missing ones made 0755."""
+        fd = os.dup(self.root_fd)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise self.refuse(f"'{'/'.join(parts[:i + 1])}' is a symlink or not a directory, "
+                                          "and the store never writes through one") from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def remove(parent: int, base: str, keep_dir: bool = False) -> None:
+        try:
+            st = os.stat(base, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if not keep_dir:
+                shutil.rmtree(base, dir_fd=parent)
+        else:
+            os.unlink(base, dir_fd=parent)
+
+    def owner_mode(self, fd: int, m: tarfile.TarInfo) -> None:
+        if self.is_root:
+            os.fchown(fd, m.uid, m.gid)
+        os.fchmod(fd, m.mode & 0o7777)  # after chown, which clears setuid
+        self.xattrs(fd, m)
+
+    def xattrs(self, fd: int, m: tarfile.TarInfo) -> None:
+        for key, value in m.pax_headers.items():
+            if not key.startswith("SCHILY.xattr."):
+                continue
+            attr = key[len("SCHILY.xattr."):]
+            if not attr.startswith(KEPT_XATTRS):
+                continue
+            os.setxattr(fd, attr, value.encode("utf-8", "surrogateescape"))
+
+    def member(self, tar: tarfile.TarFile, m: tarfile.TarInfo, max_bytes: int) -> None:
+        self.name = m.name
+        parts = self.components(m.name)
+        if m.size > max_bytes:
+            raise self.refuse(f"{m.size} bytes is over the layer size limit of {max_bytes} bytes")
+        if not parts:  # the layer's root entry ('./')
+            if m.isdir():
+                self.owner_mode(self.root_fd, m)
+                self.dir_times.append(([], _ns(m.mtime)))
+            return
+        if m.ischr() or m.isblk():
+            raise self.refuse(f"device node ({'character' if m.ischr() else 'block'} "
+                              f"{m.devmajor}:{m.devminor}) in an image layer")
+        if not (m.isreg() or m.isdir() or m.issym() or m.islnk() or m.isfifo()):
+            raise self.refuse(f"unsupported tar member type {m.type!r}")
+        base = parts[-1]
+        parent = self.open_dir(parts[:-1], create=True)
+        try:
+            self.entries += 1
+            if base.startswith(WHITEOUT_PREFIX):
+                self.whiteout(parent, base)
+            elif m.isdir():
+                self.directory(parent, base, parts, m)
+            elif m.isreg():
+                self.regular(tar, parent, base, m)
+            elif m.issym():
+                self.symlink(parent, base, parts, m)
+            elif m.islnk():
+                self.hardlink(parent, base, parts, m)
+            else:
+                self.remove(parent, base)
+                os.mkfifo(base, 0o600, dir_fd=parent)
+                fd = os.open(base, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                try:
+                    self.owner_mode(fd, m)
+                    os.utime(fd, ns=(_ns(m.mtime), _ns(m.mtime)))
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(parent)
+
+    def whiteout(self, parent: int, base: str) -> None:
+        if base == WHITEOUT_OPAQUE:
+            try:
+                os.setxattr(parent, OPAQUE_XATTR, b"y")
+            except OSError as e:
+                raise ImageError(f"Failed to set extended attribute '{OPAQUE_XATTR}' for {self.where}, "
+                                 f"member '{self.name}': {e.strerror} (this needs root)") from None
+            return
+        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            return  # aufs's own metadata (.wh..wh.plnk, .wh..wh.aufs): nothing to hide
+        hidden = base[len(WHITEOUT_PREFIX):]
+        if hidden in ("", ".", ".."):
+            raise self.refuse(f"whiteout of '{hidden}'")
+        self.remove(parent, hidden)
+        try:
+            os.mknod(hidden, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=parent)
+        except OSError as e:
+            raise ImageError(f"Failed to create character device for whiteout in {self.where}, "
+                             f"member '{self.name}': {e.strerror} (this needs root)") from None
+
+    def directory(self, parent: int, base: str, parts: list[str], m: tarfile.TarInfo) -> None:
+        self.remove(parent, base, keep_dir=True)  # a directory already there is updated, not emptied
+        try:
+            os.mkdir(base, 0o700, dir_fd=parent)
+        except FileExistsError:
+            pass
+        fd = os.open(base, _DIR_FLAGS, dir_fd=parent)
+        try:
+            self.owner_mode(fd, m)
+        finally:
+            os.close(fd)
+        self.dir_times.append((parts, _ns(m.mtime)))
+
+    def regular(self, tar: tarfile.TarFile, parent: int, base: str, m: tarfile.TarInfo) -> None:
+        self.remove(parent, base)
+        fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
+        try:
+            src = tar.extractfile(m)
+            if src is not None:
+                while chunk := src.read(_CHUNK):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            self.bytes += m.size
+            self.owner_mode(fd, m)
+            os.utime(fd, ns=(_ns(m.mtime), _ns(m.mtime)))
+        finally:
+            os.close(fd)
+
+    def check_symlink(self, parts: list[str], target: str) -> None:
+        """A relative target must stay inside the layer when resolved from the link's directory."""
+        if not target:
+            raise self.refuse("symlink with an empty target")
+        if target.startswith("/"):
+            return
+        depth = len(parts) - 1
+        for part in target.split("/"):
+            if part == "..":
+                depth -= 1
+                if depth < 0:
+                    raise self.refuse(f"symlink target '{target}' escapes the layer")
+            elif part not in ("", "."):
+                depth += 1
+
+    def symlink(self, parent: int, base: str, parts: list[str], m: tarfile.TarInfo) -> None:
+        target = m.linkname
+        self.check_symlink(parts, target)
+        self.remove(parent, base)
+        os.symlink(target, base, dir_fd=parent)
+        if self.is_root:
+            os.chown(base, m.uid, m.gid, dir_fd=parent, follow_symlinks=False)
+        os.utime(base, ns=(_ns(m.mtime), _ns(m.mtime)), dir_fd=parent, follow_symlinks=False)
+
+    def hardlink(self, parent: int, base: str, parts: list[str], m: tarfile.TarInfo) -> None:
+        target = self.components(m.linkname, "hard link target")
+        if not target:
+            raise self.refuse("hard link to the layer root")
+        if target == parts:
+            return
+        try:
+            tparent = self.open_dir(target[:-1], create=False)
+        except FileNotFoundError:
+            raise self.refuse(f"hard link target '{m.linkname}' is not in the layer") from None
+        try:
+            try:
+                st = os.stat(target[-1], dir_fd=tparent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise self.refuse(f"hard link target '{m.linkname}' is not in the layer") from None
+            if stat.S_ISDIR(st.st_mode):
+                raise self.refuse(f"hard link to the directory '{m.linkname}'")
+            if stat.S_ISLNK(st.st_mode):  # a hard link to a symlink is that symlink in another directory
+                self.check_symlink(parts, os.readlink(target[-1], dir_fd=tparent))
+            self.remove(parent, base)
+            os.link(target[-1], base, src_dir_fd=tparent, dst_dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(tparent)
+
+    def finish(self) -> None:
+        for parts, mtime in reversed(self.dir_times):
+            try:
+                fd = self.open_dir(parts, create=False)
+            except (OSError, UnsafeArchive):
+                continue  # replaced by a later member; nothing of ours to date
+            try:
+                os.utime(fd, ns=(mtime, mtime))
+            finally:
+                os.close(fd)
+
+
+def _ns(mtime: float) -> int:
+    return int(mtime * 1_000_000_000)
+
+
+def extract_layer(stream: IO[bytes], rootfs: str, *, where: str, max_bytes: int = DEFAULT_MAX_LAYER_BYTES,
+                  diff_id: str | None = None, digest: str | None = None, size: int | None = None) -> LayerStats:
+    """Unpack the layer tar (plain, gzip, bzip2 or xz) read from `stream` into the existing empty
+    directory `rootfs`; verify the blob's `digest`/`size` and the uncompressed `diff_id` when given.
+
+    `where` names the layer for messages ("layer 'x/layer.tar' of archive '/r/busybox.tar'"). On any
+    error the directory is left half-written: the caller extracts into a staging directory and drops it.
+    """
+    def over() -> UnsafeArchive:
+        return UnsafeArchive(f"Refusing {where}: the uncompressed layer is over the size limit of {max_bytes} bytes")
+
+    raw = _Counted(stream)
+    raw_buf = io.BufferedReader(raw, _CHUNK)
+    root_fd = os.open(rootfs, _DIR_FLAGS)
+    ex = _Extractor(root_fd, where)
+    try:
+        try:
+            plain = _decompressed(raw_buf, where)
+            # Counted above any buffering, so the limit applies to what tarfile consumed (it reads ahead
+            # by one 10 KiB record), not to a read-ahead buffer.
+            tar_stream = _Counted(plain, max_bytes, over)
+            with tarfile.open(fileobj=tar_stream, mode="r|") as tar:
+                for m in tar:
+                    ex.member(tar, m, max_bytes)
+            while tar_stream.read(_CHUNK):  # the end-of-archive blocks and padding count in the digests
+                pass
+            while raw_buf.read(_CHUNK):
+                pass
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
+            raise ArchiveError(f"Failed to read {where}: {e}") from None
+        except OSError as e:
+            name = f", member '{ex.name}'" if ex.name else ""
+            raise ArchiveError(f"Failed to extract {where}{name}: {e.strerror or e}") from None
+        ex.finish()
+    finally:
+        os.close(root_fd)
+    if digest is not None and "sha256:" + raw.sha.hexdigest() != digest:
+        raise DigestMismatch(f"{where[0].upper()}{where[1:]} has digest sha256:{raw.sha.hexdigest()}, expected {digest}")
+    if size is not None and raw.count != size:
+        raise DigestMismatch(f"{where[0].upper()}{where[1:]} is {raw.count} bytes, its descriptor says {size}")
+    actual = "sha256:" + tar_stream.sha.hexdigest()
+    if diff_id is not None and actual != diff_id:
+        raise DigestMismatch(f"{where[0].upper()}{where[1:]} has diff_id {actual}, the image config says {diff_id}")
+    return LayerStats(diff_id=actual, entries=ex.entries, bytes=ex.bytes)
+
+
+def hash_layer(stream: IO[bytes], *, where: str, max_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> tuple[str, int]:
+    """(diff_id, uncompressed size) of a layer whose format does not state it (legacy docker save)."""
+    def over() -> UnsafeArchive:
+        return UnsafeArchive(f"Refusing {where}: the uncompressed layer is over the size limit of {max_bytes} bytes")
+
+    raw_buf = io.BufferedReader(_Counted(stream), _CHUNK)
+    try:
+        counted = _Counted(_decompressed(raw_buf, where), max_bytes, over)
+        while counted.read(_CHUNK):
+            pass
+    except (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile, OSError) as e:
+        raise ArchiveError(f"Failed to read {where}: {e}") from None
+    return "sha256:" + counted.sha.hexdigest(), counted.count

@@ -1,0 +1,464 @@
+"""The local image store: pulls images from archives in --docker_registry (a local directory, as Mesos's
+image_tar_puller) into a content-addressed store under --docker_store_dir, shared by every container.
+
+    <store>/layers/<hex>/rootfs      one layer, extracted once; <hex> = sha256 of its diff_id (uncompressed tar)
+    <store>/layers/<hex>/layer.json  its diff_id, entry count, size on disk, when it was extracted
+    <store>/images/<hex>.json        an image: id, references, layer ids lowest first, runtime config, times
+    <store>/refs/<hex>.json          reference → image, with the archive's path, size and mtime_ns: a pull of
+                                     an unchanged archive reads only this and stat()s the archive
+    <store>/staging/                 extractions in progress (renamed into layers/ when complete and verified)
+    <store>/gc/                      layers being deleted by prune
+    <store>/locks/                   flock files: `store` (shared by pulls, exclusive for prune), one per
+                                     reference (one pull of it at a time) and per layer (one extraction)
+
+Locks are flock(2) locks, which exclude threads of one process as well as other processes (a separate
+`reconciler images prune` process, or a second agent sharing the store).
+
+Archive names follow Mesos: `<docker_registry>/<reference>.tar`, `reference` as written (`busybox` →
+`busybox.tar`, `busybox:latest` → `busybox:latest.tar`), or an OCI layout directory `<docker_registry>/<reference>/`.
+A digest reference (`busybox@sha256:…`) pins the image: it matches an OCI manifest digest or the image id
+(the config digest). Its archive is looked for under its own name, then under the repository's names
+(`busybox.tar`, `busybox:*.tar`, OCI directories), then in every archive of the registry. Once pulled,
+a digest reference is served from the store without reading any archive, since its content cannot change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from reconciler import fsutil
+from reconciler.images.archive import LayerBlob, ResolvedImage, Source, open_source, resolve
+from reconciler.images.errors import ArchiveError, DigestMismatch, ImageError, ImageNotFound
+from reconciler.images.extract import DEFAULT_MAX_LAYER_BYTES, extract_layer, hash_layer
+from reconciler.images.reference import ImageReference, parse_reference
+
+log = logging.getLogger(__name__)
+
+IMAGE_RECORD = "image.json"  # <work_dir>/containers/<id>/image.json: the layers a container uses
+
+
+@dataclass(frozen=True)
+class PulledImage:
+    reference: str              # the reference as pulled, in Mesos's form ("busybox:latest", "busybox@sha256:…")
+    id: str                     # "sha256:<hex>" of the image config (legacy docker save: of the top layer id)
+    layers: list[str]           # absolute rootfs directory of each layer, LOWEST first (overlay lowerdir is the reverse)
+    layer_ids: list[str]        # the store's layer ids (64 hex, sha256 of the diff_id), same order
+    config: dict[str, Any]      # the image config's "config": Entrypoint, Cmd, Env, WorkingDir, User, …; {} if absent
+    manifest_digest: str | None = None  # the OCI manifest digest, when the archive is an OCI layout
+
+    def record(self) -> dict[str, Any]:
+        """The document the containerizer keeps as <work_dir>/containers/<id>/image.json."""
+        return {"reference": self.reference, "id": self.id, "layer_ids": list(self.layer_ids)}
+
+
+@dataclass
+class StoredImage:
+    """One image in the store, for `reconciler images list`."""
+    id: str
+    references: list[str]
+    layer_ids: list[str]
+    layers: list[str]
+    size_bytes: int             # disk used by its layers (a layer shared with other images counts in each)
+    created: str | None         # from the image config
+    pulled_at: float
+    last_used: float
+    archive: str
+    manifest_digests: list[str] = field(default_factory=list)
+
+
+def _hex(digest: str) -> str:
+    return digest.removeprefix("sha256:")
+
+
+def _write_json(path: str, doc: Any) -> None:
+    """Atomic replace, with a temp name unique per thread (fsutil's is per process)."""
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.rename(tmp, path)
+
+
+def _read_json(path: str) -> Any | None:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log.warning("ignoring unreadable store record %s", path)
+        return None
+
+
+def _disk_usage(root: str) -> int:
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+def layers_in_use(work_dir: str) -> set[str]:
+    """Layer ids named by <work_dir>/containers/*/image.json (the containerizer writes one per provisioned
+    container). An unreadable record is an error: pruning without knowing what a container uses is unsafe."""
+    used: set[str] = set()
+    for path in sorted(glob.glob(os.path.join(glob.escape(work_dir), "containers", "*", IMAGE_RECORD))):
+        try:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            continue  # its container was removed meanwhile
+        except (OSError, ValueError) as e:
+            raise ImageError(f"Cannot tell which layers are in use: '{path}' is unreadable: {e}") from None
+        ids = doc.get("layer_ids") if isinstance(doc, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ImageError(f"Cannot tell which layers are in use: '{path}': field 'layer_ids' must be a list of strings")
+        used.update(_hex(i) for i in ids)
+    return used
+
+
+class ImageStore:
+    def __init__(self, registry_dir: str, store_dir: str, max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> None:
+        self.registry_dir = os.path.abspath(registry_dir)
+        self.store_dir = os.path.abspath(store_dir)
+        self.max_layer_bytes = max_layer_bytes
+        self.layers_dir = os.path.join(self.store_dir, "layers")
+        self.images_dir = os.path.join(self.store_dir, "images")
+        self.refs_dir = os.path.join(self.store_dir, "refs")
+        self.staging_dir = os.path.join(self.store_dir, "staging")
+        self.gc_dir = os.path.join(self.store_dir, "gc")
+        self.locks_dir = os.path.join(self.store_dir, "locks")
+        for d in (self.layers_dir, self.images_dir, self.refs_dir, self.staging_dir, self.gc_dir, self.locks_dir):
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise ImageError(f"Failed to create Docker store directory '{d}': {e.strerror}") from None
+        self.archive_reads = 0  # archives opened by this store object (tests check a cached pull opens none)
+        self._count_lock = threading.Lock()
+
+    # ------------------------------------------------------------ locks
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, shared: bool = False) -> Iterator[None]:
+        fd = os.open(os.path.join(self.locks_dir, name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    # ------------------------------------------------------------ pull
+
+    def layer_path(self, layer_id: str) -> str:
+        return os.path.join(self.layers_dir, _hex(layer_id), "rootfs")
+
+    def pull(self, reference: str, *, in_use_record: str | None = None) -> PulledImage:
+        """Make the image available in the store and return it. Thread- and process-safe.
+
+        in_use_record: a path (e.g. <work_dir>/containers/<id>/image.json) written with
+        PulledImage.record() before the store lock is released, so that a prune running in another
+        process cannot remove the layers between this pull and the caller recording them.
+        """
+        ref = parse_reference(reference)
+        key = hashlib.sha256(str(ref).encode()).hexdigest()
+        with self._flock("store", shared=True), self._flock(f"ref-{key}"):
+            image = self._cached(ref, key)
+            if image is None:
+                image = self._pull(ref, key)
+            self._touch(image.id, str(ref))
+            if in_use_record is not None:
+                os.makedirs(os.path.dirname(in_use_record), exist_ok=True)
+                # Not fsynced: a reboot ends every container that the record keeps layers for.
+                fsutil.atomic_write_json(in_use_record, image.record(), durable=False)
+            return image
+
+    def _archive_path(self, ref: ImageReference) -> str:
+        """Mesos's archive path for the reference: the tar, or an OCI layout directory of the same name."""
+        tar = os.path.join(self.registry_dir, f"{ref}.tar")
+        directory = os.path.join(self.registry_dir, str(ref))
+        if not os.path.exists(tar) and os.path.isfile(os.path.join(directory, "oci-layout")):
+            return directory
+        return tar
+
+    @staticmethod
+    def _stat_key(path: str) -> tuple[int, int] | None:
+        target = os.path.join(path, "index.json") if os.path.isdir(path) else path
+        try:
+            st = os.stat(target)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def _image_from_record(self, doc: dict[str, Any], reference: str) -> PulledImage | None:
+        layer_ids = doc.get("layer_ids") or []
+        if not layer_ids or not all(os.path.isdir(self.layer_path(i)) for i in layer_ids):
+            return None
+        return PulledImage(reference=reference, id=doc["id"], layers=[self.layer_path(i) for i in layer_ids],
+                           layer_ids=list(layer_ids), config=doc.get("config") or {},
+                           manifest_digest=(doc.get("manifest_digests") or [None])[0])
+
+    def _cached(self, ref: ImageReference, key: str) -> PulledImage | None:
+        rec = _read_json(os.path.join(self.refs_dir, key + ".json"))
+        if not isinstance(rec, dict) or rec.get("reference") != str(ref):
+            return None
+        doc = _read_json(os.path.join(self.images_dir, _hex(rec.get("image_id", "")) + ".json"))
+        if not isinstance(doc, dict):
+            return None
+        if ref.digest is None:
+            path = self._archive_path(ref)
+            if rec.get("archive") != path or list(rec.get("stat") or []) != list(self._stat_key(path) or []):
+                return None  # the archive changed, moved or is gone: read it again (or fail as Mesos does)
+        elif ref.digest != doc.get("id") and ref.digest not in (doc.get("manifest_digests") or []):
+            return None
+        return self._image_from_record(doc, str(ref))
+
+    def _open(self, path: str) -> Source:
+        with self._count_lock:
+            self.archive_reads += 1
+        return open_source(path)
+
+    def _locate(self, ref: ImageReference) -> tuple[Source, ResolvedImage, str]:
+        if ref.digest is None:
+            path = self._archive_path(ref)
+            if not os.path.exists(path):
+                raise ImageNotFound(f"Failed to find archive for image '{ref}' at '{path}'")
+            source = self._open(path)
+            try:
+                return source, resolve(source, ref), path
+            except BaseException:
+                source.close()
+                raise
+        return self._locate_digest(ref)
+
+    def _digest_candidates(self, ref: ImageReference) -> Iterator[tuple[str, bool]]:
+        """(archive path, whether it is named for this image), best first."""
+        seen: set[str] = set()
+        base = os.path.join(self.registry_dir, ref.name)
+        named = [self._archive_path(ref)]
+        named += sorted(glob.glob(glob.escape(base) + ".tar") + glob.glob(glob.escape(base) + ":*.tar"))
+        named += sorted(p for p in glob.glob(glob.escape(base)) + glob.glob(glob.escape(base) + ":*")
+                        if os.path.isfile(os.path.join(p, "oci-layout")))
+        for p in named:
+            if p not in seen and os.path.exists(p):
+                seen.add(p)
+                yield p, True
+        for dirpath, dirnames, filenames in os.walk(self.registry_dir):
+            if "oci-layout" in filenames and dirpath != self.registry_dir:
+                dirnames[:] = []
+                if dirpath not in seen:
+                    seen.add(dirpath)
+                    yield dirpath, False
+                continue
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                if name.endswith(".tar") and p not in seen:
+                    seen.add(p)
+                    yield p, False
+
+    def _locate_digest(self, ref: ImageReference) -> tuple[Source, ResolvedImage, str]:
+        mismatches: list[str] = []
+        for path, named in self._digest_candidates(ref):
+            try:
+                source = self._open(path)
+            except ImageError as e:
+                if named:
+                    raise
+                log.warning("skipping archive %s while looking for %s: %s", path, ref.digest, e)
+                continue
+            try:
+                return source, resolve(source, ref), path
+            except DigestMismatch as e:
+                source.close()
+                if named:
+                    mismatches.append(str(e))
+            except ImageError as e:
+                source.close()
+                if named:
+                    raise
+                log.warning("skipping archive %s while looking for %s: %s", path, ref.digest, e)
+        if mismatches:
+            raise DigestMismatch(f"Image '{ref}' is pinned to {ref.digest}, which no archive named for "
+                                 f"'{ref.name}' holds: " + "; ".join(mismatches))
+        raise ImageNotFound(f"Failed to find archive for image '{ref}' at '{self._archive_path(ref)}' "
+                            f"(and no archive in '{self.registry_dir}' holds an image with digest {ref.digest})")
+
+    def _pull(self, ref: ImageReference, key: str) -> PulledImage:
+        started = time.monotonic()
+        source, resolved, path = self._locate(ref)
+        stat_key = self._stat_key(path)
+        try:
+            layer_ids: list[str] = []
+            non_empty: list[str] = []
+            for blob in resolved.layers:
+                layer_id, entries = self._ensure_layer(source, blob)
+                layer_ids.append(layer_id)
+                if entries:
+                    non_empty.append(layer_id)
+        finally:
+            source.close()
+        # Empty layers (docker's metadata-only steps) add nothing to a rootfs, only overlay lowerdirs.
+        used = non_empty or layer_ids[-1:]
+        if not used:
+            raise ArchiveError(f"Image '{ref}' in archive '{path}' has no layers")
+        now = time.time()
+        with self._flock(f"image-{_hex(resolved.id)}"):
+            record_path = os.path.join(self.images_dir, _hex(resolved.id) + ".json")
+            doc = _read_json(record_path)
+            old = doc if isinstance(doc, dict) else {}
+            digests = list(old.get("manifest_digests") or [])
+            if resolved.manifest_digest and resolved.manifest_digest not in digests:
+                digests.append(resolved.manifest_digest)
+            references = list(old.get("references") or [])
+            if str(ref) not in references:
+                references.append(str(ref))
+            _write_json(record_path, {
+                "id": resolved.id, "references": references, "manifest_digests": digests,
+                "layer_ids": used, "config": resolved.config, "created": resolved.created,
+                "format": resolved.format, "archive": path, "names": resolved.names,
+                "pulled_at": old.get("pulled_at", now), "last_used": now,
+            })
+        _write_json(os.path.join(self.refs_dir, key + ".json"),
+                    {"reference": str(ref), "image_id": resolved.id, "archive": path,
+                     "stat": list(stat_key) if stat_key else None})
+        log.info("pulled image '%s' (%s, %d layers) from '%s' in %.3fs", ref, resolved.id, len(used), path,
+                 time.monotonic() - started)
+        return PulledImage(reference=str(ref), id=resolved.id, layers=[self.layer_path(i) for i in used],
+                           layer_ids=used, config=resolved.config, manifest_digest=resolved.manifest_digest)
+
+    def _layer_entries(self, layer_id: str) -> int | None:
+        """The layer's entry count when it is complete in the store, else None."""
+        if not os.path.isdir(self.layer_path(layer_id)):
+            return None
+        doc = _read_json(os.path.join(self.layers_dir, layer_id, "layer.json"))
+        return int(doc.get("entries", 1)) if isinstance(doc, dict) else 1
+
+    def _ensure_layer(self, source: Source, blob: LayerBlob) -> tuple[str, int]:
+        where = f"layer '{blob.name}' of archive '{source.path}'"
+        if not source.exists(blob.name):
+            raise ArchiveError(f"Archive '{source.path}': layer '{blob.name}' is missing")
+        diff_id = blob.diff_id
+        if diff_id is None:  # legacy docker save states no diff_ids: hash the layer (reading, not writing)
+            with source.open(blob.name) as f:
+                diff_id, _ = hash_layer(f, where=where, max_bytes=self.max_layer_bytes)
+        layer_id = _hex(diff_id)
+        entries = self._layer_entries(layer_id)
+        if entries is not None:
+            return layer_id, entries
+        with self._flock(f"layer-{layer_id}"):
+            entries = self._layer_entries(layer_id)
+            if entries is not None:
+                return layer_id, entries  # another thread or process extracted it while we waited
+            staging = tempfile.mkdtemp(prefix=f"{layer_id[:12]}.", dir=self.staging_dir)
+            try:
+                rootfs = os.path.join(staging, "rootfs")
+                os.mkdir(rootfs, 0o755)
+                started = time.monotonic()
+                with source.open(blob.name) as f:
+                    stats = extract_layer(f, rootfs, where=where, max_bytes=self.max_layer_bytes,
+                                          diff_id=diff_id, digest=blob.digest, size=blob.size)
+                _write_json(os.path.join(staging, "layer.json"), {
+                    "diff_id": stats.diff_id, "entries": stats.entries, "content_bytes": stats.bytes,
+                    "disk_bytes": _disk_usage(rootfs), "extracted_at": time.time(),
+                    "seconds": round(time.monotonic() - started, 3), "source": where,
+                })
+                target = os.path.join(self.layers_dir, layer_id)
+                if os.path.lexists(target):  # an incomplete leftover (no rootfs): set it aside first
+                    os.rename(target, os.path.join(self.gc_dir, f"{layer_id}.{uuid.uuid4().hex[:8]}"))
+                os.rename(staging, target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            return layer_id, stats.entries
+
+    def _touch(self, image_id: str, reference: str) -> None:
+        with self._flock(f"image-{_hex(image_id)}"):
+            path = os.path.join(self.images_dir, _hex(image_id) + ".json")
+            doc = _read_json(path)
+            if not isinstance(doc, dict):
+                return
+            doc["last_used"] = time.time()
+            if reference not in doc.setdefault("references", []):
+                doc["references"].append(reference)
+            _write_json(path, doc)
+
+    # ------------------------------------------------------------ list, prune
+
+    def images(self) -> list[StoredImage]:
+        out = []
+        for name in sorted(os.listdir(self.images_dir)):
+            if not name.endswith(".json"):
+                continue
+            doc = _read_json(os.path.join(self.images_dir, name))
+            if not isinstance(doc, dict) or "id" not in doc:
+                continue
+            layer_ids = list(doc.get("layer_ids") or [])
+            size = 0
+            for lid in layer_ids:
+                meta = _read_json(os.path.join(self.layers_dir, lid, "layer.json"))
+                size += int(meta.get("disk_bytes", 0)) if isinstance(meta, dict) else 0
+            out.append(StoredImage(
+                id=doc["id"], references=list(doc.get("references") or []), layer_ids=layer_ids,
+                layers=[self.layer_path(i) for i in layer_ids], size_bytes=size, created=doc.get("created"),
+                pulled_at=float(doc.get("pulled_at", 0)), last_used=float(doc.get("last_used", 0)),
+                archive=doc.get("archive", ""), manifest_digests=list(doc.get("manifest_digests") or [])))
+        return out
+
+    def prune(self, in_use_layer_ids: set[str], *, work_dir: str | None = None) -> list[str]:
+        """Remove every layer not in `in_use_layer_ids`, and the image records that need one of them.
+
+        Holds the store lock exclusively: no pull runs meanwhile. work_dir: also keep what
+        layers_in_use(work_dir) names, read under the lock (so a container provisioned by a pull
+        that finished just before, with in_use_record, is seen). Returns the removed layer ids.
+        """
+        keep = {_hex(i) for i in in_use_layer_ids}
+        with self._flock("store"):
+            if work_dir is not None:
+                keep |= layers_in_use(work_dir)
+            removed_images: set[str] = set()
+            for name in os.listdir(self.images_dir):
+                path = os.path.join(self.images_dir, name)
+                doc = _read_json(path)
+                if not isinstance(doc, dict) or not set(doc.get("layer_ids") or []) <= keep:
+                    removed_images.add(doc.get("id", "") if isinstance(doc, dict) else "")
+                    os.unlink(path)
+            for name in os.listdir(self.refs_dir):
+                doc = _read_json(os.path.join(self.refs_dir, name))
+                if not isinstance(doc, dict) or doc.get("image_id") in removed_images:
+                    os.unlink(os.path.join(self.refs_dir, name))
+            removed = []
+            for layer_id in sorted(os.listdir(self.layers_dir)):
+                if layer_id in keep:
+                    continue
+                os.rename(os.path.join(self.layers_dir, layer_id),
+                          os.path.join(self.gc_dir, f"{layer_id}.{uuid.uuid4().hex[:8]}"))
+                removed.append(layer_id)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.locks_dir, f"layer-{layer_id}.lock"))
+            for leftover in os.listdir(self.staging_dir):  # crashed pulls; none runs now
+                shutil.rmtree(os.path.join(self.staging_dir, leftover), ignore_errors=True)
+            for name in os.listdir(self.gc_dir):
+                shutil.rmtree(os.path.join(self.gc_dir, name), ignore_errors=True)
+            log.info("pruned %d layers and %d images from '%s'", len(removed), len(removed_images), self.store_dir)
+            return removed

@@ -1,0 +1,539 @@
+"""Container logs: the sandbox's `stdout` and `stderr`, rotated at a size limit, and read back (`reconciler logs`).
+
+Rotation follows Mesos's logrotate container logger (src/slave/container_loggers/logrotate.cpp):
+`--container_logger_max_stdout_size` / `--container_logger_max_stderr_size` (10MB by default, as
+Mesos's `max_stdout_size`, at least one page; 0 turns rotation off) and
+`--container_logger_keep N` (logrotate's `rotate N`: `stdout.1` is the newest rotated file,
+`stdout.N` the oldest; older ones are deleted).
+
+Mesos pipes the container's output through one `mesos-logrotate-logger` process per stream, which
+writes the file and rotates exactly at the limit. Here that would cost a process per container and
+tie each container's output to a process that must stay alive; instead the command writes straight
+into the sandbox files (opened O_APPEND by the init), and the agent rotates them when its
+statistics timer (every `--resync_interval`, in a thread) finds one over its limit. The agent can
+restart at any time without the containers noticing, and a container's logs cost no process.
+
+Rotation moves the live file's content to `.1` without the writer's help: the whole blocks before
+the end are copied, then cut off the front with fallocate(FALLOC_FL_COLLAPSE_RANGE), atomic against
+the writer's appends, so nothing is lost (ext4, XFS). Where that is not supported it falls back to
+copy-then-truncate, which loses what the command writes between the last copy and the truncation
+(microseconds, unless the agent is descheduled right then). Because the writer appends, its next
+write lands at the new end either way: no hole, no sparse file.
+
+The price: a file can pass its limit by what the command writes in one interval, and rotated files
+end on a block boundary rather than a line's (`reconciler logs` joins them seamlessly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("stdout", "stderr")
+DEFAULT_MAX_SIZE = 10 * 1024 * 1024       # Mesos: Megabytes(10)
+DEFAULT_KEEP = 5
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_CATCH_UP_ROUNDS = 8
+_LAST_STEP_BYTES = 256 * 1024    # at most this much is copied while holding the GIL
+
+# PyDLL: these calls keep the GIL (see _copy_to_end_and_truncate).
+_libc = ctypes.PyDLL(None, use_errno=True)
+_libc.copy_file_range.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int,
+                                  ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.c_uint]
+_libc.copy_file_range.restype = ctypes.c_ssize_t
+_libc.ftruncate.argtypes = [ctypes.c_int, ctypes.c_int64]
+_libc.ftruncate.restype = ctypes.c_int
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+TRUNCATION_GRACE = 1.0    # seconds a follower waits for the `.1` of a truncation it saw
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40,
+               "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from a Mesos Bytes string ("10MB", "512KB", "4096B", binary multiples as Mesos) or a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        number = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"invalid size {value!r}: expected bytes or a number with a unit, e.g. 10MB, 512KB, 4096B")
+        number = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if number < 0:
+        raise ValueError(f"size must not be negative: {value!r}")
+    if number != 0 and number < PAGE_SIZE:
+        raise ValueError(f"{value!r} is less than one page ({PAGE_SIZE} bytes); use 0 to turn rotation off")
+    return number
+
+
+def rotated(path: str, index: int) -> str:
+    return f"{path}.{index}"
+
+
+# Rotation ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RotationPolicy:
+    max_stdout_size: int = DEFAULT_MAX_SIZE    # 0: never rotated
+    max_stderr_size: int = DEFAULT_MAX_SIZE
+    keep: int = DEFAULT_KEEP
+
+    def limit(self, stream: str) -> int:
+        return self.max_stdout_size if stream == "stdout" else self.max_stderr_size
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.max_stdout_size or self.max_stderr_size)
+
+
+def rotate_if_needed(sandbox: str, policy: RotationPolicy) -> list[str]:
+    """Rotate each of the sandbox's streams that is over its limit; returns the files rotated.
+
+    Blocking (a copy of up to a few limits' worth of bytes): run it in a thread. A sandbox removed
+    meanwhile is not an error.
+    """
+    done = []
+    for stream in STREAMS:
+        limit = policy.limit(stream)
+        path = os.path.join(sandbox, stream)
+        try:
+            if limit and os.stat(path).st_size > limit:
+                rotate(path, policy.keep)
+                done.append(path)
+        except FileNotFoundError:
+            continue
+    return done
+
+
+def rotate(path: str, keep: int) -> int:
+    """Move the content of `path` to `path.1` (shifting older ones up, dropping `path.<keep>`).
+
+    Returns the bytes moved. With keep == 0 the content is dropped (logrotate's `rotate 0`).
+
+    Where the filesystem can (ext4, XFS), nothing is lost: the whole blocks before the end are
+    copied, then cut off the front of the live file with fallocate(FALLOC_FL_COLLAPSE_RANGE), which
+    the kernel does under the same inode lock as an append; the live file keeps the last partial
+    block (so rotated files end on a block boundary, not a line's; `reconciler logs` joins them).
+    Elsewhere (tmpfs, overlayfs) it is copy-then-truncate, and what the command writes between the
+    final copy and the truncation is lost (see _copy_to_end_and_truncate).
+
+    Order: the copy goes to a temp file, the live file is cut, then the older files shift and the copy
+    becomes `.1` by a rename, so `.1` never goes missing and a reader that saw the cut finds the copy.
+    """
+    with open(path, "r+b", buffering=0) as src:   # writable: ftruncate(2) and fallocate(2) need it
+        st = os.fstat(src.fileno())
+        if keep <= 0:
+            os.ftruncate(src.fileno(), 0)
+            return st.st_size
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.rotating")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, st.st_mode & 0o777)
+        try:
+            copied = _copy_and_cut(src.fileno(), fd, os.statvfs(path).f_bsize)
+            try:
+                os.fchown(fd, st.st_uid, st.st_gid)   # the container's user reads its own logs
+            except PermissionError:
+                pass
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+    _shift(path, keep)
+    os.rename(tmp, rotated(path, 1))   # replaces `.1` (hard-linked to `.2` by the shift) atomically
+    return copied
+
+
+def _copy_and_cut(src: int, dst: int, block: int) -> int:
+    size = os.fstat(src).st_size
+    whole = ((size - 1) // block) * block if size > 0 else 0   # a collapse must end before EOF
+    copied = 0
+    if whole > 0:
+        copied = _copy_range(src, dst, 0, whole)
+        if copied == whole and _libc.fallocate(src, FALLOC_FL_COLLAPSE_RANGE, 0, whole) == 0:
+            return copied
+        err = ctypes.get_errno()
+        if copied == whole and err not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, f"fallocate(FALLOC_FL_COLLAPSE_RANGE): {os.strerror(err)}")
+    # Copy-then-truncate: the bulk with the GIL released (the agent's loop runs on); what a busy
+    # writer adds meanwhile is left for the last step.
+    for _ in range(_CATCH_UP_ROUNDS):
+        size = os.fstat(src).st_size
+        if size - copied < _LAST_STEP_BYTES:
+            break
+        copied += _copy_range(src, dst, copied, size - copied)
+    return copied + _copy_to_end_and_truncate(src, dst, copied)
+
+
+def _shift(path: str, keep: int) -> None:
+    """`.k` → `.k+1` for k < keep (the oldest, and any beyond keep, dropped); `.1` stays, also linked as `.2`."""
+    directory, stream = os.path.split(path)
+    existing = sorted((i for i in _rotated_indexes(directory, stream)), reverse=True)
+    for index in existing:
+        if index >= keep:
+            os.unlink(rotated(path, index))
+        elif index >= 2:
+            os.rename(rotated(path, index), rotated(path, index + 1))
+    if keep >= 2 and 1 in existing:
+        os.link(rotated(path, 1), rotated(path, 2))
+
+
+def _rotated_indexes(directory: str, stream: str) -> list[int]:
+    indexes = []
+    for entry in os.listdir(directory):
+        prefix, _, suffix = entry.rpartition(".")
+        if prefix == stream and suffix.isdigit() and not suffix.startswith("0"):
+            indexes.append(int(suffix))
+    return indexes
+
+
+def _copy_to_end_and_truncate(src: int, dst: int, offset: int) -> int:
+    """Copy from `offset` to the end, then truncate `src`, without letting go of the GIL in between.
+
+    Python would release the GIL around each syscall, and another thread of the agent could then
+    hold it for up to a switch interval (5 ms) between the copy and the truncation: everything the
+    command wrote in that time would be lost. Called through PyDLL, the two syscalls follow each
+    other within microseconds. Returns the bytes copied.
+    """
+    off_in, off_out = ctypes.c_int64(offset), ctypes.c_int64(offset)
+    while True:
+        n = _libc.copy_file_range(src, ctypes.byref(off_in), dst, ctypes.byref(off_out), 1 << 30, 0)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or off_in.value != offset:
+                raise OSError(err, os.strerror(err))
+            # No in-kernel copy on this filesystem: the plain way, with a wider window.
+            done = _copy_range(src, dst, offset, os.fstat(src).st_size - offset)
+            os.ftruncate(src, 0)
+            return done
+        if n == 0:
+            break
+    if _libc.ftruncate(src, 0) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return off_in.value - offset
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
+    """Copy in the kernel (copy_file_range, else sendfile); returns the bytes copied."""
+    done = 0
+    while done < count:
+        try:
+            n = os.copy_file_range(src, dst, count - done, offset + done, offset + done)
+        except OSError:
+            os.lseek(dst, offset + done, os.SEEK_SET)
+            n = os.sendfile(dst, src, offset + done, count - done)
+        if n == 0:
+            break   # the file shrank under us (someone else truncated it)
+        done += n
+    return done
+
+
+# Reading -------------------------------------------------------------------------------------------
+
+def files_of(sandbox: str, stream: str) -> list[str]:
+    """The stream's files, oldest first: stdout.N … stdout.1, then the live stdout."""
+    path = os.path.join(sandbox, stream)
+    try:
+        indexes = _rotated_indexes(sandbox, stream)
+    except FileNotFoundError:
+        return []
+    return [rotated(path, i) for i in sorted(indexes, reverse=True)] + [path]
+
+
+class History:
+    """What a stream holds now, oldest first; `live_offset` is where the live file was read up to,
+    so a follower takes over exactly there."""
+
+    def __init__(self, sandbox: str, stream: str) -> None:
+        self.sandbox, self.stream = sandbox, stream
+        self.live_offset = 0
+
+    def all(self) -> Iterator[bytes]:
+        files = files_of(self.sandbox, self.stream)
+        for path in files:
+            live = path == files[-1]
+            try:
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 16):
+                        if live:
+                            self.live_offset += len(chunk)
+                        yield chunk
+            except FileNotFoundError:
+                continue
+
+    def tail(self, count: int) -> bytes:
+        """The last `count` lines across the rotated files and the live one."""
+        pieces: list[bytes] = []
+        files = files_of(self.sandbox, self.stream)
+        for path in reversed(files):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            if path == files[-1]:
+                self.live_offset = len(data)
+            pieces.insert(0, data)
+            if b"".join(pieces).count(b"\n") > count:
+                break
+        if count <= 0:
+            return b""
+        return b"".join(b"".join(pieces).splitlines(keepends=True)[-count:])
+
+
+class Follower:
+    """Follows a live log file like `tail -F`. A rotation (a new `.1`) means the live file was copied
+    there and truncated: what we had not read yet is read from `.1`, and we go on from 0. A replaced
+    live file (another inode) is read from its start."""
+
+    def __init__(self, path: str, offset: int | None = None) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+        self._identity: tuple[int, int] | None = None
+        self._rotated_identity = _identity(rotated(path, 1))
+        self._truncated_at = 0.0
+        self.offset = 0
+        self._open()
+        if offset is not None:
+            self.offset = offset
+        elif self._file is not None:
+            self.offset = os.fstat(self._file.fileno()).st_size
+
+    def _open(self) -> None:
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            self._file, self._identity = None, None
+            return
+        st = os.fstat(self._file.fileno())
+        self._identity = (st.st_dev, st.st_ino)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def read(self) -> bytes:
+        """What was appended since the last call, across rotations."""
+        out = b""
+        rotated_identity = _identity(rotated(self.path, 1))
+        if rotated_identity is not None and rotated_identity != self._rotated_identity:
+            # Each rotation since the last read moved the first bytes of the live file to a new `.1`
+            # (older ones shifted up, the `.1` we knew among them): take them in order.
+            for path in self._rotated_since(self._rotated_identity):
+                moved = _size(path)
+                if self.offset <= moved:
+                    out += _read_from(path, self.offset)
+                    self.offset = 0
+                else:
+                    self.offset -= moved
+            self._truncated_at = 0.0
+        self._rotated_identity = rotated_identity
+        if self._file is None:
+            self._open()
+            self.offset = 0
+        elif _identity(self.path) not in (None, self._identity):
+            out += self._drain()      # the rest of the old file, then the new one from its start
+            self.close()
+            self._open()
+            self.offset = 0
+        if self._file is None:
+            return out
+        if os.fstat(self._file.fileno()).st_size < self.offset:
+            # Truncated, and no new `.1` yet: the rotation installs it right after; wait for it a
+            # little, then take it for a truncation that kept nothing (--container_logger_keep 0).
+            now = time.monotonic()
+            self._truncated_at = self._truncated_at or now
+            if now - self._truncated_at < TRUNCATION_GRACE:
+                return out
+            self.offset = 0
+        self._truncated_at = 0.0
+        return out + self._drain()
+
+    def _rotated_since(self, known: tuple[int, int] | None) -> list[str]:
+        """The rotated files newer than the `.1` we knew (found by inode), oldest first."""
+        newer = []
+        index = 1
+        while True:
+            identity = _identity(rotated(self.path, index))
+            if identity is None or identity == known:
+                break
+            newer.append(rotated(self.path, index))
+            index += 1
+        return newer[::-1]
+
+    def _drain(self) -> bytes:
+        assert self._file is not None
+        self._file.seek(self.offset)
+        data = self._file.read()
+        self.offset += len(data)
+        return data
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _read_from(path: str, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def follow(follower: Follower, still_running: Callable[[], bool], interval: float = 0.2) -> Iterator[bytes]:
+    """Yield what is appended until `still_running()` says the container is gone (then a last drain)."""
+    try:
+        while True:
+            running = still_running()
+            data = follower.read()
+            if data:
+                yield data
+            if not running:
+                return
+            if not data:
+                time.sleep(interval)
+    finally:
+        follower.close()
+
+
+# Finding a container's sandbox -------------------------------------------------------------------
+
+class LogsError(Exception):
+    """One line for the operator, naming the container and where we looked."""
+
+
+@dataclass(frozen=True)
+class FoundContainer:
+    name: str
+    container_id: str
+    sandbox: str
+    checkpoint_dir: str
+    status_path: str
+
+    def running(self) -> bool:
+        """Until it is destroyed: its termination checkpointed, its checkpoint removed, or its init gone."""
+        from reconciler.checkpoint import PID, TERMINATION
+        from reconciler.fsutil import read_json
+        from reconciler.linux import proc
+
+        try:
+            os.stat(os.path.dirname(self.checkpoint_dir))
+        except PermissionError:
+            return self._running_by_status()   # not the agent's user: checkpoints are private (0700)
+        except FileNotFoundError:
+            return False
+        if not os.path.isdir(self.checkpoint_dir) or os.path.exists(os.path.join(self.checkpoint_dir, TERMINATION)):
+            return False
+        try:
+            pid_doc = read_json(os.path.join(self.checkpoint_dir, PID))
+        except ValueError:
+            return True
+        if pid_doc is None:
+            return True   # not forked yet
+        return proc.ProcessIdentity(pid_doc["pid"], pid_doc["start_time"]).is_alive()
+
+    def _running_by_status(self) -> bool:
+        from reconciler.fsutil import read_json
+        try:
+            status = read_json(self.status_path) or {}
+        except (OSError, ValueError):
+            return True    # unreadable now: keep following, Ctrl-C ends it
+        return status.get("container_id") == self.container_id and status.get("phase") in ("Pending", "Running")
+
+
+def find_container(name: str, status_dir: str, work_dir: str) -> FoundContainer:
+    """The container a name runs as: the one its status file names, else its newest checkpoint."""
+    from reconciler.checkpoint import Checkpoints
+    from reconciler.fsutil import read_json
+
+    checkpoints = Checkpoints(os.path.join(work_dir, "containers"), os.path.join(work_dir, "sandboxes"))
+    status_path = os.path.join(status_dir, f"{name}.json")
+    try:
+        status = read_json(status_path)
+    except ValueError:
+        status = None
+    container_id = (status or {}).get("container_id")
+    if not container_id:
+        newest = -1.0
+        for cid in checkpoints.ids():
+            try:
+                doc = read_json(os.path.join(checkpoints.dir(cid), "config.json"))
+            except (ValueError, PermissionError):
+                continue
+            if doc and doc.get("name") == name and float(doc.get("created_at") or 0) > newest:
+                container_id, newest = cid, float(doc.get("created_at") or 0)
+    if not container_id:
+        if status is not None:
+            raise LogsError(f"container {name!r} has no sandbox: it is {status.get('phase')}"
+                            + (f" ({status['message']})" if status.get("message") else ""))
+        raise LogsError(f"no container named {name!r}: no status file {status_path} and no checkpoint "
+                        f"of that name in {checkpoints.containers_dir} (see `reconciler status`, or give "
+                        f"--work_dir/--status_dir)")
+    sandbox = checkpoints.sandbox(container_id)
+    try:
+        config = read_json(os.path.join(checkpoints.dir(container_id), "config.json"))
+        sandbox = (config or {}).get("sandbox") or sandbox
+    except (ValueError, PermissionError):
+        pass
+    if not os.path.isdir(sandbox):
+        raise LogsError(f"container {name!r} ({container_id}) has no sandbox at {sandbox} any more")
+    return FoundContainer(name, container_id, sandbox, checkpoints.dir(container_id), status_path)
+
+
+# The agent's side ----------------------------------------------------------------------------------
+
+class LogRotator:
+    """On each statistics pass, rotate what is over its limit, in a thread (never blocks the loop)."""
+
+    def __init__(self, policy: RotationPolicy) -> None:
+        self.policy = policy
+        self._task: asyncio.Future[None] | None = None
+        self.rotations = 0
+
+    def check(self, sandboxes: list[str]) -> None:
+        """Start a pass unless one is still under way."""
+        if not self.policy.enabled or not sandboxes or (self._task is not None and not self._task.done()):
+            return
+        self._task = asyncio.ensure_future(asyncio.to_thread(self._pass, list(sandboxes)))
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    def _pass(self, sandboxes: list[str]) -> None:
+        for sandbox in sandboxes:
+            try:
+                for path in rotate_if_needed(sandbox, self.policy):
+                    self.rotations += 1
+                    log.debug("Rotated %s", path)
+            except OSError as exc:
+                log.warning("Failed to rotate the logs in %s: %s", sandbox, exc)

@@ -34,6 +34,12 @@ STATUS = "status"
 TERMINATION = "termination.json"
 
 
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields as a dict, without dataclasses.asdict's deep copy (its values are plain JSON
+    already, and the copy of a launch info's mounts cost a launch ~2 ms)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
 class Checkpoints:
     def __init__(self, containers_dir: str, sandboxes_dir: str) -> None:
         self.containers_dir = containers_dir
@@ -64,11 +70,12 @@ class Checkpoints:
     # Writers --------------------------------------------------------------------------------
     def write_config(self, config: ContainerConfig) -> None:
         os.makedirs(self.dir(config.container_id), mode=0o700, exist_ok=True)
-        doc = dataclasses.asdict(config) | {"spec": config.spec.model_dump(mode="json", exclude_none=True)}
+        doc = _fields(config) | {"spec": config.spec.model_dump(mode="json", exclude_none=True),
+                                 "image": _fields(config.image) if config.image is not None else None}
         atomic_write_json(os.path.join(self.dir(config.container_id), CONFIG), doc, durable=False)
 
     def write_launch_info(self, container_id: str, info: LaunchInfo) -> None:
-        atomic_write_json(os.path.join(self.dir(container_id), LAUNCH_INFO), dataclasses.asdict(info), durable=False)
+        atomic_write_json(os.path.join(self.dir(container_id), LAUNCH_INFO), _fields(info), durable=False)
 
     def write_pid(self, container_id: str, pid: int, start_time: int, boot_id: str, pid_namespace: bool,
                   started_at: float) -> None:

@@ -47,6 +47,7 @@ from reconciler.images.reference import ImageReference, parse_reference
 
 log = logging.getLogger(__name__)
 
+TOUCH_EVERY = 60.0           # seconds between two writes of an image's last_used by one process
 IMAGE_RECORD = "image.json"  # <work_dir>/containers/<id>/image.json: the layers a container uses
 
 
@@ -154,6 +155,7 @@ class ImageStore:
                 os.makedirs(d, mode=0o700, exist_ok=True)
             except OSError as e:
                 raise ImageError(f"Failed to create Docker store directory '{d}': {e.strerror}") from None
+        self._touched: dict[tuple[str, str], float] = {}   # (image id, reference) -> when this process last touched it
         self.archive_reads = 0  # archives opened by this store object (tests check a cached pull opens none)
         self._count_lock = threading.Lock()
 
@@ -186,7 +188,10 @@ class ImageStore:
             image = self._cached(ref, key)
             if image is None:
                 image = self._pull(ref, key)
-            self._touch(image.id, str(ref))
+            touched = (image.id, str(ref))
+            if time.monotonic() - self._touched.get(touched, -TOUCH_EVERY) >= TOUCH_EVERY:
+                self._touch(image.id, str(ref))   # `last_used` is for `images list`: a minute's precision will do
+                self._touched[touched] = time.monotonic()
             if in_use_record is not None:
                 os.makedirs(os.path.dirname(in_use_record), exist_ok=True)
                 # Not fsynced: a reboot ends every container that the record keeps layers for.

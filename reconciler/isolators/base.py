@@ -77,8 +77,8 @@ class ContainerConfig:
     @property
     def rootfs(self) -> str | None:
         """Where the container's root filesystem is mounted (in its own mount namespace) when it has an
-        image: the overlay's merged directory, next to its writable upper layer in the sandbox."""
-        return os.path.join(self.sandbox, ROOTFS_DIR, "merged") if self.image is not None else None
+        image: `<sandbox>/.rootfs`, over its own `upper` and `work` directories (the overlay keeps them)."""
+        return os.path.join(self.sandbox, ROOTFS_DIR) if self.image is not None else None
 
     def in_rootfs(self, path: str) -> str:
         """`path` as the init sees it before it enters the rootfs (the path itself without a rootfs)."""

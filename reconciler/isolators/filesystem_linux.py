@@ -7,7 +7,8 @@ never sees it and it goes away with the namespace (nothing to unmount at destroy
 - lower: the image's layers, read-only, from the shared content-addressed store (provisioner);
 - upper and work: `<sandbox>/.rootfs/{upper,work}`, so what the container writes to its root
   filesystem is sandbox usage (disk/du counts it) and is removed with the sandbox;
-- mounted at `<sandbox>/.rootfs/merged`, then, inside it: /proc, /sys (read-only), a minimal /dev
+- mounted at `<sandbox>/.rootfs` itself, over the directories it keeps (one mkdir less per launch:
+  each costs ~0.5 ms on a slow disk), then, inside it: /proc, /sys (read-only), a minimal /dev
   (a tmpfs with null, zero, full, random, urandom and tty bound from the host, a private devpts,
   the std* and fd links, and /dev/shm), the host's /etc/resolv.conf and /etc/hosts (read-only, as
   Mesos does for containers on the host network), the sandbox at /mnt/mesos/sandbox (MESOS_SANDBOX)
@@ -79,10 +80,9 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
             return super().prepare(container_id, config)
         rootfs = config.rootfs
         assert rootfs is not None
-        scratch = os.path.join(config.sandbox, ROOTFS_DIR)
-        upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
-        for directory in (upper, work, rootfs):
-            os.makedirs(directory, mode=0o755, exist_ok=True)
+        upper, work = os.path.join(rootfs, "upper"), os.path.join(rootfs, "work")
+        os.makedirs(upper, mode=0o755, exist_ok=True)
+        os.makedirs(work, mode=0o755, exist_ok=True)
         if not config.image.layers:
             raise PermanentError(f"Image '{config.image.reference}' has no layers")
         # overlayfs lists lower directories topmost first; the store gives them lowest first.

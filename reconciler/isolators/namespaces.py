@@ -28,7 +28,8 @@ class PidNamespaceIsolator(Isolator):
             return None
         return LaunchInfo(
             clone_namespaces=CLONE_NEWPID | CLONE_NEWNS,
-            mounts=[PRIVATE_ROOT, {"source": "proc", "target": config.in_rootfs("/proc"), "fstype": "proc", "mkdir": True,
+            mounts=[PRIVATE_ROOT, {"source": "proc", "target": config.in_rootfs("/proc"), "fstype": "proc",
+                                   "mkdir": config.rootfs is not None,   # (a makedirs would cost each init pages)
                                    "flags": MS_NOSUID | MS_NODEV | MS_NOEXEC, "data": None}],
         )
 

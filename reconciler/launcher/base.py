@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -44,6 +45,14 @@ class LaunchHelper:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen | None = None
+        # Called with the helper's pid each time it (re)starts: the linux launcher places it in cgroups
+        # every container then inherits (see LinuxLauncher), which costs no write per launch.
+        self.on_start: Callable[[int], None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The running helper's pid, if it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def start(self) -> None:
         with self._lock:
@@ -62,6 +71,8 @@ class LaunchHelper:
         )
         theirs.close()
         self._sock = ours
+        if self.on_start is not None:
+            self.on_start(self._proc.pid)
 
     def fork(self, spec: dict, clone_flags: int) -> Forked:
         with self._lock:

@@ -72,6 +72,12 @@ def warm_up() -> None:
         except OSError:
             pass
         json.dumps(termination_doc(0, None))
+        for fd in open_stdio({"stdout": os.devnull, "stderr": os.devnull}):
+            os.close(fd)
+        apply_launch_info({})
+        # What a container with its own root filesystem runs for each of its ~20 mounts.
+        resolve_in_root("/", "/proc/self/../self/fd")
+        os.makedirs("/proc", mode=0o755, exist_ok=True)
 
 
 def write_status(checkpoint_fd: int, doc: dict) -> None:
@@ -109,6 +115,18 @@ def run(spec: dict, go_fd: int, checkpoint_fd: int) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     _libc.prctl(PR_SET_NAME, b"reconciler-init", 0, 0, 0)
 
+    # The launch info (mounts, root filesystem, hostname, rlimits) is applied while the agent still
+    # isolates (cgroups, checkpoints): nothing of the command runs before the go-ahead, and the two
+    # overlap on separate CPUs. A failure is reported once the go-ahead came, as any other.
+    stdio = None
+    setup_error = None
+    try:
+        # Opened here, by their host paths: a root filesystem entered below would hide them.
+        stdio = open_stdio(spec)
+        apply_launch_info(spec)
+    except Exception as exc:  # noqa: BLE001
+        setup_error = exc
+
     # The agent sends one byte after isolate(); EOF means it gave up on this launch.
     if os.read(go_fd, 1) != b"\x01":
         return 0
@@ -118,11 +136,9 @@ def run(spec: dict, go_fd: int, checkpoint_fd: int) -> int:
         # Without a pid namespace, daemonised grandchildren are re-parented to us, not the host's init.
         _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
-    stdio = None
     try:
-        # Opened here, by their host paths: a root filesystem entered below would hide them.
-        stdio = open_stdio(spec)
-        apply_launch_info(spec)
+        if setup_error is not None:
+            raise setup_error
         pid, exec_error = start_command(spec, stdio)
     except Exception as exc:  # any setup failure ends the container with a message, as Mesos's helper does
         message = f"Failed to launch container: {exc}"

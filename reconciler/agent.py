@@ -57,9 +57,11 @@ def build_image_store(config: AgentConfig):  # noqa: ANN201 - reconciler.images.
     from reconciler.images.errors import ImageError
     from reconciler.images.store import ImageStore
     try:
-        return ImageStore(config.docker_registry_path, config.docker_store_path)
+        store = ImageStore(config.docker_registry_path, config.docker_store_path)
     except ImageError as exc:
         raise IsolatorSetupError(f"flag --docker_store_dir: {exc}") from None
+    store.clean_leftovers()
+    return store
 
 
 class Agent:

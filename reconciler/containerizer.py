@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import os
+import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -126,6 +129,7 @@ class Containerizer:
                  on_change: Callable[[Container], None] = lambda c: None, image_store: Any = None) -> None:
         self.launcher = launcher
         self.image_store = image_store     # reconciler.images.ImageStore with --image_providers=docker
+        self._pull_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-pull")
         self.isolators = isolators
         self.checkpoints = checkpoints
         self.on_change = on_change
@@ -242,11 +246,17 @@ class Containerizer:
         from reconciler.images.store import IMAGE_RECORD
         record_dir = self.checkpoints.dir(config.container_id)
         os.makedirs(record_dir, mode=0o700, exist_ok=True)
+        pull = functools.partial(self.image_store.pull, image.docker.name,
+                                 in_use_record=os.path.join(record_dir, IMAGE_RECORD))
         try:
-            pulled = await asyncio.to_thread(self.image_store.pull, image.docker.name,
-                                             in_use_record=os.path.join(record_dir, IMAGE_RECORD))
-        except InvalidReference as exc:
-            raise PermanentError(str(exc)) from None
+            # Pulls get threads of their own: a long extraction must not hold up destroys and the
+            # other work the loop hands to the default executor.
+            pulled = await asyncio.get_running_loop().run_in_executor(self._pull_executor, pull)
+        except BaseException as exc:
+            shutil.rmtree(record_dir, ignore_errors=True)    # a new id each try: nothing else is in it
+            if isinstance(exc, InvalidReference):
+                raise PermanentError(str(exc)) from None
+            raise
         config.image = ProvisionedImage(reference=pulled.reference, id=pulled.id, layers=list(pulled.layers),
                                         config=dict(pulled.config))
 
@@ -267,8 +277,10 @@ class Containerizer:
             user = users.resolve(config.spec.command.user) if config.spec.command.user else None
             self.checkpoints.write_config(config)
             os.makedirs(config.sandbox, mode=0o755, exist_ok=True)
-            if user is not None:
-                users.give_sandbox(config.sandbox, user)
+            if user is not None and os.geteuid() != 0:
+                users.give_sandbox(config.sandbox, user)   # refused unless it is the agent's own user
+            # As root, the init gives the sandbox to the user once it has made its mounts and opened
+            # stdout and stderr in it: until then only root can change what is in it.
             info = LaunchInfo()
             for isolator in self.isolators:
                 part = isolator.prepare(cid, config)
@@ -351,6 +363,8 @@ class Containerizer:
             "pre_exec": info.pre_exec,
             "capabilities": info.capabilities,
             "user": user.launch_spec() if user is not None else info.user,
+            "sandbox_owner": [user.uid, user.gid] if user is not None and os.geteuid() == 0 else None,
+            "sandbox_in_container": CONTAINER_SANDBOX if info.rootfs else config.sandbox,
         }
 
     # watch ------------------------------------------------------------------------------------

@@ -201,24 +201,35 @@ class HttpServer:
                 finally:
                     conn.close()
                 continue
-            # The request usually arrived with the connection: answer it here, without waking a thread.
-            pending = b""
+            # The request usually arrived with the connection: answer it here, without waking a thread,
+            # but never wait on the client here: what it does not take at once (a client that does not
+            # read, or pipelined requests) is left to the connection's thread.
+            pending, unsent, close = b"", b"", False
             try:
                 pending = conn.recv(65536, socket.MSG_DONTWAIT)
                 if not pending:
                     self._finish(conn)
                     continue
-                pending, close = self._answer(conn, pending)
-                if close:
-                    self._finish(conn)
-                    continue
+                end = pending.find(b"\r\n\r\n")
+                if end >= 0:
+                    answer, close = self.respond(pending[:end])
+                    pending = pending[end + 4:]
+                    try:
+                        sent = conn.send(answer, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        sent = 0
+                    unsent = answer[sent:]
+                    if close and not unsent:
+                        self._finish(conn)
+                        continue
             except BlockingIOError:
                 pass
             except OSError:
                 self._finish(conn)
                 continue
             try:
-                _thread.start_new_thread(self._serve, (conn, pending))   # no wait for the thread to start
+                # No wait for the thread to start.
+                _thread.start_new_thread(self._serve, (conn, pending, unsent, close))
             except RuntimeError:
                 self._finish(conn)
 
@@ -226,10 +237,18 @@ class HttpServer:
         conn.close()
         self._slots.release()
 
-    def _serve(self, conn: socket.socket, pending: bytes) -> None:
-        """A connection's further requests (keep-alive), or its first when it came after the connect."""
+    def _serve(self, conn: socket.socket, pending: bytes, unsent: bytes = b"", close: bool = False) -> None:
+        """A connection's further requests (keep-alive), or its first when it came after the connect;
+        first the rest of an answer the accept thread began."""
         try:
             conn.settimeout(IDLE_TIMEOUT)
+            if unsent:
+                conn.sendall(unsent)
+            if close:
+                return
+            pending, close = self._answer(conn, pending)
+            if close:
+                return
             while True:
                 data = conn.recv(65536)
                 if not data:

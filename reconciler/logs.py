@@ -32,6 +32,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
@@ -108,15 +109,23 @@ def rotate_if_needed(sandbox: str, policy: RotationPolicy) -> list[str]:
     meanwhile is not an error.
     """
     done = []
-    for stream in STREAMS:
-        limit = policy.limit(stream)
-        path = os.path.join(sandbox, stream)
-        try:
-            if limit and os.stat(path).st_size > limit:
-                rotate(path, policy.keep)
-                done.append(path)
-        except FileNotFoundError:
-            continue
+    try:
+        directory = os.open(sandbox, _DIR_FLAGS | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return done
+    try:
+        for stream in STREAMS:
+            limit = policy.limit(stream)
+            try:
+                if limit and os.stat(stream, dir_fd=directory, follow_symlinks=False).st_size > limit:
+                    _rotate_at(directory, stream, policy.keep)
+                    done.append(os.path.join(sandbox, stream))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:   # one stream that can't be rotated must not stop the other
+                log.warning("Failed to rotate %s in %s: %s", stream, sandbox, exc)
+    finally:
+        os.close(directory)
     return done
 
 
@@ -134,28 +143,63 @@ def rotate(path: str, keep: int) -> int:
 
     Order: the copy goes to a temp file, the live file is cut, then the older files shift and the copy
     becomes `.1` by a rename, so `.1` never goes missing and a reader that saw the cut finds the copy.
+
+    The sandbox is the container's: every name in it is opened relative to the directory, never
+    through a symbolic link, and only a regular file with one link is rotated (a container that put a
+    link to a host file there must not get the agent, as root, to cut or overwrite that file).
     """
-    with open(path, "r+b", buffering=0) as src:   # writable: ftruncate(2) and fallocate(2) need it
-        st = os.fstat(src.fileno())
+    directory = os.open(os.path.dirname(path) or ".", _DIR_FLAGS)
+    try:
+        return _rotate_at(directory, os.path.basename(path), keep)
+    finally:
+        os.close(directory)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _rotate_at(directory: int, name: str, keep: int) -> int:
+    src = os.open(name, os.O_RDWR | _FILE_FLAGS, dir_fd=directory)   # writable: ftruncate and fallocate need it
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OSError(errno.EPERM, f"not rotating '{name}': it is not a regular file with a single link")
         if keep <= 0:
-            os.ftruncate(src.fileno(), 0)
+            os.ftruncate(src, 0)
             return st.st_size
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.rotating")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, st.st_mode & 0o777)
+        tmp = f".{name}.rotating"
+        fd = _create_exclusive(directory, tmp, st.st_mode & 0o777)
         try:
-            copied = _copy_and_cut(src.fileno(), fd, os.statvfs(path).f_bsize)
+            copied = _copy_and_cut(src, fd, os.fstatvfs(src).f_bsize)
             try:
                 os.fchown(fd, st.st_uid, st.st_gid)   # the container's user reads its own logs
             except PermissionError:
                 pass
         except BaseException:
             os.close(fd)
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=directory)
             raise
         os.close(fd)
-    _shift(path, keep)
-    os.rename(tmp, rotated(path, 1))   # replaces `.1` (hard-linked to `.2` by the shift) atomically
+    finally:
+        os.close(src)
+    _shift(directory, name, keep)
+    # Replaces `.1` (hard-linked to `.2` by the shift) atomically; rename never follows a link.
+    os.rename(tmp, f"{name}.1", src_dir_fd=directory, dst_dir_fd=directory)
     return copied
+
+
+def _create_exclusive(directory: int, name: str, mode: int) -> int:
+    """A new file `name` (whatever was there, a link included, is removed first, never followed)."""
+    for _ in range(3):
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, mode, dir_fd=directory)
+        except FileExistsError:
+            try:
+                os.unlink(name, dir_fd=directory)
+            except FileNotFoundError:
+                pass
+    raise OSError(errno.EEXIST, f"cannot create '{name}': something keeps recreating it")
 
 
 def _copy_and_cut(src: int, dst: int, block: int) -> int:
@@ -179,20 +223,19 @@ def _copy_and_cut(src: int, dst: int, block: int) -> int:
     return copied + _copy_to_end_and_truncate(src, dst, copied)
 
 
-def _shift(path: str, keep: int) -> None:
+def _shift(directory: int, stream: str, keep: int) -> None:
     """`.k` → `.k+1` for k < keep (the oldest, and any beyond keep, dropped); `.1` stays, also linked as `.2`."""
-    directory, stream = os.path.split(path)
     existing = sorted((i for i in _rotated_indexes(directory, stream)), reverse=True)
     for index in existing:
         if index >= keep:
-            os.unlink(rotated(path, index))
+            os.unlink(f"{stream}.{index}", dir_fd=directory)
         elif index >= 2:
-            os.rename(rotated(path, index), rotated(path, index + 1))
+            os.rename(f"{stream}.{index}", f"{stream}.{index + 1}", src_dir_fd=directory, dst_dir_fd=directory)
     if keep >= 2 and 1 in existing:
-        os.link(rotated(path, 1), rotated(path, 2))
+        os.link(f"{stream}.1", f"{stream}.2", src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False)
 
 
-def _rotated_indexes(directory: str, stream: str) -> list[int]:
+def _rotated_indexes(directory: str | int, stream: str) -> list[int]:
     indexes = []
     for entry in os.listdir(directory):
         prefix, _, suffix = entry.rpartition(".")

@@ -319,6 +319,25 @@ def test_server_answers_the_live_health_and_closes_cleanly() -> None:
         server.close()
 
 
+def test_a_client_that_never_reads_does_not_stall_the_others() -> None:
+    # 2,000 pipelined requests for a large answer, never read: the accept thread must not wait on it.
+    big = response("200 OK", "application/json", b"x" * 200_000)
+    routes = {b"/state": lambda: big, b"/healthz": lambda: response("200 OK", "text/plain", b"ok\n")}
+    server = HttpServer(f"127.0.0.1:{free_port()}", routes)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as hostile:
+            hostile.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hostile.sendall(b"GET /state HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+            time.sleep(0.2)
+            for _ in range(3):
+                started = time.monotonic()
+                assert get(server.port, "/healthz", timeout=2)[0] == 200
+                assert time.monotonic() - started < 1.0
+    finally:
+        server.close()
+
+
 def test_metrics_render_parses_with_prometheus_parser_and_escapes_labels() -> None:
     m = AgentMetrics("9.9.9")
     m.reconciled(0.003, "ok")

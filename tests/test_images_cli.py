@@ -59,3 +59,14 @@ def test_an_unreadable_in_use_record_stops_prune(stored: dict, tmp_path: Path, c
     assert main(["images", "prune", *stored["flags"]]) == 1
     assert "image.json" in capsys.readouterr().err
     assert os.path.exists(stored["unused"].layers[0])     # nothing removed
+
+
+def test_leftovers_of_crashed_pulls_are_removed_when_no_pull_runs(stored: dict) -> None:
+    store = stored["store"]
+    (Path(store.staging_dir) / "half-extracted" / "rootfs").mkdir(parents=True)
+    (Path(store.gc_dir) / "old-layer").mkdir()
+    with store._flock("store", shared=True):       # a pull under way (flock: per open file, so even here)
+        other = ImageStore(store.registry_dir, store.store_dir)
+        assert other.clean_leftovers() == 0
+    assert store.clean_leftovers() == 2
+    assert os.listdir(store.staging_dir) == [] and os.listdir(store.gc_dir) == []

@@ -464,7 +464,10 @@ SAFETY_SCRIPT = " ".join([
     'echo "self=$$";',
     'echo "comms=$(cat /proc/[0-9]*/comm | tr "\\n" " ")";',
     'echo "etc=$(ls /etc | tr "\\n" " ")";',
-    'echo "hello=$(cat /etc/vol/hello)"',
+    'echo "hello=$(cat /etc/vol/hello)";',
+    # Writing the value it already has: harmless on the host even if the kernel's knobs were writable.
+    "if cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/core_pattern 2>/dev/null;",
+    "then echo sysctl-write=allowed; else echo sysctl-write=refused; fi",
 ])
 
 
@@ -501,6 +504,8 @@ def test_volumes_land_inside_the_rootfs_through_symlinks_and_the_overlay_is_hidd
         assert not any(os.path.lexists(f"/etc/{name}") for name in ("vol", "ro", "mesos") if name not in etc_before[0])
         # The overlay's upper and work directories are hidden from the container.
         assert values["rootfs-entries"] == "0" and values["rootfs-write"] == "refused"
+        # /proc's kernel knobs are read-only for the container, root as it is.
+        assert values["sysctl-write"] == "refused"
         assert (env.agent.sandbox(status) / ".rootfs" / "upper").is_dir()
         # namespaces/pid: the container sees its init (1), its command (2) and the command's children only
         # (the script's subshells and pipelines), never the host's processes, such as this test's.
@@ -508,7 +513,9 @@ def test_volumes_land_inside_the_rootfs_through_symlinks_and_the_overlay_is_hidd
         assert 1 in pids and max(pids) < 50, pids
         assert values["self"] == "2"
         comms = set(values["comms"].split())
-        assert comms <= {"reconciler-init", "sh", "cat", "tr", "ls", "grep", "wc"} and "reconciler-init" in comms, comms
+        # ("exe": busybox's sh runs its applets through /proc/self/exe, so a child may be read mid-exec.)
+        assert comms <= {"reconciler-init", "sh", "cat", "tr", "ls", "grep", "wc", "exe"} \
+            and "reconciler-init" in comms, comms
 
 
 # ---------------------------------------------------------------- 8. agent restart, destroy

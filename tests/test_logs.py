@@ -310,3 +310,32 @@ def test_logs_of_an_invalid_manifest_says_why_there_is_nothing(env):
     result = cli(env, "logs", "bad")
     assert result.returncode == 1
     assert result.stderr.decode().startswith("reconciler logs: container 'bad' has no sandbox: it is Invalid")
+
+
+# --- the sandbox is the container's: rotation never writes or cuts through its links --------------
+
+def test_rotation_refuses_a_stream_that_links_to_a_host_file(tmp_path: Path) -> None:
+    sandbox, host = tmp_path / "sandbox", tmp_path / "host-file"
+    sandbox.mkdir()
+    host.write_bytes(b"precious\n" * 10_000)
+    (sandbox / "stdout").symlink_to(host)
+    os.link(host, sandbox / "stderr")                       # a hard link: the same file under two names
+    policy = logs.RotationPolicy(max_stdout_size=4096, max_stderr_size=4096, keep=3)
+    assert logs.rotate_if_needed(str(sandbox), policy) == []     # each refused (and logged), none followed
+    with pytest.raises(OSError, match="regular file with a single link"):
+        logs.rotate(str(sandbox / "stderr"), keep=3)
+    assert host.read_bytes() == b"precious\n" * 10_000
+    assert sorted(p.name for p in sandbox.iterdir()) == ["stderr", "stdout"]
+
+
+def test_rotation_never_writes_through_a_planted_temp_link(tmp_path: Path) -> None:
+    sandbox, target = tmp_path / "sandbox", tmp_path / "target"
+    sandbox.mkdir()
+    target.write_bytes(b"untouched")
+    (sandbox / "stdout").write_bytes(b"line\n" * 5000)
+    (sandbox / ".stdout.rotating").symlink_to(target)
+    (sandbox / "stdout.1").symlink_to(target)
+    logs.rotate(str(sandbox / "stdout"), keep=3)
+    assert target.read_bytes() == b"untouched"
+    assert (sandbox / "stdout.1").is_file() and not (sandbox / "stdout.1").is_symlink()
+    assert (sandbox / "stdout.2").is_symlink()              # the container's own link, shifted, never followed

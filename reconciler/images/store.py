@@ -170,6 +170,24 @@ class ImageStore:
         finally:
             os.close(fd)  # releases the lock
 
+    def clean_leftovers(self) -> int:
+        """Remove what crashed pulls and prunes left in staging/ and gc/ (the agent does this at start).
+        Only when no pull or prune runs anywhere (the store lock is free); returns the entries removed."""
+        fd = os.open(os.path.join(self.locks_dir, "store.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            removed = 0
+            for directory in (self.staging_dir, self.gc_dir):
+                for name in os.listdir(directory):
+                    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+                    removed += 1
+            return removed
+        finally:
+            os.close(fd)
+
     # ------------------------------------------------------------ pull
 
     def layer_path(self, layer_id: str) -> str:

@@ -8,7 +8,8 @@ never sees it and it goes away with the namespace (nothing to unmount at destroy
 - upper and work: `<sandbox>/.rootfs/{upper,work}`, so what the container writes to its root
   filesystem is sandbox usage (disk/du counts it) and is removed with the sandbox;
 - mounted at `<sandbox>/.rootfs` itself, over the directories it keeps (one mkdir less per launch:
-  each costs ~0.5 ms on a slow disk), then, inside it: /proc, /sys (read-only), a minimal /dev
+  each costs ~0.5 ms on a slow disk), then, inside it: /proc (its kernel knobs read-only and
+  kcore, keys, timer_list masked, as runc does), /sys (read-only), a minimal /dev
   (a tmpfs with null, zero, full, random, urandom and tty bound from the host, a private devpts,
   the std* and fd links, and /dev/shm), the host's /etc/resolv.conf and /etc/hosts (read-only, as
   Mesos does for containers on the host network), the sandbox at /mnt/mesos/sandbox (MESOS_SANDBOX)
@@ -52,6 +53,11 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
              ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
 HOST_FILES = ("/etc/resolv.conf", "/etc/hosts")
+# In the container's /proc (as runc's defaults): the kernel's knobs read-only, and what reads kernel
+# memory or other tenants' secrets hidden. A root container could otherwise write
+# /proc/sys/kernel/core_pattern and have the host run a program of its choice.
+PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
+PROC_MASKED = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug")
 _NOSUID_NODEV_NOEXEC = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
 
 
@@ -96,6 +102,15 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
             dict(PRIVATE_ROOT),
             _mount("overlay", rootfs, "overlay", 0, data),
             _mount("proc", at("/proc"), "proc", _NOSUID_NODEV_NOEXEC, mkdir=True),
+        ]
+        for path in PROC_READ_ONLY:
+            if os.path.exists(path):
+                mounts.append(_mount(at(path), at(path), None, syscalls.MS_BIND | syscalls.MS_REC))
+                mounts.append(_mount(None, at(path), None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
+                                     | _NOSUID_NODEV_NOEXEC))
+        mounts.extend(_mount("/dev/null", at(path), None, syscalls.MS_BIND) for path in PROC_MASKED
+                      if os.path.isfile(path))
+        mounts += [
             _mount("sysfs", at("/sys"), "sysfs", _NOSUID_NODEV_NOEXEC | syscalls.MS_RDONLY, mkdir=True),
             _mount("tmpfs", at("/dev"), "tmpfs", syscalls.MS_NOSUID | syscalls.MS_STRICTATIME, "mode=755,size=65536k",
                    mkdir=True),

@@ -26,10 +26,13 @@ class PidNamespaceIsolator(Isolator):
             if self.config.disallow_sharing_agent_pid_namespace:
                 raise PermanentError("Sharing agent pid namespace with containers is disallowed")
             return None
+        if config.rootfs is not None:
+            # filesystem/linux mounts the rootfs's /proc itself, with its kernel knobs read-only: another
+            # proc mounted over it would undo that.
+            return LaunchInfo(clone_namespaces=CLONE_NEWPID | CLONE_NEWNS)
         return LaunchInfo(
             clone_namespaces=CLONE_NEWPID | CLONE_NEWNS,
-            mounts=[PRIVATE_ROOT, {"source": "proc", "target": config.in_rootfs("/proc"), "fstype": "proc",
-                                   "mkdir": config.rootfs is not None,   # (a makedirs would cost each init pages)
+            mounts=[PRIVATE_ROOT, {"source": "proc", "target": "/proc", "fstype": "proc",
                                    "flags": MS_NOSUID | MS_NODEV | MS_NOEXEC, "data": None}],
         )
 

@@ -124,6 +124,11 @@ def run(spec: dict, go_fd: int, checkpoint_fd: int) -> int:
         # Opened here, by their host paths: a root filesystem entered below would hide them.
         stdio = open_stdio(spec)
         apply_launch_info(spec)
+        owner = spec.get("sandbox_owner")
+        if owner:
+            # Only now the container's user may change the sandbox: the mounts and files root made in
+            # it (the overlay's directories, stdout, stderr) can no longer be swapped for links.
+            os.chown(spec["sandbox_in_container"], owner[0], owner[1], follow_symlinks=False)
     except Exception as exc:  # noqa: BLE001
         setup_error = exc
 
@@ -180,7 +185,10 @@ def apply_launch_info(spec: dict) -> None:
         elif m.get("file"):
             os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
-        _mount(m.get("source"), target, m.get("fstype"), m.get("flags", 0), m.get("data"))
+        source = m.get("source")
+        if rootfs and source and source.startswith(rootfs + "/"):
+            source = resolve_in_root(rootfs, source[len(rootfs):])    # a bind from inside it, likewise
+        _mount(source, target, m.get("fstype"), m.get("flags", 0), m.get("data"))
     if rootfs:
         pivot_root(rootfs)
     for rl in spec.get("rlimits", []):
@@ -204,8 +212,9 @@ def _rlimit_reason(rl: dict, exc: Exception) -> str:
 def open_stdio(spec: dict) -> tuple[int, int, int]:
     """The command's stdin (/dev/null), stdout and stderr (appended to, in the sandbox)."""
     stdin = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-    stdout = os.open(spec["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    stderr = os.open(spec["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    stdout = os.open(spec["stdout"], flags, 0o644)
+    stderr = os.open(spec["stderr"], flags, 0o644)
     return stdin, stdout, stderr
 
 

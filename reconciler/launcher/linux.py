@@ -24,6 +24,14 @@ from reconciler.linux import cgroups, proc
 log = logging.getLogger(__name__)
 
 
+def _offers_controllers(hierarchy: cgroups.Hierarchy) -> bool:
+    """Whether a v2 hierarchy offers a controller the cgroups isolators may enable below <cgroups_root>."""
+    try:
+        return bool(set(hierarchy.read("", "cgroup.controllers").split()) & {"cpu", "memory", "cpuset", "io", "pids"})
+    except OSError:
+        return False
+
+
 class LinuxLauncher(Launcher):
     name = "linux"
 
@@ -70,6 +78,13 @@ class LinuxLauncher(Launcher):
         others = []
         for hierarchy in hierarchies:
             if hierarchy.mountpoint == self.hierarchy.mountpoint or hierarchy.root != "/":
+                continue
+            if hierarchy.version == 2 and _offers_controllers(hierarchy):
+                # A v2 hierarchy beside a v1 freezer (a hybrid host with cpu or memory moved to v2): the
+                # helper in <cgroups_root> would be an internal process there, and cgroups v2 then
+                # refuses to enable controllers for the containers below it.
+                log.info("containers start in the agent's cgroup of %s (a cgroup v2 hierarchy with controllers)",
+                         hierarchy.mountpoint)
                 continue
             try:
                 hierarchy.create(self.cgroups_root)

@@ -257,6 +257,26 @@ def running(status: dict[str, Any]) -> bool:
     return status["phase"] == "Running" and status["pid"] is not None
 
 
+def wait_agent(env: "AgentEnv", agent: subprocess.Popen, timeout: float = 10.0) -> dict:
+    """Until this agent process has published its _agent.json (its first pass is done)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = env.agent_status()
+        if doc is not None and doc.get("pid") == agent.pid:
+            return doc
+        assert agent.poll() is None, agent.communicate()[0]
+        assert time.monotonic() < deadline, f"agent {agent.pid} never published _agent.json: {doc}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def tmp() -> Any:
+    """A temporary directory under /var/tmp (creating files under /tmp is slow on these machines)."""
+    path = Path(tempfile.mkdtemp(prefix="reconciler-test-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def alive(pid: int) -> bool:
     """Running code: a zombie (exited, not yet reaped) is not alive."""
     try:

@@ -18,7 +18,7 @@ import pytest
 
 from reconciler.linux import cgroups
 
-from tests.conftest import alive, running, wait_dead
+from tests.conftest import alive, running, wait_agent, wait_dead
 
 pytestmark = pytest.mark.root
 
@@ -38,18 +38,6 @@ def descendants(pid: int, at_least: int = 1, timeout: float = 5.0) -> list[int]:
 def freezer(env) -> cgroups.Hierarchy:
     mounts = cgroups.find_mounts()
     return cgroups.unified_hierarchy(mounts) if mounts.unified else cgroups.freezer_hierarchy(mounts)
-
-
-def wait_agent(env, agent, timeout: float = 10.0) -> dict:
-    """Until this agent process has published its _agent.json (its first pass is done)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = env.agent_status()
-        if doc is not None and doc.get("pid") == agent.pid:
-            return doc
-        assert agent.poll() is None, agent.communicate()[0]
-        assert time.monotonic() < deadline, f"agent {agent.pid} never published _agent.json: {doc}"
-        time.sleep(0.02)
 
 
 def same_container(before: dict, after: dict) -> None:

@@ -17,14 +17,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
 from reconciler.linux import cgroups, proc
 
-from tests.conftest import AgentEnv, alive, running
+from tests.conftest import AgentEnv, alive, running, wait_agent
 
 pytestmark = pytest.mark.root
 
@@ -106,17 +105,6 @@ def start_in_pod(env: AgentEnv, pod: Pod) -> subprocess.Popen:
     return agent
 
 
-def wait_agent(env: AgentEnv, agent: subprocess.Popen, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = env.agent_status()
-        if doc is not None and doc.get("pid") == agent.pid:
-            return doc
-        assert agent.poll() is None, agent.communicate()[0]
-        assert time.monotonic() < deadline, f"agent {agent.pid} never published _agent.json: {doc}"
-        time.sleep(0.02)
-
-
 def tree(pid: int, at_least: int, timeout: float = 5.0) -> list[int]:
     """The init and its descendants, once the command has started `at_least` of them."""
     deadline = time.monotonic() + timeout
@@ -146,7 +134,7 @@ def test_agent_replaced_by_a_rolling_update_adopts_its_containers(agent_env, pod
 
     old_pod = pods(1)
     old = start_in_pod(env, old_pod)
-    wait_agent(env, old)
+    wait_agent(env, old, timeout=15.0)
     assert old_pod.cgroups_of(old.pid), "the agent did not enter its pod's cgroups"
     web = env.wait_status("web", running)
     api = env.wait_status("api", running)
@@ -172,7 +160,7 @@ def test_agent_replaced_by_a_rolling_update_adopts_its_containers(agent_env, pod
     # The new pod's agent, same hostPath work_dir and status dir: adopts, restarts nothing.
     new_pod = pods(2)
     new = start_in_pod(env, new_pod)
-    wait_agent(env, new)
+    wait_agent(env, new, timeout=15.0)
     time.sleep(0.5)   # a relaunch, if one were coming, would have started by now
     for before in (web, api):
         after = env.status(before["name"])

@@ -4,12 +4,10 @@ layer and the member, nothing is written outside the store, and nothing half-ext
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import tarfile
-import tempfile
 from pathlib import Path
-from typing import Iterator
+
 
 import pytest
 
@@ -36,11 +34,6 @@ MEMBER = {"absolute": "{outside}/pwned", "symlink-parent": "escape/pwned", "syml
           "char-device": "dev/evil", "block-device": "dev/evil", "oversize": "big"}
 
 
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="images-safety-", dir="/var/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,10 +12,9 @@ import stat
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -33,12 +32,6 @@ CONFIG = {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo hello"], "Env": ["PATH=
           "WorkingDir": "/work", "User": "root"}
 
 
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    # /var/tmp: creating files under /tmp is slow on these machines
-    path = Path(tempfile.mkdtemp(prefix="images-", dir="/var/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -337,9 +337,10 @@ class Containerizer:
             if not command.value:
                 raise PermanentError("Command value is not specified")
             executable, argv = command.value, list(command.arguments) or [command.value]
-        env = dict(environment)
         # With its own root filesystem, the container finds its sandbox where filesystem/linux bound it.
-        env["MESOS_SANDBOX"] = env["RECONCILER_SANDBOX"] = CONTAINER_SANDBOX if info.rootfs else config.sandbox
+        sandbox_inside = CONTAINER_SANDBOX if info.rootfs else config.sandbox
+        env = dict(environment)
+        env["MESOS_SANDBOX"] = env["RECONCILER_SANDBOX"] = sandbox_inside
         env.update(info.environment)
         if command.environment:
             for variable in command.environment.variables:
@@ -352,8 +353,7 @@ class Containerizer:
             "argv": argv,
             "env": env,
             # Mesos ignores an isolator's working directory unless the container has an image.
-            "cwd": info.working_directory if config.image is not None and info.working_directory
-            else CONTAINER_SANDBOX if info.rootfs else config.sandbox,
+            "cwd": info.working_directory if config.image is not None and info.working_directory else sandbox_inside,
             "rootfs": info.rootfs,
             "stdout": os.path.join(config.sandbox, "stdout"),
             "stderr": os.path.join(config.sandbox, "stderr"),
@@ -364,7 +364,7 @@ class Containerizer:
             "capabilities": info.capabilities,
             "user": user.launch_spec() if user is not None else info.user,
             "sandbox_owner": [user.uid, user.gid] if user is not None and os.geteuid() == 0 else None,
-            "sandbox_in_container": CONTAINER_SANDBOX if info.rootfs else config.sandbox,
+            "sandbox_in_container": sandbox_inside,
         }
 
     # watch ------------------------------------------------------------------------------------

@@ -162,10 +162,11 @@ class ImageStore:
     # ------------------------------------------------------------ locks
 
     @contextlib.contextmanager
-    def _flock(self, name: str, shared: bool = False) -> Iterator[None]:
+    def _flock(self, name: str, shared: bool = False, wait: bool = True) -> Iterator[None]:
+        """Hold the lock `name`; with wait=False, BlockingIOError when someone else holds it."""
         fd = os.open(os.path.join(self.locks_dir, name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -173,20 +174,20 @@ class ImageStore:
     def clean_leftovers(self) -> int:
         """Remove what crashed pulls and prunes left in staging/ and gc/ (the agent does this at start).
         Only when no pull or prune runs anywhere (the store lock is free); returns the entries removed."""
-        fd = os.open(os.path.join(self.locks_dir, "store.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0
-            removed = 0
-            for directory in (self.staging_dir, self.gc_dir):
-                for name in os.listdir(directory):
-                    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-                    removed += 1
-            return removed
-        finally:
-            os.close(fd)
+            with self._flock("store", wait=False):
+                return self._remove_leftovers()
+        except BlockingIOError:
+            return 0
+
+    def _remove_leftovers(self) -> int:
+        """Empty staging/ and gc/. The caller holds the store lock exclusively: no pull writes there."""
+        removed = 0
+        for directory in (self.staging_dir, self.gc_dir):
+            for name in os.listdir(directory):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+                removed += 1
+        return removed
 
     # ------------------------------------------------------------ pull
 
@@ -479,9 +480,6 @@ class ImageStore:
                 removed.append(layer_id)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.locks_dir, f"layer-{layer_id}.lock"))
-            for leftover in os.listdir(self.staging_dir):  # crashed pulls; none runs now
-                shutil.rmtree(os.path.join(self.staging_dir, leftover), ignore_errors=True)
-            for name in os.listdir(self.gc_dir):
-                shutil.rmtree(os.path.join(self.gc_dir, name), ignore_errors=True)
+            self._remove_leftovers()   # the layers just moved to gc/, and crashed pulls' staging
             log.info("pruned %d layers and %d images from '%s'", len(removed), len(removed_images), self.store_dir)
             return removed

@@ -39,8 +39,9 @@ from reconciler.isolators.base import (
 from reconciler.isolators.filesystem_shared import (
     PRIVATE_ROOT,
     SharedFilesystemIsolator,
+    _under,
+    read_only_remounts,
     remount_read_only_flags,
-    submounts,
 )
 from reconciler.linux import syscalls
 
@@ -141,9 +142,9 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
     def _rootfs_volume_mounts(self, volume: "Volume", config: ContainerConfig, taken: list[str]) -> list[dict]:
         container_path = posixpath.normpath(volume.container_path)
         for other in taken:
-            if container_path == other or container_path.startswith(other.rstrip("/") + "/"):
+            if _under(container_path, other):
                 raise PermanentError(f"Cannot mount volume to '{container_path}' because it is under volume '{other}'")
-            if other.startswith(container_path.rstrip("/") + "/"):
+            if _under(other, container_path):
                 raise PermanentError(f"Cannot mount volume to '{other}' because it is under volume '{container_path}'")
         taken.append(container_path)
         if not volume.host_path:
@@ -158,7 +159,7 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
                 raise PermanentError(f"Relative host path '{volume.host_path}' cannot contain relative components")
             host_path = posixpath.join(config.sandbox, volume.host_path)
             os.makedirs(host_path, exist_ok=True)
-            if not os.path.realpath(host_path).startswith(os.path.realpath(config.sandbox) + "/"):
+            if not _under(os.path.realpath(host_path), os.path.realpath(config.sandbox)):
                 raise PermanentError(f"Relative host path '{host_path}' for mount to '{container_path}' must be a "
                                      "directory inside the sandbox (not a symbolic link out of it)")
         is_file = not stat.S_ISDIR(os.stat(host_path).st_mode)
@@ -166,9 +167,5 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
         mounts = [_mount(host_path, target, None, syscalls.MS_BIND | syscalls.MS_REC,
                          **({"file": True} if is_file else {"mkdir": True}))]
         if volume.mode == "RO":
-            mounts.append(_mount(None, target, None, remount_read_only_flags(host_path)))
-            real_host = os.path.realpath(host_path)
-            for below in submounts(host_path):
-                mounts.append(_mount(None, posixpath.join(target, posixpath.relpath(below, real_host)), None,
-                                     remount_read_only_flags(below)))
+            mounts.extend(read_only_remounts(host_path, target))
         return mounts

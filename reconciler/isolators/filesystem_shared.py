@@ -74,6 +74,19 @@ def remount_read_only_flags(path: str) -> int:
     return flags
 
 
+def read_only_remounts(host_path: str, target: str) -> list[dict]:
+    """What makes the bind of `host_path` at `target` read-only: a bind mount takes the source's flags,
+    MS_RDONLY only counts on a remount, and only for that one mount, so the mounts below it (taken
+    along by MS_REC) are remounted too."""
+    mounts = [{"source": None, "target": target, "fstype": None, "flags": remount_read_only_flags(host_path),
+               "data": None}]
+    real_host = os.path.realpath(host_path)
+    for below in submounts(host_path):
+        mounts.append({"source": None, "target": posixpath.join(target, posixpath.relpath(below, real_host)),
+                       "fstype": None, "flags": remount_read_only_flags(below), "data": None})
+    return mounts
+
+
 def submounts(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     """Mount points strictly below `path`, outermost first (each listed once)."""
     real = os.path.realpath(path)
@@ -155,15 +168,7 @@ class SharedFilesystemIsolator(Isolator):
         mounts: list[dict] = [{"source": host_path, "target": container_path, "fstype": None,
                                "flags": syscalls.MS_BIND | syscalls.MS_REC, "data": None}]
         if volume.mode == "RO":
-            # A bind mount takes the source's flags; MS_RDONLY only counts on a remount, and only
-            # for that one mount: the ones below it (taken along by MS_REC) are remounted too.
-            mounts.append({"source": None, "target": container_path, "fstype": None,
-                           "flags": remount_read_only_flags(host_path), "data": None})
-            real_host = os.path.realpath(host_path)
-            for below in submounts(host_path):
-                target = posixpath.join(container_path, posixpath.relpath(below, real_host))
-                mounts.append({"source": None, "target": target, "fstype": None,
-                               "flags": remount_read_only_flags(below), "data": None})
+            mounts.extend(read_only_remounts(host_path, container_path))
         return mounts
 
     def _sandbox_directory(self, relative: str, container_path: str, sandbox: str) -> str:

@@ -22,7 +22,7 @@ from reconciler.config import AgentConfig
 from reconciler.containerizer import Containerizer
 from reconciler.http import HttpFace
 from reconciler.isolators.base import IsolatorSetupError
-from reconciler.launcher.base import LaunchHelper, Launcher
+from reconciler.launcher.base import LaunchHelper, Launcher, missing_pid1
 from reconciler.logs import LogRotator, RotationPolicy
 from reconciler.loop import Reconciler, container_environment
 from reconciler.models import ContainerInfo
@@ -36,6 +36,10 @@ STEP_MS = 5             # quiet time that ends a burst (watchfiles' own default 
 
 
 def build_launcher(config: AgentConfig, helper: LaunchHelper) -> Launcher:
+    try:
+        missing_pid1()
+    except FileNotFoundError as exc:
+        raise IsolatorSetupError(f"flag --launcher: {exc}") from None
     if config.launcher == "posix":
         from reconciler.launcher.posix import PosixLauncher
         return PosixLauncher(helper)

@@ -93,6 +93,13 @@ class AgentConfig(BaseModel):
     xfs_kill_containers: bool = False
     xfs_quota_headroom: float = 10.0     # MB, Mesos's default: room to pass the soft limit and be seen
     http_address: str | None = None      # host:port of /state, /metrics, /healthz...; off when unset
+    # The default security profile (docs/security.md): on for every container of the linux launcher.
+    seccomp_config_dir: str | None = None      # Mesos linux/seccomp: Docker-format profiles, by file name
+    seccomp_profile_name: str | None = None    # the default profile's file name; unset: the built-in one
+    allow_privileged: bool = False             # let a manifest ask for linux_info.privileged
+    docker_ignore_image_user: bool = False     # Mesos's behaviour: an image's User is ignored (warning)
+    manifests_strict_modes: bool = True        # sshd's StrictModes for the manifest directory and files
+    docker_max_image_size: int = 20 * 1024 ** 3   # bytes an image's layers may expand to, all together
 
     @field_validator("isolation", "image_providers", mode="before")
     @classmethod
@@ -128,7 +135,7 @@ class AgentConfig(BaseModel):
                 raise ValueError(f"Unsupported image type '{name}'")
         return ["docker"] if value else []
 
-    @field_validator("work_dir", "status_dir", "docker_registry", "docker_store_dir")
+    @field_validator("work_dir", "status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir")
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
         # Sandboxes and checkpoints are used by processes whose working directory is not ours.
@@ -155,6 +162,22 @@ class AgentConfig(BaseModel):
     def _log_size(cls, value: Any) -> int:
         from reconciler.logs import parse_size
         return parse_size(value)
+
+    @field_validator("docker_max_image_size", mode="before")
+    @classmethod
+    def _image_size(cls, value: Any) -> int:
+        from reconciler.logs import parse_size
+        size = parse_size(value)
+        if size <= 0:
+            raise ValueError("must be more than 0 bytes (Mesos sizes: 512MB, 20GB)")
+        return size
+
+    @field_validator("seccomp_profile_name")
+    @classmethod
+    def _profile_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "/" in value or value in (".", "..")):
+            raise ValueError(f"{value!r} must be a file name in --seccomp_config_dir, or 'unconfined'")
+        return value
 
     @field_validator("container_logger_keep", mode="before")
     @classmethod
@@ -258,7 +281,7 @@ class AgentConfig(BaseModel):
         return parse_megabytes(value)
 
     @field_validator("enforce_container_disk_quota", "disallow_sharing_agent_pid_namespace", "xfs_kill_containers",
-                     mode="before")
+                     "allow_privileged", "docker_ignore_image_user", "manifests_strict_modes", mode="before")
     @classmethod
     def _bool(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -320,7 +343,8 @@ class AgentConfig(BaseModel):
 
 
 FLAG_NAMES = list(AgentConfig.model_fields)
-BOOL_FLAGS = {"enforce_container_disk_quota", "disallow_sharing_agent_pid_namespace", "xfs_kill_containers"}
+BOOL_FLAGS = {"enforce_container_disk_quota", "disallow_sharing_agent_pid_namespace", "xfs_kill_containers",
+              "allow_privileged", "docker_ignore_image_user", "manifests_strict_modes"}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

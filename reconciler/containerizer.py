@@ -10,6 +10,7 @@ isolator, reverse order, carrying on past failures) → checkpoint the terminati
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
 import functools
 import logging
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 from reconciler import users
 from reconciler.checkpoint import Checkpoints
+from reconciler.isolators.capabilities import last_capability
 from reconciler.isolators.base import (
     CONTAINER_SANDBOX,
     ContainerConfig,
@@ -35,6 +37,7 @@ from reconciler.isolators.base import (
 )
 from reconciler.launcher.base import Forked, Launcher
 from reconciler.linux import proc
+from reconciler.linux.mounts import ensure_nosuid_nodev
 from reconciler.models import Resources
 from reconciler.status import iso
 from reconciler.units import megabytes_to_bytes
@@ -42,6 +45,7 @@ from reconciler.units import megabytes_to_bytes
 log = logging.getLogger(__name__)
 
 CLONE_NEWPID = 0x20000000
+SANDBOX_MODE = 0o750
 
 
 class State(str, enum.Enum):
@@ -162,6 +166,10 @@ class Containerizer:
         """Adopt live containers, learn how the others ended, destroy orphans. Returns the known containers."""
         self._event_loop = asyncio.get_running_loop()
         self.checkpoints.ensure_dirs()
+        if os.geteuid() == 0:
+            # What a container leaves in its sandbox (a setuid-root shell, a device node, its root
+            # filesystem's upper layer) must give a host user who reaches it nothing.
+            ensure_nosuid_nodev(self.checkpoints.sandboxes_dir)
         recovered: list[Container] = []
         to_destroy: list[Container] = []
         orphans: set[str] = set()
@@ -274,9 +282,14 @@ class Containerizer:
         self.containers[cid] = container
         forked: Forked | None = None
         try:
-            user = users.resolve(config.spec.command.user) if config.spec.command.user else None
+            # A container with an image finds its command.user in the image's /etc/passwd (as Mesos, after
+            # chroot, and Docker): its init looks it up there. Any other in the host's user database.
+            user = users.resolve(config.spec.command.user) if config.spec.command.user and config.image is None \
+                else None
             self.checkpoints.write_config(config)
-            os.makedirs(config.sandbox, mode=0o755, exist_ok=True)
+            # Not traversable by other users: what a container puts in its sandbox (a setuid-root copy of
+            # a shell, its root filesystem's upper layer) is no host user's business.
+            os.makedirs(config.sandbox, mode=SANDBOX_MODE, exist_ok=True)
             if user is not None and os.geteuid() != 0:
                 users.give_sandbox(config.sandbox, user)   # refused unless it is the agent's own user
             # As root, the init gives the sandbox to the user once it has made its mounts and opened
@@ -346,6 +359,7 @@ class Containerizer:
             for variable in command.environment.variables:
                 env[variable.name] = variable.value
         env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        in_image = command.user if command.user and config.image is not None else (info.user or {}).get("in_image")
         return {
             "container_id": config.container_id,
             "checkpoint_dir": self.checkpoints.dir(config.container_id),
@@ -362,10 +376,26 @@ class Containerizer:
             "rlimits": info.rlimits,
             "pre_exec": info.pre_exec,
             "capabilities": info.capabilities,
-            "user": user.launch_spec() if user is not None else info.user,
-            "sandbox_owner": [user.uid, user.gid] if user is not None and os.geteuid() == 0 else None,
+            "last_cap": last_capability(),
+            "user": user.launch_spec() if user is not None else None,
+            "user_in_image": in_image,
+            "chown_sandbox": os.geteuid() == 0,
             "sandbox_in_container": sandbox_inside,
+            "seccomp_filter": self._seccomp_program(info),
         }
+
+    def _seccomp_program(self, info: LaunchInfo) -> str | None:
+        """linux/seccomp's profile compiled for the capabilities the command will hold (Docker profiles
+        allow some calls only to holders of a capability), as the init loads it: base64 of the raw filter."""
+        if info.seccomp is None:
+            return None
+        from reconciler.linux import seccomp
+        caps = info.capabilities or {}
+        names = caps.get("effective_names")
+        if names is None:
+            names = caps.get("bounding_names", [])
+        program = seccomp.compile_for(info.seccomp.get("path"), frozenset(names))
+        return base64.b64encode(program).decode()
 
     # watch ------------------------------------------------------------------------------------
     def _arm_exit_watch(self, container: Container) -> bool:
@@ -556,9 +586,16 @@ class Containerizer:
         if container is None:
             raise KeyError(f"Unknown container: {container_id}")
         doc: dict[str, Any] = {"container_id": container_id, "executor_pid": container.pid}
+        security: dict[str, Any] = {}
         for isolator in self.isolators:
             try:
-                doc.update(isolator.status(container_id))
+                part = isolator.status(container_id)
             except Exception as exc:  # noqa: BLE001
                 log.debug("status of %s from %s failed: %s", container_id, isolator.name, exc)
+                continue
+            # The security profile has a part from each isolator that applies one (capabilities, seccomp, devices...).
+            security.update(part.pop("security", None) or {})
+            doc.update(part)
+        if security:
+            doc["security"] = security
         return doc

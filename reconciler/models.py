@@ -282,9 +282,36 @@ class CapabilityInfo(BaseModel):
     capabilities: list[Capability] = []
 
 
+class SeccompInfo(BaseModel):
+    """Mesos SeccompInfo: the container's seccomp profile, by name (a file of --seccomp_config_dir), or none."""
+
+    model_config = _MANIFEST_CONFIG
+
+    profile_name: str | None = Field(
+        default=None, description="A Docker-format profile in --seccomp_config_dir, instead of the agent's default")
+    unconfined: bool | None = Field(default=None, description="Run without a seccomp filter")
+
+    @field_validator("profile_name")
+    @classmethod
+    def _plain_file_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name or "/" in name or name in (".", "..") or "\0" in name):
+            raise ValueError(f"profile_name {name!r} must be a file name in --seccomp_config_dir (no '/')")
+        return name
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SeccompInfo:
+        if self.unconfined and self.profile_name is not None:
+            raise ValueError("set either profile_name or unconfined: true, not both")
+        return self
+
+
 class LinuxInfo(BaseModel):
     model_config = _MANIFEST_CONFIG
 
+    privileged: bool | None = Field(
+        default=None, description="Every capability the agent holds, every device, no seccomp filter and no "
+        "masked /proc paths (as `docker run --privileged`); the agent must run with --allow_privileged")
+    seccomp: SeccompInfo | None = None
     share_pid_namespace: bool | None = None
     capability_info: CapabilityInfo | None = Field(
         default=None, description="Deprecated in Mesos in favour of effective_capabilities")
@@ -561,6 +588,34 @@ class ResourceStatistics(BaseModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
+class SecurityInfo(BaseModel):
+    """The security profile a container runs with (each part from its isolator: linux/capabilities,
+    linux/seccomp, linux/devices, filesystem/linux); a part that is not managed is left out."""
+
+    model_config = _STATUS_CONFIG
+
+    privileged: bool | None = Field(default=None, description="linux_info.privileged (allowed by --allow_privileged)")
+    bounding_capabilities: list[str] | None = Field(
+        default=None, description="The most the command may hold (its bounding set)")
+    effective_capabilities: list[str] | None = Field(
+        default=None, description="Exactly what the command holds when granted; absent: the user's default "
+        "(root holds the bounding set, any other user none)")
+    no_new_privs: bool | None = Field(default=None, description="No setuid or file capability gains privileges")
+    seccomp: str | None = Field(
+        default=None, description="The seccomp profile: 'default' (the agent's own), a file of "
+        "--seccomp_config_dir, or 'unconfined'")
+    devices: str | None = Field(
+        default=None, description="'default' (runc's allowlist: null, zero, full, random, urandom, tty, "
+        "console, pts, ptmx) or 'unrestricted'")
+    masked_paths: list[str] | None = Field(
+        default=None, description="Paths hidden from the container (its /proc and /sys), as runc masks them")
+    read_only_paths: list[str] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class ContainerStatus(BaseModel):
     """<status_dir>/<name>.json"""
 
@@ -586,6 +641,7 @@ class ContainerStatus(BaseModel):
     image_id: str | None = Field(default=None, description="The image it resolved to in the store (sha256 of its config)")
     net_cls: NetClsInfo | None = None
     disk: DiskInfo | None = None
+    security: SecurityInfo | None = None
     statistics: ResourceStatistics | None = None
     updated_at: str
 

@@ -134,6 +134,18 @@ class AgentEnv:
             agent.communicate()
         kill_checkpointed_containers(self.work_dir)
         remove_cgroup_root(self.cgroups_root)
+        unmount_agent_dirs(self.work_dir)
+
+
+def unmount_agent_dirs(work_dir: Path) -> None:
+    """Undo the mounts an agent leaves on purpose (its nosuid,nodev sandboxes directory)."""
+    if not IS_ROOT:
+        return
+    real = os.path.realpath(work_dir)
+    for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+        mountpoint = line.split()[4].replace("\\040", " ")
+        if mountpoint == real or mountpoint.startswith(real + "/"):
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
 
 
 def kill_checkpointed_containers(work_dir: Path) -> None:
@@ -232,6 +244,7 @@ def outside_tmp_env(agent_env: AgentEnv) -> Any:
                 agent.kill()
                 agent.wait()
         kill_checkpointed_containers(agent_env.work_dir)
+        unmount_agent_dirs(agent_env.work_dir)
         left = str(outside) in Path("/proc/self/mountinfo").read_text()
         if not left:
             shutil.rmtree(outside, ignore_errors=True)

@@ -549,7 +549,10 @@ def test_a_running_image_container_is_recovered_and_destroyed_without_leftovers(
         finally:
             env.agent.stop(agent)
         wait_dead([first["pid"]])
-        assert not mounts_under(sandbox) and not mounts_under(env.agent.work_dir)
+        # Only the agent's own nosuid,nodev bind of the sandboxes directory stays (docs/security.md).
+        sandboxes = str(env.agent.work_dir / "sandboxes")
+        assert not mounts_under(sandbox) and [line.split()[4] for line in mounts_under(env.agent.work_dir)] \
+            == [sandboxes]
         assert not sandbox.exists()
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from reconciler.config import AgentConfig
 from reconciler.isolators.base import ContainerConfig, IsolatorSetupError, PermanentError
-from reconciler.isolators.capabilities import LinuxCapabilitiesIsolator, mesos_set
+from reconciler.isolators.capabilities import DEFAULT_CAPABILITIES, LinuxCapabilitiesIsolator, mesos_set
 from reconciler.models import CAPABILITY_NUMBERS, ContainerSpec
 from tests.conftest import IS_ROOT
 from tests.test_isolator_filesystem_shared import wait_for_text
@@ -119,8 +119,9 @@ def test_root_command_holds_exactly_the_granted_capabilities(env: Any) -> None:
     assert caps["CapEff"] == caps["CapPrm"] == granted
     assert caps["CapBnd"] == granted          # no bounding set given: the effective set bounds it (Mesos)
     assert not caps["CapEff"] & mask("CHOWN", "DAC_OVERRIDE", "SYS_ADMIN", "KILL")
-    # The init keeps what it needs to supervise; only the command is limited.
-    assert proc_caps(status["pid"])["CapEff"] == agent_mask()
+    # The init (pid1) keeps only what it needs to pass signals on to the command.
+    init = proc_caps(status["pid"])
+    assert init["CapEff"] == init["CapPrm"] == init["CapBnd"] == mask("KILL")
 
 
 @pytest.mark.root
@@ -272,8 +273,9 @@ NET = ("NET_RAW", "NET_ADMIN", "DAC_READ_SEARCH")
     ({"effective_capabilities": ["CHOWN"]}, None, ({"CHOWN"}, {"CHOWN"})),
     ({"bounding_capabilities": ["CHOWN"]}, {"bounding_capabilities": _caps("CHOWN", "KILL")},
      "Bounding capabilities '{ CHOWN, KILL }', but only '{ CHOWN }' are allowed"),
-    ({}, None, (None, None)),
-    ({}, {"share_pid_namespace": False}, (None, None)),
+    # Nothing asked: Docker's default set bounds it (root holds it, any other user nothing).
+    ({}, None, (None, set(DEFAULT_CAPABILITIES))),
+    ({}, {"share_pid_namespace": False}, (None, set(DEFAULT_CAPABILITIES))),
 ])
 def test_mesos_decision_rules(flags: dict[str, Any], linux: dict[str, Any] | None, expected: Any) -> None:
     isolator = LinuxCapabilitiesIsolator(AgentConfig(**flags))
@@ -284,14 +286,11 @@ def test_mesos_decision_rules(flags: dict[str, Any], linux: dict[str, Any] | Non
         return
     assert isolator.container_sets(_config(linux)) == expected
     info = isolator.prepare("c", _config(linux))
-    if expected == (None, None):
-        assert info is None
-    else:
-        assert info is not None and info.capabilities is not None
-        effective, bounding = expected
-        assert info.capabilities["bounding"] == sorted(CAPABILITY_NUMBERS[c] for c in bounding)
-        assert info.capabilities["effective"] == (None if effective is None else
-                                                  sorted(CAPABILITY_NUMBERS[c] for c in effective))
+    assert info is not None and info.capabilities is not None
+    effective, bounding = expected
+    assert info.capabilities["bounding"] == sorted(CAPABILITY_NUMBERS[c] for c in bounding)
+    assert info.capabilities["effective"] == (None if effective is None else
+                                              sorted(CAPABILITY_NUMBERS[c] for c in effective))
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="the isolator requires root, as Mesos's")

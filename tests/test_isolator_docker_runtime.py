@@ -198,9 +198,22 @@ def test_working_dir_is_an_absolute_path_inside_the_rootfs(working_dir: str | No
     assert info is not None and info.working_directory == expected
 
 
-def test_the_image_user_is_not_applied_as_in_mesos(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_image_user_applies_as_in_docker() -> None:
+    info = DockerRuntimeIsolator(agent_config()).prepare("c9", launch_config(command(1, 1, 0), {"User": "nobody:users"}))
+    assert info is not None and info.user == {"in_image": "nobody:users"}   # looked up in the image by its init
+
+
+def test_the_manifest_user_wins_over_the_image_user() -> None:
+    spec = ContainerSpec.model_validate({"command": {"value": "true", "user": "daemon"}})
+    info = DockerRuntimeIsolator(agent_config()).prepare(
+        "c9", launch_config(spec.command, {"User": "nobody"}, spec=spec))
+    assert info is not None and info.user is None
+
+
+def test_the_image_user_is_not_applied_as_in_mesos_with_the_flag(caplog: pytest.LogCaptureFixture) -> None:
+    config = agent_config().model_copy(update={"docker_ignore_image_user": True})
     with caplog.at_level(logging.WARNING, logger="reconciler.isolators.docker_runtime"):
-        info = DockerRuntimeIsolator(agent_config()).prepare("c9", launch_config(command(1, 1, 0), {"User": "nobody"}))
+        info = DockerRuntimeIsolator(config).prepare("c9", launch_config(command(1, 1, 0), {"User": "nobody"}))
     assert info is not None and info.user is None
     assert "Container user 'nobody' is not supported yet for container c9" in caplog.text
 

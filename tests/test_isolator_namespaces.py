@@ -85,13 +85,14 @@ def destroy_all(env: Any) -> None:
 
 def test_command_sees_only_its_container_with_the_init_as_pid_1(env: Any) -> None:
     listing = 'for p in /proc/[0-9]*; do echo "${p#/proc/} $(cat $p/comm)"; done; ' \
-              'stat -Lc %i /proc/1/ns/pid; echo done; exec sleep 300'
+              'stat -Lc %i /proc/self/ns/pid; echo done; exec sleep 300'
     status = launch(env, "ps", listing)
     lines = wait_for_text(env.sandbox(status) / "stdout").splitlines()
     processes = dict(line.split(" ", 1) for line in lines[:-2])
     assert processes["1"] == "reconciler-init"
     assert set(processes.values()) <= {"reconciler-init", "sh", "cat", "sleep"}, processes
     assert all(int(pid) < 10 for pid in processes), processes   # a fresh numbering, not the host's
+    # Its own namespace is the init's (PID 1's /proc/1/ns is closed to it: the init is not dumpable).
     assert int(lines[-2]) == ns_inode(status["pid"], "pid") != ns_inode("self", "pid")
     # From the host: the init is the status file's pid, and the namespace holds the init and the command.
     assert len(in_namespace_of(status["pid"])) == 2

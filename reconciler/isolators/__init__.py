@@ -22,6 +22,8 @@ REGISTRY: dict[str, str] = {
     "cgroups/net_cls": "reconciler.isolators.net_cls:NetClsIsolator",
     "docker/runtime": "reconciler.isolators.docker_runtime:DockerRuntimeIsolator",
     "linux/capabilities": "reconciler.isolators.capabilities:LinuxCapabilitiesIsolator",
+    "linux/devices": "reconciler.isolators.devices:LinuxDevicesIsolator",
+    "linux/seccomp": "reconciler.isolators.seccomp:LinuxSeccompIsolator",
     "namespaces/ipc": "reconciler.isolators.namespaces:IpcNamespaceIsolator",
     "namespaces/pid": "reconciler.isolators.namespaces:PidNamespaceIsolator",
     "disk/du": "reconciler.isolators.disk_du:DiskDuIsolator",
@@ -54,9 +56,16 @@ def isolator_class(name: str) -> type[Isolator]:
     return getattr(module, class_name)
 
 
+# The default security profile (docs/security.md): on for every container of the linux launcher whether
+# or not --isolation names these; flags and manifests say how much of it a container gets.
+SECURITY_PROFILE = ["linux/capabilities"]
+
+
 def create(config) -> list[Isolator]:  # noqa: ANN001 - AgentConfig (import cycle)
     """Instances in table order. Raises IsolatorSetupError with one line naming flag and reason."""
     names = expand(config.isolation)
+    if config.launcher == "linux":
+        names += [name for name in SECURITY_PROFILE if name not in names]
     ordered = [n for n in REGISTRY if n in names]
     for name in names:
         isolator_class(name)  # unknown names fail here, whatever their position

@@ -80,6 +80,12 @@ class ContainerConfig:
         image: `<sandbox>/.rootfs`, over its own `upper` and `work` directories (the overlay keeps them)."""
         return os.path.join(self.sandbox, ROOTFS_DIR) if self.image is not None else None
 
+    @property
+    def privileged(self) -> bool:
+        """`linux_info.privileged`: the default security profile does not apply (--allow_privileged)."""
+        container = self.spec.container
+        return bool(container is not None and container.linux_info is not None and container.linux_info.privileged)
+
     def in_rootfs(self, path: str) -> str:
         """`path` as the init sees it before it enters the rootfs (the path itself without a rootfs)."""
         rootfs = self.rootfs
@@ -110,6 +116,10 @@ class LaunchInfo:
     command: list[str] | None = None
     # filesystem/linux: the init pivots into this directory after every mount is made.
     rootfs: str | None = None
+    # linux/seccomp: the profile the command's process loads last before exec, as
+    # {"name": "default" | a file name of --seccomp_config_dir, "path": its file (None: the built-in
+    # default)}; the containerizer compiles it for the container's capabilities. None: unconfined.
+    seccomp: dict[str, Any] | None = None
 
     def merge(self, other: "LaunchInfo") -> None:
         """Fold another isolator's launch info in, refusing the conflicts Mesos refuses."""
@@ -125,6 +135,7 @@ class LaunchInfo:
             ("user", "Multiple isolators specify user"),
             ("command", "Multiple isolators specify command"),
             ("rootfs", "Multiple isolators specify rootfs"),
+            ("seccomp", "Multiple isolators specify seccomp"),
         ):
             theirs = getattr(other, attr)
             if theirs:

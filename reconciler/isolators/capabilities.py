@@ -1,10 +1,17 @@
 """linux/capabilities (Mesos isolators/linux/capabilities.cpp, docs/isolators/linux-capabilities.md).
 
+Part of the default security profile: always on with the linux launcher, whatever `--isolation`
+names (unlike Mesos, which leaves a container every capability the agent has).
+
 Which capabilities a container's command holds, from the agent's flags and the manifest:
 
-- `--bounding_capabilities`: the most any container may have (absent: everything the agent has).
+- nothing asked anywhere: Docker's default set (DEFAULT_CAPABILITIES) bounds it, so root holds those
+  14 and any other user none;
+- `linux_info.privileged: true` (only with `--allow_privileged`): every capability the agent holds;
+- `--bounding_capabilities`: the most any container may have, and the bounding set of a container
+  whose manifest gives none.
 - `--effective_capabilities`: what a container gets when its manifest asks for nothing (absent:
-  the user's defaults, i.e. root keeps its capabilities and any other user has none).
+  the user's defaults, i.e. root holds its bounding set and any other user has none).
 - `linux_info.effective_capabilities` (or the deprecated `capability_info`) and
   `linux_info.bounding_capabilities`: the container's own request, within the flags.
 
@@ -24,15 +31,33 @@ file capabilities still gain those within the bounding set, as the bounding set 
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from reconciler.isolators.base import ContainerConfig, Isolator, IsolatorSetupError, LaunchInfo, PermanentError
+from reconciler.isolators.base import (
+    ContainerConfig,
+    ContainerState,
+    Isolator,
+    IsolatorSetupError,
+    LaunchInfo,
+    PermanentError,
+)
 from reconciler.linux import syscalls
 from reconciler.models import CAPABILITY_NUMBERS
 
 if TYPE_CHECKING:
     from reconciler.config import AgentConfig
+
+# Docker's (and Podman's, less AUDIT_WRITE) default: what a root container holds unless it asks.
+DEFAULT_CAPABILITIES = frozenset({
+    "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID", "SETFCAP", "SETPCAP",
+    "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
+})
+
+
+def by_number(names: set[str] | frozenset[str]) -> list[str]:
+    return sorted(names, key=CAPABILITY_NUMBERS.__getitem__)
 
 
 def mesos_set(names: set[str] | list[str]) -> str:
@@ -41,6 +66,7 @@ def mesos_set(names: set[str] | list[str]) -> str:
     return "{ " + ", ".join(ordered) + " }" if ordered else "{  }"
 
 
+@functools.cache
 def last_capability() -> int:
     """The highest capability number this kernel knows (/proc/sys/kernel/cap_last_cap)."""
     try:
@@ -82,12 +108,31 @@ class LinuxCapabilitiesIsolator(Isolator):
                 f"flag --effective_capabilities: the agent itself does not hold "
                 f"{mesos_set(set(effective) - self.agent_capabilities)}, so no container could be granted them "
                 "(start the agent with them in its bounding set)")
+        self._profiles: dict[str, dict[str, Any]] = {}
+
+    def recover(self, states: list[ContainerState], orphans: set[str]) -> None:
+        for state in states:
+            try:
+                sets = self.container_sets(state.config)
+                self._profiles[state.config.container_id] = self._profile(state.config, *sets)
+            except PermanentError:
+                pass   # it was launched under other flags: its status shows no capabilities rather than wrong ones
+
+    def status(self, container_id: str) -> dict[str, Any]:
+        profile = self._profiles.get(container_id)
+        return {"security": profile} if profile is not None else {}
+
+    def cleanup(self, container_id: str) -> None:
+        self._profiles.pop(container_id, None)
+
+    def _profile(self, config: ContainerConfig, effective: set[str] | None, bounding: set[str]) -> dict[str, Any]:
+        profile: dict[str, Any] = {"privileged": config.privileged, "bounding_capabilities": by_number(bounding)}
+        if effective is not None:
+            profile["effective_capabilities"] = by_number(effective)
+        return profile
 
     def prepare(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
         effective, bounding = self.container_sets(config)
-        if effective is None and bounding is None:
-            return None
-        assert bounding is not None  # Mesos: the bounding set is always present, the effective set may not be
         beyond_kernel = {*(effective or ()), *bounding} - self.kernel_capabilities
         if beyond_kernel:
             raise PermanentError(f"Capabilities '{mesos_set(beyond_kernel)}' are not supported by this kernel")
@@ -96,19 +141,25 @@ class LinuxCapabilitiesIsolator(Isolator):
             raise PermanentError(
                 f"Requested capabilities '{mesos_set(effective)}', but the agent itself does not hold "
                 f"'{mesos_set(missing)}', so it cannot grant them")
+        self._profiles[container_id] = self._profile(config, effective, bounding)
         return LaunchInfo(capabilities={
             # Names for a reader of the checkpointed launch info; numbers for the init.
-            "effective_names": None if effective is None else sorted(effective, key=CAPABILITY_NUMBERS.__getitem__),
-            "bounding_names": sorted(bounding, key=CAPABILITY_NUMBERS.__getitem__),
+            "effective_names": None if effective is None else by_number(effective),
+            "bounding_names": by_number(bounding),
             "effective": None if effective is None else sorted(CAPABILITY_NUMBERS[c] for c in effective),
             "bounding": sorted(CAPABILITY_NUMBERS[c] for c in bounding),
             "last_cap": self.last_cap,
         })
 
-    def container_sets(self, config: ContainerConfig) -> tuple[set[str] | None, set[str] | None]:
+    def container_sets(self, config: ContainerConfig) -> tuple[set[str] | None, set[str]]:
         """(effective, bounding) for the container, by Mesos's rules; PermanentError with its messages."""
         container = config.spec.container
         linux_info = container.linux_info if container is not None else None
+        if linux_info is not None and linux_info.privileged:
+            if not self.config.allow_privileged:
+                raise PermanentError("Privileged containers are not allowed on this agent: "
+                                     "linux_info.privileged needs the agent flag --allow_privileged")
+            return None, set(self.agent_capabilities)
         effective: set[str] | None = None
         bounding: set[str] | None = None
         if linux_info is not None:
@@ -132,8 +183,10 @@ class LinuxCapabilitiesIsolator(Isolator):
             bounding = set(flags.bounding_capabilities)
         if bounding is None and effective is not None:
             bounding = set(effective)
+        if bounding is None:
+            # Nothing asked, by the manifest or the flags: Docker's default set, of what the agent holds.
+            bounding = set(DEFAULT_CAPABILITIES & self.agent_capabilities)
         if effective is not None:
-            assert bounding is not None
             if not effective <= bounding:
                 raise PermanentError(
                     f"Requested capabilities '{mesos_set(effective)}', but only '{mesos_set(bounding)}' are allowed")

@@ -35,8 +35,11 @@ our container init does the same, so the directory is made inside the container'
 symlink in the image can never lead it out to the host. Without a WorkingDir the containerizer's
 default applies (the sandbox).
 
-User. Mesos does not apply the image's User: it logs a warning ("Container user '...' is not
-supported yet") and runs as the container's user (`command.user`, else the agent's). We do the same.
+User. As Docker does, the image's `User` (`user`, `uid`, `user:group`, `uid:gid`) is who the command
+runs as when the manifest gives no `command.user`; the container's init looks it up in the image's
+own /etc/passwd and /etc/group once it has entered the root filesystem (reconciler/launcher/image_user.py).
+Mesos does not apply it: it logs a warning ("Container user '...' is not supported yet") and runs
+as the container's user (`command.user`, else the agent's); `--docker_ignore_image_user` does that.
 """
 
 from __future__ import annotations
@@ -163,12 +166,15 @@ class DockerRuntimeIsolator(Isolator):
         if image is None:
             return None
         runtime = parse_image_config(image.config, image.reference)
-        if runtime.User:
-            log.warning("Container user '%s' is not supported yet for container %s", runtime.User, container_id)
         command = config.spec.command
         launch = resolve_command(command, runtime.Entrypoint, runtime.Cmd)
         info = LaunchInfo(environment=image_environment(runtime.Env, container_id),
                           working_directory=image_working_directory(runtime.WorkingDir))
+        if runtime.User and not command.user:
+            if self.config.docker_ignore_image_user:
+                log.warning("Container user '%s' is not supported yet for container %s", runtime.User, container_id)
+            else:
+                info.user = {"in_image": runtime.User}
         if not command.shell and not command.value:
             # Only the image's Entrypoint/Cmd rows change the command (as Mesos, which returns no
             # command otherwise); there the program is argv[0].

@@ -26,12 +26,13 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from reconciler.isolators.base import (
     CONTAINER_SANDBOX,
     ROOTFS_DIR,
     ContainerConfig,
+    ContainerState,
     IsolatorSetupError,
     LaunchInfo,
     PermanentError,
@@ -43,6 +44,7 @@ from reconciler.isolators.filesystem_shared import (
     read_only_remounts,
     remount_read_only_flags,
 )
+from reconciler.isolators.masks import masking_mounts
 from reconciler.linux import syscalls
 
 if TYPE_CHECKING:
@@ -54,11 +56,6 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
              ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
 HOST_FILES = ("/etc/resolv.conf", "/etc/hosts")
-# In the container's /proc (as runc's defaults): the kernel's knobs read-only, and what reads kernel
-# memory or other tenants' secrets hidden. A root container could otherwise write
-# /proc/sys/kernel/core_pattern and have the host run a program of its choice.
-PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
-PROC_MASKED = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug")
 _NOSUID_NODEV_NOEXEC = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
 
 
@@ -78,6 +75,7 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 class LinuxFilesystemIsolator(SharedFilesystemIsolator):
     def __init__(self, config: "AgentConfig") -> None:
         super().__init__(config)
+        self._masked: dict[str, dict[str, list[str]]] = {}
         if config.image_providers and not overlay_supported():
             raise IsolatorSetupError("flag --isolation: filesystem/linux needs overlayfs for container images, "
                                      "and this kernel has none in /proc/filesystems (modprobe overlay)")
@@ -103,19 +101,13 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
             dict(PRIVATE_ROOT),
             _mount("overlay", rootfs, "overlay", 0, data),
             _mount("proc", at("/proc"), "proc", _NOSUID_NODEV_NOEXEC, mkdir=True),
-        ]
-        for path in PROC_READ_ONLY:
-            if os.path.exists(path):
-                mounts.append(_mount(at(path), at(path), None, syscalls.MS_BIND | syscalls.MS_REC))
-                mounts.append(_mount(None, at(path), None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
-                                     | _NOSUID_NODEV_NOEXEC))
-        mounts.extend(_mount("/dev/null", at(path), None, syscalls.MS_BIND) for path in PROC_MASKED
-                      if os.path.isfile(path))
-        mounts += [
             _mount("sysfs", at("/sys"), "sysfs", _NOSUID_NODEV_NOEXEC | syscalls.MS_RDONLY, mkdir=True),
-            _mount("tmpfs", at("/dev"), "tmpfs", syscalls.MS_NOSUID | syscalls.MS_STRICTATIME, "mode=755,size=65536k",
-                   mkdir=True),
         ]
+        if not config.privileged:
+            masks, self._masked[container_id] = masking_mounts(at)
+            mounts += masks
+        mounts.append(_mount("tmpfs", at("/dev"), "tmpfs", syscalls.MS_NOSUID | syscalls.MS_STRICTATIME,
+                             "mode=755,size=65536k", mkdir=True))
         for device in DEVICES:
             if os.path.exists(f"/dev/{device}"):
                 mounts.append(_mount(f"/dev/{device}", at(f"/dev/{device}"), None, syscalls.MS_BIND, file=True))
@@ -137,7 +129,24 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
         taken = [CONTAINER_SANDBOX]
         for volume in container.volumes if container is not None else []:
             mounts.extend(self._rootfs_volume_mounts(volume, config, taken))
-        return LaunchInfo(clone_namespaces=syscalls.CLONE_NEWNS, mounts=mounts, rootfs=rootfs)
+        # Its own UTS namespace, so that a container given CAP_SYS_ADMIN cannot rename the host; named
+        # by container.hostname when given, else it keeps the host's name (as Mesos on the host network).
+        return LaunchInfo(clone_namespaces=syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS, mounts=mounts, rootfs=rootfs,
+                          hostname=container.hostname if container is not None else None)
+
+    def recover(self, states: list[ContainerState], orphans: set[str]) -> None:
+        super().recover(states, orphans)
+        for state in states:
+            if state.config.image is not None and not state.config.privileged:
+                self._masked[state.config.container_id] = masking_mounts(state.config.in_rootfs)[1]
+
+    def status(self, container_id: str) -> dict[str, Any]:
+        masked = self._masked.get(container_id)
+        return {"security": dict(masked)} if masked is not None else {}
+
+    def cleanup(self, container_id: str) -> None:
+        super().cleanup(container_id)
+        self._masked.pop(container_id, None)
 
     def _rootfs_volume_mounts(self, volume: "Volume", config: ContainerConfig, taken: list[str]) -> list[dict]:
         container_path = posixpath.normpath(volume.container_path)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from reconciler.isolators.base import ContainerConfig, Isolator, IsolatorSetupError, LaunchInfo, PermanentError
 from reconciler.linux import syscalls
+from reconciler.linux.mounts import remount_flags
 
 if TYPE_CHECKING:
     from reconciler.config import AgentConfig
@@ -34,18 +35,6 @@ if TYPE_CHECKING:
 # to the host through shared mounts (systemd makes / shared).
 PRIVATE_ROOT = {"source": None, "target": "/", "fstype": None,
                 "flags": syscalls.MS_REC | syscalls.MS_PRIVATE, "data": None}
-
-# statvfs f_flag bits (<sys/statvfs.h>) → the mount(2) flags that keep them on a remount.
-_KEPT_FLAGS = (
-    (os.ST_NOSUID, syscalls.MS_NOSUID),
-    (os.ST_NODEV, syscalls.MS_NODEV),
-    (os.ST_NOEXEC, syscalls.MS_NOEXEC),
-    (os.ST_SYNCHRONOUS, syscalls.MS_SYNCHRONOUS),
-    (os.ST_NOATIME, syscalls.MS_NOATIME),
-    (os.ST_NODIRATIME, syscalls.MS_NODIRATIME),
-    (os.ST_RELATIME, syscalls.MS_RELATIME),
-)
-
 
 def _components(path: str) -> list[str]:
     return [part for part in path.split("/") if part]
@@ -58,20 +47,8 @@ def _under(inner: str, outer: str) -> bool:
 
 
 def remount_read_only_flags(path: str) -> int:
-    """The flags that make the mount at `path` read-only while keeping nosuid, nodev, noexec and atime.
-
-    A bind remount replaces all of these flags; the kernel refuses (EPERM) to clear one that is
-    locked (a mount inherited from a more privileged namespace), and silently clearing nosuid or
-    noexec would weaken the mount anyway.
-    """
-    f_flag = os.statvfs(path).f_flag
-    flags = syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
-    for st_flag, ms_flag in _KEPT_FLAGS:
-        if f_flag & st_flag:
-            flags |= ms_flag
-    if not f_flag & (os.ST_NOATIME | os.ST_RELATIME):
-        flags |= syscalls.MS_STRICTATIME
-    return flags
+    """The flags that make the mount at `path` read-only while keeping nosuid, nodev, noexec and atime."""
+    return remount_flags(path, syscalls.MS_RDONLY)
 
 
 def read_only_remounts(host_path: str, target: str) -> list[dict]:

@@ -7,7 +7,13 @@ host and nothing a container mounts propagates back.
 
 from __future__ import annotations
 
-from reconciler.isolators.base import ContainerConfig, Isolator, LaunchInfo, PermanentError
+from typing import TYPE_CHECKING, Any
+
+from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, LaunchInfo, PermanentError
+from reconciler.isolators.masks import masking_mounts
+
+if TYPE_CHECKING:
+    from reconciler.config import AgentConfig
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -20,6 +26,31 @@ PRIVATE_ROOT = {"source": None, "target": "/", "fstype": None, "flags": MS_REC |
 
 
 class PidNamespaceIsolator(Isolator):
+    """A container without an image gets a /proc of its own here, with runc's masked and read-only paths
+    (reconciler/isolators/masks.py); filesystem/linux does the same in an image's root filesystem."""
+
+    def __init__(self, config: "AgentConfig") -> None:
+        super().__init__(config)
+        self._masked: dict[str, dict[str, list[str]]] = {}
+
+    def recover(self, states: list[ContainerState], orphans: set[str]) -> None:
+        for state in states:
+            if self._masks(state.config):
+                self._masked[state.config.container_id] = masking_mounts(str)[1]
+
+    def status(self, container_id: str) -> dict[str, Any]:
+        masked = self._masked.get(container_id)
+        return {"security": dict(masked)} if masked is not None else {}
+
+    def cleanup(self, container_id: str) -> None:
+        self._masked.pop(container_id, None)
+
+    @staticmethod
+    def _masks(config: ContainerConfig) -> bool:
+        linux_info = config.spec.container.linux_info if config.spec.container else None
+        shares = linux_info is not None and bool(linux_info.share_pid_namespace)
+        return not shares and config.rootfs is None and not config.privileged
+
     def prepare(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
         linux_info = config.spec.container.linux_info if config.spec.container else None
         if linux_info is not None and linux_info.share_pid_namespace:
@@ -30,11 +61,12 @@ class PidNamespaceIsolator(Isolator):
             # filesystem/linux mounts the rootfs's /proc itself, with its kernel knobs read-only: another
             # proc mounted over it would undo that.
             return LaunchInfo(clone_namespaces=CLONE_NEWPID | CLONE_NEWNS)
-        return LaunchInfo(
-            clone_namespaces=CLONE_NEWPID | CLONE_NEWNS,
-            mounts=[PRIVATE_ROOT, {"source": "proc", "target": "/proc", "fstype": "proc",
-                                   "flags": MS_NOSUID | MS_NODEV | MS_NOEXEC, "data": None}],
-        )
+        mounts = [PRIVATE_ROOT, {"source": "proc", "target": "/proc", "fstype": "proc",
+                                 "flags": MS_NOSUID | MS_NODEV | MS_NOEXEC, "data": None}]
+        if self._masks(config):
+            masks, self._masked[container_id] = masking_mounts(str)
+            mounts += masks
+        return LaunchInfo(clone_namespaces=CLONE_NEWPID | CLONE_NEWNS, mounts=mounts)
 
 
 class IpcNamespaceIsolator(Isolator):

@@ -38,6 +38,20 @@ class Forked:
             self.go_fd = -1
 
 
+# The static program every init becomes once its command runs (pid1.c), built when the package is installed.
+PID1_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pid1")
+_HELPER_MAIN = ("import sys; sys.path.insert(0, sys.argv[1]); from reconciler.launcher.helper import serve; "
+                "serve(int(sys.argv[2]), sys.argv[3])")
+
+
+def missing_pid1() -> None:
+    """Raises FileNotFoundError, saying how to build it, when the container init program was not built."""
+    if not os.access(PID1_PATH, os.X_OK):
+        raise FileNotFoundError(
+            f"the container init {PID1_PATH} is missing: it is built when reconciler is installed; install a C "
+            "compiler and static libc (Debian: gcc libc6-dev), then reinstall (pip install -e . or pip install .)")
+
+
 class LaunchHelper:
     """Client of `reconciler.launcher.helper`, started once per agent."""
 
@@ -60,13 +74,14 @@ class LaunchHelper:
                 self._start()
 
     def _start(self) -> None:
+        missing_pid1()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # An empty environment, and -I so that no PYTHON* variable or user site can change what runs: each
+        # init is a fork of this process, and its /proc/<pid>/environ is what the helper was given.
         self._proc = subprocess.Popen(
-            [sys.executable, "-S", "-m", "reconciler.launcher.helper", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, cwd="/",
+            [sys.executable, "-I", "-S", "-c", _HELPER_MAIN, package_root, str(theirs.fileno()), PID1_PATH],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env={}, cwd="/",
             start_new_session=True,  # a ^C or SIGTERM to the agent's process group must not reach containers
         )
         theirs.close()

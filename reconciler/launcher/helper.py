@@ -15,11 +15,20 @@ The init blocks until the agent writes one byte there (after isolate) or closes 
 Children are reaped by the kernel (SIGCHLD ignored): the agent learns of exits through the pidfd and
 the exit status through the checkpoint the init writes. When the agent goes away (EOF on the socket)
 the helper exits and the inits are re-parented; containers outlive the agent.
+
+What an init holds of the host is kept to the container's own `status` file: the helper opens it
+(created empty, 0600) and passes that one file, never a directory, so that no path through
+/proc/1/fd leads out of the container. The helper runs with an empty environment (the agent's may
+hold credentials, and an init's /proc/<pid>/environ is the helper's), and keeps `pid1` (the static
+program each init becomes once its command runs, see pid1.c) in a sealed memfd: what a container's
+/proc/1/exe leads to can be neither written nor swapped (runc's cloned-binary defence against
+CVE-2019-5736).
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import gc
 import json
 import os
@@ -57,18 +66,48 @@ def clone(flags: int) -> tuple[int, int]:
     return pid, pidfd.value
 
 
-def launch(sock: socket.socket, request: dict) -> None:
+def sealed_copy(path: str) -> int:
+    """A memfd holding the file at `path`, sealed against every change (F_SEAL_WRITE, SHRINK, GROW, SEAL).
+
+    Exec'ing it gives each init an executable that no process, root in a container included, can
+    rewrite through /proc/<pid>/exe, and that a later `pip install` cannot change under running inits.
+    """
+    fd = os.memfd_create("reconciler-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_status(checkpoint_dir: str) -> int:
+    """The container's `status` file, created empty for the init to write its command's end into.
+
+    A file, not its directory: through /proc/1/fd a container could walk a directory fd up to the host's /.
+    """
+    return os.open(os.path.join(checkpoint_dir, init.STATUS_FILE),
+                   os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def launch(sock: socket.socket, request: dict, pid1_fd: int) -> None:
     spec = request["spec"]
     try:
-        checkpoint_fd = os.open(spec["checkpoint_dir"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        status_fd = open_status(spec["checkpoint_dir"])
     except OSError as exc:
-        sock.send(json.dumps({"error": f"cannot open the checkpoint directory: {exc}"}).encode())
+        sock.send(json.dumps({"error": f"cannot create the container's status file: {exc}"}).encode())
         return
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     try:
         pid, pidfd = clone(int(request.get("clone_flags", 0)))
     except OSError as exc:
-        os.close(go_r), os.close(go_w), os.close(checkpoint_fd)
+        os.close(go_r), os.close(go_w), os.close(status_fd)
         sock.send(json.dumps({"error": str(exc)}).encode())
         return
     if pid == 0:
@@ -82,16 +121,15 @@ def launch(sock: socket.socket, request: dict) -> None:
         if null > 2:
             os.close(null)
         os.setsid()
-        keep = sorted({go_r, checkpoint_fd})
+        keep = sorted({go_r, status_fd, pid1_fd})
         low = 3
         for fd in keep:
             os.closerange(low, fd)
             low = fd + 1
         os.closerange(low, 65536)
-        os.set_inheritable(go_r, False)
-        init.child_main(spec, go_r, checkpoint_fd)
+        init.child_main(spec, go_r, status_fd, pid1_fd)
     os.close(go_r)
-    os.close(checkpoint_fd)
+    os.close(status_fd)
     try:
         socket.send_fds(sock, [json.dumps({"pid": pid}).encode()], [pidfd, go_w])
     finally:
@@ -99,8 +137,9 @@ def launch(sock: socket.socket, request: dict) -> None:
         os.close(go_w)
 
 
-def serve(fd: int) -> None:
+def serve(fd: int, pid1_path: str) -> None:
     sock = socket.socket(fileno=fd)
+    pid1_fd = sealed_copy(pid1_path)
     # Every object the helper holds is moved out of the collector's reach and collection is off:
     # a collection in a forked init would write to each object's header and copy its page.
     init.warm_up()
@@ -116,10 +155,10 @@ def serve(fd: int) -> None:
             return
         request = json.loads(data)
         if request.get("op") == "launch":
-            launch(sock, request)
+            launch(sock, request, pid1_fd)
         elif request.get("op") == "ping":
             sock.send(b'{"pong": true}')
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), sys.argv[2])

@@ -1,18 +1,27 @@
 """The container's init: what runs first inside a container, as Mesos's `mesos-containerizer launch`.
 
 It is forked (never exec'd) by the launch helper, so a container costs no new Python interpreter.
-It waits for the agent's go-ahead (sent after every isolator's `isolate`), applies the launch
-info (mounts, hostname, rlimits), starts the command (as its user, with its capabilities), then
-stays as its parent: PID 1 of the container's pid namespace when it has one. It reaps every
-zombie, forwards termination signals to the command, and writes the command's wait status into
-the container's checkpoint (`status`), so an exit code survives restarts of the agent.
+It applies the launch info (mounts, root filesystem, hostname, rlimits) while the agent isolates,
+waits for the agent's go-ahead (sent after every isolator's `isolate`), starts the command (as its
+user, with its capabilities, no_new_privs and seccomp filter), and then execs `pid1` (pid1.c): the
+container's PID 1 from then on, when it has a pid namespace. pid1 reaps every zombie, forwards
+termination signals to the command, and writes the command's wait status into the container's
+checkpoint (`status`), so an exit code survives restarts of the agent.
+
+Why exec rather than stay (as runc's `runc init` execs the container's process): a fork of the
+launch helper maps the host's interpreter and libraries, keeps the helper's heap (earlier launches'
+specs) and its environment, and holds root's capabilities. A container able to reach its PID 1
+(through /proc/1 or ptrace, given CAP_SYS_PTRACE) would reach all of that. pid1 is a static program
+exec'd from a sealed memfd, with an empty environment, only CAP_KILL, no_new_privs, a seccomp filter
+of its own, not dumpable, holding nothing but /dev/null and the container's own `status` file.
 
 This module imports only the standard library: it runs in the launch helper, which is kept small
-so that each forked init stays well under a megabyte of unique memory.
+so that each forked init costs little memory until it execs.
 """
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import os
@@ -20,6 +29,8 @@ import resource
 import signal
 import sys
 import time
+
+from reconciler.launcher import image_user
 
 # Signals an operator or the agent may send to a container; init passes them on to the command.
 FORWARDED_SIGNALS = (
@@ -35,9 +46,12 @@ PR_SET_NAME = 15
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_SECUREBITS = 28
-PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 47, 2, 4
 SECBIT_NOROOT = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_KILL = 5
+PID1_STATUS_FD = 3    # where pid1 finds the status file
 MNT_DETACH = 2
 # pivot_root has no glibc wrapper (the same table as reconciler.linux.syscalls, which the init can't import).
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "ppc64": 203, "s390x": 217}
@@ -80,18 +94,14 @@ def warm_up() -> None:
         os.makedirs("/proc", mode=0o755, exist_ok=True)
 
 
-def write_status(checkpoint_fd: int, doc: dict) -> None:
-    """Atomically replace `status` in the checkpoint directory (held open by fd, so mounts can't hide it).
+def write_status(status_fd: int, doc: dict) -> None:
+    """Write the container's `status` (created empty by the launch helper; held open, so no mount can hide it).
 
-    No fsync: the record only matters while this boot lasts (see reconciler.checkpoint).
+    Written once, by whichever process ends the container's life (this init or pid1), and read by the
+    agent only once that process is gone. No fsync: the record only matters while this boot lasts
+    (see reconciler.checkpoint).
     """
-    tmp = f".{STATUS_FILE}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=checkpoint_fd)
-    try:
-        os.write(fd, json.dumps(doc).encode())
-    finally:
-        os.close(fd)
-    os.rename(tmp, STATUS_FILE, src_dir_fd=checkpoint_fd, dst_dir_fd=checkpoint_fd)
+    os.pwrite(status_fd, json.dumps(doc).encode(), 0)
 
 
 def termination_doc(wait_status: int | None, error: str | None = None) -> dict:
@@ -105,8 +115,8 @@ def termination_doc(wait_status: int | None, error: str | None = None) -> dict:
     return doc
 
 
-def run(spec: dict, go_fd: int, checkpoint_fd: int) -> int:
-    """The whole life of a container's init. Returns the exit code for os._exit."""
+def run(spec: dict, go_fd: int, status_fd: int, pid1_fd: int) -> int:
+    """The container's init until it becomes pid1. Returns an exit code for os._exit only when it fails."""
     # The only dispositions Python and the launch helper changed; every executed line of Python
     # here copies pages of the helper, so the init does no more than it must.
     for sig in RESET_SIGNALS:
@@ -120,15 +130,20 @@ def run(spec: dict, go_fd: int, checkpoint_fd: int) -> int:
     # overlap on separate CPUs. A failure is reported once the go-ahead came, as any other.
     stdio = None
     setup_error = None
+    user = spec.get("user")
     try:
         # Opened here, by their host paths: a root filesystem entered below would hide them.
         stdio = open_stdio(spec)
         apply_launch_info(spec)
-        owner = spec.get("sandbox_owner")
-        if owner:
+        if spec.get("user_in_image") is not None:
+            # Docker's rule (and Mesos's for command.user): a user is looked up in the container's own
+            # /etc/passwd and /etc/group, now that it is the root.
+            user = image_user.resolve(spec["user_in_image"])
+            spec["env"].setdefault("HOME", user.pop("home"))
+        if user is not None and spec.get("chown_sandbox"):
             # Only now the container's user may change the sandbox: the mounts and files root made in
             # it (the overlay's directories, stdout, stderr) can no longer be swapped for links.
-            os.chown(spec["sandbox_in_container"], owner[0], owner[1], follow_symlinks=False)
+            os.chown(spec["sandbox_in_container"], user["uid"], user["gid"], follow_symlinks=False)
     except Exception as exc:  # noqa: BLE001
         setup_error = exc
 
@@ -144,25 +159,52 @@ def run(spec: dict, go_fd: int, checkpoint_fd: int) -> int:
     try:
         if setup_error is not None:
             raise setup_error
-        pid, exec_error = start_command(spec, stdio)
+        pid, exec_error = start_command(spec, stdio, user)
     except Exception as exc:  # any setup failure ends the container with a message, as Mesos's helper does
         message = f"Failed to launch container: {exc}"
         _log_to_stderr(spec, message, stdio)
-        write_status(checkpoint_fd, termination_doc(None, message))
+        write_status(status_fd, termination_doc(None, message))
         return 1
     if exec_error is not None:
         _log_to_stderr(spec, exec_error, stdio)
     for fd in stdio:
         os.close(fd)
     if exec_error is not None:
-        write_status(checkpoint_fd, termination_doc(None, exec_error))
+        write_status(status_fd, termination_doc(None, exec_error))
         return 1
+    try:
+        become_pid1(pid, status_fd, pid1_fd, spec["last_cap"])
+    except Exception as exc:  # noqa: BLE001 - nothing may run unsupervised: end the command with the reason
+        os.kill(pid, signal.SIGKILL)
+        write_status(status_fd, termination_doc(None, f"container init failed: cannot start pid1: {exc}"))
+    return 1
 
-    wait_status = supervise(pid)
-    write_status(checkpoint_fd, termination_doc(wait_status))
-    if os.WIFEXITED(wait_status):
-        return os.WEXITSTATUS(wait_status)
-    return 128 + os.WTERMSIG(wait_status)
+
+def become_pid1(command_pid: int, status_fd: int, pid1_fd: int, last_cap: int) -> None:
+    """Exec pid1 (pid1.c) in this process, which stays the command's parent. Returns only by raising.
+
+    Signals that arrive meanwhile stay pending (they are blocked) and reach pid1; a command that
+    already ended is a zombie pid1 reaps at once.
+    """
+    os.chdir("/")
+    # Only CAP_KILL (to pass signals on to a command of another user): its bounding set, inheritable and
+    # ambient sets reduced to it, so that exec gives root nothing more.
+    for cap in range(last_cap + 1):
+        if cap != CAP_KILL:
+            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
+    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    kill_only = 1 << CAP_KILL
+    _capset(kill_only, kill_only, kill_only)
+    # Its descriptors: 0-2 /dev/null (set by the launch helper), 3 the status file, and nothing else.
+    if pid1_fd == PID1_STATUS_FD:
+        pid1_fd = os.dup(pid1_fd)          # close-on-exec, as every descriptor Python opens
+    if status_fd == PID1_STATUS_FD:
+        os.set_inheritable(status_fd, True)
+    else:
+        os.dup2(status_fd, PID1_STATUS_FD)
+    os.closerange(PID1_STATUS_FD + 1, pid1_fd)
+    os.closerange(pid1_fd + 1, 65536)
+    os.execve(pid1_fd, ["reconciler-init", str(command_pid)], {})
 
 
 def apply_launch_info(spec: dict) -> None:
@@ -258,13 +300,14 @@ def pivot_root(new_root: str) -> None:
     os.chdir("/")
 
 
-def start_command(spec: dict, stdio: tuple[int, int, int] | None = None) -> tuple[int, str | None]:
+def start_command(spec: dict, stdio: tuple[int, int, int] | None = None,
+                  user: dict | None = None) -> tuple[int, str | None]:
     """Fork and exec the command. An exec failure comes back through a close-on-exec pipe."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     stdin, stdout, stderr = stdio if stdio is not None else open_stdio(spec)
     pid = os.fork()
     if pid == 0:
-        _exec_command(spec, stdin, stdout, stderr, err_w)
+        _exec_command(spec, user, stdin, stdout, stderr, err_w)
     os.close(err_w)
     if stdio is None:
         for fd in (stdin, stdout, stderr):
@@ -279,10 +322,14 @@ def start_command(spec: dict, stdio: tuple[int, int, int] | None = None) -> tupl
     return pid, None
 
 
-def _exec_command(spec: dict, stdin: int, stdout: int, stderr: int, err_w: int) -> None:
+def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr: int, err_w: int) -> None:
     """In the command's process: become the command's user with its capabilities, and exec. Never returns.
 
     A function of its own so the init, which only forks, never runs (and so never copies) this code.
+    The order matters: the bounding set is dropped while CAP_SETPCAP is held; a seccomp filter needs
+    either no_new_privs or CAP_SYS_ADMIN when it is loaded, so a root command loads it before its
+    capabilities are reduced to the granted ones, and a command of another user (which always gets
+    no_new_privs: a setuid program must not give it back what it never had) loads it last.
     """
     failing = ""
     try:
@@ -299,12 +346,21 @@ def _exec_command(spec: dict, stdin: int, stdout: int, stderr: int, err_w: int) 
             pass
         failing = f"Failed to chdir into current working directory '{spec['cwd']}'"
         os.chdir(spec["cwd"])
-        user = spec.get("user")
         uid = user["uid"] if user else os.getuid()
         caps = spec.get("capabilities")
         if caps:
             failing = "Failed to set capabilities"
             _limit_capabilities(caps, uid)
+        no_new_privs = uid != 0 or bool(spec.get("no_new_privs"))
+        if no_new_privs:
+            failing = "Failed to set no_new_privs"
+            _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        program = base64.b64decode(spec["seccomp_filter"]) if spec.get("seccomp_filter") else None
+        if program is not None:
+            from reconciler.launcher import seccomp_filter
+        if program is not None and not no_new_privs:
+            failing = "Failed to load the seccomp filter"
+            seccomp_filter.install(program, no_new_privs=False)
         if user:
             failing = f"Failed to switch to user '{user.get('name', uid)}'"
             os.fchown(1, uid, user["gid"])   # the sandbox's stdout and stderr are the user's, as the sandbox
@@ -315,6 +371,9 @@ def _exec_command(spec: dict, stdin: int, stdout: int, stderr: int, err_w: int) 
         if caps and caps["effective"] is not None:
             failing = "Failed to set capabilities"
             _grant_capabilities(caps["effective"])
+        if program is not None and no_new_privs:
+            failing = "Failed to load the seccomp filter"
+            seccomp_filter.install(program, no_new_privs=True)
         failing = ""
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         executable = spec["executable"]
@@ -342,7 +401,12 @@ def _limit_capabilities(caps: dict, uid: int) -> None:
         if cap not in keep:
             _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
     if caps["effective"] is None:
-        return   # Mesos: the user's default capabilities (root keeps its bounding set, others none)
+        # The user's default (Mesos): root gets its bounding set at exec, any other user nothing. The
+        # inheritable and ambient sets the agent may have had would add to that at exec: cleared.
+        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+        effective, permitted, _ = _capget()
+        _capset(effective, permitted, 0)
+        return
     if uid == 0:
         # Without this, exec gives root every capability of its bounding set whatever was granted.
         _check(_libc.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT, 0, 0, 0), "prctl(PR_SET_SECUREBITS)")
@@ -350,46 +414,29 @@ def _limit_capabilities(caps: dict, uid: int) -> None:
         _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
 
 
+def _capget() -> tuple[int, int, int]:
+    """This thread's (effective, permitted, inheritable) capability masks."""
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    _check(_libc.capget(header, data), "capget")
+    return (data[0] | data[3] << 32, data[1] | data[4] << 32, data[2] | data[5] << 32)
+
+
+def _capset(effective: int, permitted: int, inheritable: int) -> None:
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF, inheritable & 0xFFFFFFFF,
+                                 effective >> 32, permitted >> 32, inheritable >> 32)
+    _check(_libc.capset(header, data), "capset")
+
+
 def _grant_capabilities(effective: list[int]) -> None:
     """After setuid: exactly `effective` as effective, permitted, inheritable and ambient (kept across exec)."""
     mask = 0
     for cap in effective:
         mask |= 1 << cap
-    low, high = mask & 0xFFFFFFFF, mask >> 32
-    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)(low, low, low, high, high, high)   # two {effective, permitted, inheritable}
-    _check(_libc.capset(header, data), "capset")
+    _capset(mask, mask, mask)
     for cap in effective:
         _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), f"prctl(PR_CAP_AMBIENT_RAISE, {cap})")
-
-
-def supervise(command_pid: int) -> int:
-    """Reap everything; forward signals to the command; return the command's wait status."""
-    waited = {signal.SIGCHLD, *FORWARDED_SIGNALS}
-    while True:
-        # Reap first: the command may already be gone before we ever wait.
-        status = _reap_all(command_pid)
-        if status is not None:
-            return status
-        info = signal.sigwaitinfo(waited)
-        if info.si_signo != signal.SIGCHLD:
-            try:
-                os.kill(command_pid, info.si_signo)
-            except ProcessLookupError:
-                pass
-
-
-def _reap_all(command_pid: int) -> int | None:
-    command_status = None
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return command_status
-        if pid == 0:
-            return command_status
-        if pid == command_pid:
-            command_status = status
 
 
 def _log_to_stderr(spec: dict, message: str, stdio: tuple[int, int, int] | None = None) -> None:
@@ -403,14 +450,14 @@ def _log_to_stderr(spec: dict, message: str, stdio: tuple[int, int, int] | None 
         pass
 
 
-def child_main(spec: dict, go_fd: int, checkpoint_fd: int) -> None:
+def child_main(spec: dict, go_fd: int, status_fd: int, pid1_fd: int) -> None:
     """Entry in the freshly cloned child: never returns."""
     code = 1
     try:
-        code = run(spec, go_fd, checkpoint_fd)
+        code = run(spec, go_fd, status_fd, pid1_fd)
     except BaseException as exc:  # noqa: BLE001
         try:
-            write_status(checkpoint_fd, termination_doc(None, f"container init failed: {exc}"))
+            write_status(status_fd, termination_doc(None, f"container init failed: {exc}"))
         except BaseException:  # noqa: BLE001
             pass
     finally:

@@ -287,7 +287,18 @@ def tmp() -> Any:
     """A temporary directory under /var/tmp (creating files under /tmp is slow on these machines)."""
     path = Path(tempfile.mkdtemp(prefix="reconciler-test-", dir="/var/tmp"))
     yield path
+    unmount_agent_dirs(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_mount_left(request: pytest.FixtureRequest) -> Any:
+    """An agent's work dir in a test's tmp_path keeps a nosuid,nodev bind of its sandboxes: undone after
+    the test, whatever started the agent (AgentEnv, or a Containerizer made by the test itself)."""
+    path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if path is not None:
+        unmount_agent_dirs(path)
 
 
 def alive(pid: int) -> bool:

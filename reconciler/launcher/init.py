@@ -194,7 +194,7 @@ def become_pid1(command_pid: int, status_fd: int, pid1_fd: int, last_cap: int) -
             _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
     _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
     kill_only = 1 << CAP_KILL
-    _capset(kill_only, kill_only, kill_only)
+    _capset(kill_only, kill_only, 0)
     # Its descriptors: 0-2 /dev/null (set by the launch helper), 3 the status file, and nothing else.
     if pid1_fd == PID1_STATUS_FD:
         pid1_fd = os.dup(pid1_fd)          # close-on-exec, as every descriptor Python opens

@@ -3,8 +3,12 @@
 Ours: the containerizer's launch (checkpoints, isolators' prepare and isolate, the launch helper
 clones the init into the namespaces, the init mounts a fresh /proc and runs the command) until its
 termination is known and every isolator cleaned up (cgroups removed), as `runc run` also deletes.
+It runs with the default security profile (docs/security.md: Docker's capabilities, the seccomp
+filter, the devices allowlist, masked paths; pid1 exec'd from its memfd), and again without it
+(`linux_info.privileged`, as before the profile existed) to show what the profile costs.
 Peers, measured in the same run and interleaved: `runc run` of a busybox bundle with the same
-namespaces (Debian's runc), and `unshare --pid --fork --mount-proc --ipc --uts --mount /bin/true`.
+namespaces (Debian's runc, its default spec: capabilities, masked paths, devices, no seccomp), and
+`unshare --pid --fork --mount-proc --ipc --uts --mount /bin/true`.
 
 Run as root: python3 bench/launch.py [--runs 100] [--isolation LIST]
 """
@@ -30,7 +34,7 @@ from reconciler.config import AgentConfig  # noqa: E402
 from reconciler.containerizer import Containerizer  # noqa: E402
 from reconciler.isolators.base import ContainerConfig, Isolator, LaunchInfo  # noqa: E402
 from reconciler.launcher.base import LaunchHelper  # noqa: E402
-from reconciler.models import ContainerSpec, spec_hash, spec_hash_without_resources  # noqa: E402
+from reconciler.models import ContainerInfo, ContainerSpec, spec_hash, spec_hash_without_resources  # noqa: E402
 
 CLONE_NEWUTS = 0x04000000
 
@@ -69,7 +73,8 @@ async def main() -> None:
     require("unshare", "util-linux")
     work = tempdir("reconciler-bench-launch-")
     root = f"reconciler-bench-{uuid.uuid4().hex[:8]}"
-    config = AgentConfig(work_dir=str(work / "work"), cgroups_root=root, isolation=args.isolation, launcher="linux")
+    config = AgentConfig(work_dir=str(work / "work"), cgroups_root=root, isolation=args.isolation, launcher="linux",
+                         allow_privileged=True)
     helper = LaunchHelper()
     launcher = build_launcher(config, helper)
     isolators = registry.create(config) + [UtsNamespace(config)]
@@ -77,6 +82,7 @@ async def main() -> None:
     containerizer.checkpoints.ensure_dirs()
     spec = ContainerSpec.model_validate({"command": {"shell": False, "value": "/bin/true"},
                                          "resources": {"cpus": 0.1, "mem": 32}})
+    unprofiled = spec.model_copy(update={"container": ContainerInfo.model_validate({"linux_info": {"privileged": True}})})
     bundle = runc_bundle(work / "bundle", ["/bin/true"], ["pid", "ipc", "uts", "mount"])
     unshare = ["unshare", "--pid", "--fork", "--mount-proc", "--ipc", "--uts", "--mount", "/bin/true"]
     loop = asyncio.get_running_loop()
@@ -87,15 +93,21 @@ async def main() -> None:
         def ours(n: int) -> list[float]:
             return asyncio.run_coroutine_threadsafe(measure_ours(containerizer, spec, n), loop).result()
 
+        def without_profile(n: int) -> list[float]:
+            return asyncio.run_coroutine_threadsafe(measure_ours(containerizer, unprofiled, n), loop).result()
+
         results = await asyncio.to_thread(
-            interleave, args.runs, ours, lambda n: time_runc(bundle, n), lambda n: time_command(unshare, n))
-        ours_s, runc_s, unshare_s = results
+            interleave, args.runs, ours, without_profile, lambda n: time_runc(bundle, n),
+            lambda n: time_command(unshare, n))
+        ours_s, bare_s, runc_s, unshare_s = results
         print(f"isolation: {','.join(i.name for i in isolators)}; launcher linux ({launcher.hierarchy.version and 'cgroup v%d' % launcher.hierarchy.version})")
         print(f"reconciler launch-to-exit   {summary(ours_s)}")
+        print(f"  without the profile       {summary(bare_s)}")
         print(f"runc run (busybox bundle)   {summary(runc_s)}")
         print(f"unshare ... /bin/true       {summary(unshare_s)}")
         print(ratio_line("reconciler / runc", ours_s, runc_s, "runc's time", limit=0.5))
         print(ratio_line("reconciler / unshare", ours_s, unshare_s, "unshare's time"))
+        print(ratio_line("profile / no profile", ours_s, bare_s, "the time without the security profile"))
     finally:
         helper.close()
         remove_cgroup_root(root)

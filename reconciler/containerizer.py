@@ -394,7 +394,10 @@ class Containerizer:
         names = caps.get("effective_names")
         if names is None:
             names = caps.get("bounding_names", [])
-        program = seccomp.compile_for(info.seccomp.get("path"), frozenset(names))
+        try:
+            program = seccomp.compile_for(info.seccomp.get("path"), frozenset(names))
+        except seccomp.SeccompError as exc:
+            raise PermanentError(f"Failed to compile seccomp profile '{info.seccomp.get('name')}': {exc}") from None
         return base64.b64encode(program).decode()
 
     # watch ------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 
-from reconciler.launcher import image_user
+from reconciler.launcher import image_user, seccomp_filter
 
 # Signals an operator or the agent may send to a container; init passes them on to the command.
 FORWARDED_SIGNALS = (
@@ -356,8 +356,6 @@ def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr
             failing = "Failed to set no_new_privs"
             _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
         program = base64.b64decode(spec["seccomp_filter"]) if spec.get("seccomp_filter") else None
-        if program is not None:
-            from reconciler.launcher import seccomp_filter
         if program is not None and not no_new_privs:
             failing = "Failed to load the seccomp filter"
             seccomp_filter.install(program, no_new_privs=False)

@@ -30,7 +30,7 @@ def test_every_example_manifest_runs_with_the_default_isolators(agent_env) -> No
     assert web["phase"] == "Running" and Path(f"/proc/{web['pid']}").exists()
     # The default isolators, and the security profile's, which the linux launcher always runs.
     assert web["isolators"] == ["filesystem/shared", "cgroups/cpu", "cgroups/mem", "linux/capabilities",
-                                "linux/seccomp", "namespaces/ipc", "namespaces/pid"]
+                                "linux/devices", "linux/seccomp", "namespaces/ipc", "namespaces/pid"]
     assert web["statistics"]["mem_limit_bytes"] == 64 * 1024 * 1024
     job = agent_env.wait_status("batch-job", lambda s: s["phase"] in ("Running", "Succeeded"))
     assert job["restarts"] == 0

@@ -58,7 +58,7 @@ def isolator_class(name: str) -> type[Isolator]:
 
 # The default security profile (docs/security.md): on for every container of the linux launcher whether
 # or not --isolation names these; flags and manifests say how much of it a container gets.
-SECURITY_PROFILE = ["linux/capabilities", "linux/seccomp"]
+SECURITY_PROFILE = ["linux/capabilities", "linux/devices", "linux/seccomp"]
 
 
 def create(config) -> list[Isolator]:  # noqa: ANN001 - AgentConfig (import cycle)

@@ -157,7 +157,7 @@ def kill_checkpointed_containers(work_dir: Path) -> None:
     for entry in containers.iterdir():
         try:
             doc = json.loads((entry / "pid.json").read_text())
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):
             continue
         sessions.append(doc["pid"])
         identity = proc.ProcessIdentity(doc["pid"], doc["start_time"])

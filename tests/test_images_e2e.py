@@ -65,11 +65,13 @@ class ImageEnv:
                                 docker_store_dir=self.store, **overrides)
 
     def write(self, name: str, image: str, command: dict[str, Any], *, volumes: list[dict] | None = None,
-              **spec: Any) -> None:
+              linux_info: dict[str, Any] | None = None, **spec: Any) -> None:
         container: dict[str, Any] = {"type": "MESOS",
                                      "mesos": {"image": {"type": "DOCKER", "docker": {"name": image}}}}
         if volumes:
             container["volumes"] = volumes
+        if linux_info:
+            container["linux_info"] = linux_info
         doc = {"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": name},
                "spec": {"restart_policy": "Never", "kill_grace_period": "1secs", "command": command,
                         "container": container, **spec}}

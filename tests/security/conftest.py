@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import IS_ROOT
-from tests.imagebuild import BUSYBOX, File, build, busybox_layer, layer
+from tests.imagebuild import File, build, busybox_layer, layer
 from tests.test_images_e2e import PATH_ENV, ImageEnv, image_env
 
 KIT_SOURCE = Path(__file__).with_name("attack_kit.c")
@@ -44,6 +44,11 @@ SETTINGS = {
 }
 DOCKER_DEFAULT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
                        "NET_BIND_SERVICE", "NET_RAW", "SYS_CHROOT", "MKNOD", "AUDIT_WRITE", "SETFCAP")
+
+# An unprivileged host user (uid and gid 43210, no groups, no capability left at all) running argv[1:].
+# Not setpriv: it keeps root's capabilities until its exec, which is when the path is walked.
+AS_HOST_USER = ("import os, sys; os.setgroups([]); os.setresgid(43210, 43210, 43210); "
+                "os.setresuid(43210, 43210, 43210); os.execv(sys.argv[1], sys.argv[1:])")
 
 ATTACK = r'''
 section() { echo "== $1"; }
@@ -72,8 +77,8 @@ section sysctl; mount -o remount,bind,rw /proc/sys 2>&1 && echo remounted-sys
 section cgroupfs; mkdir -p /tmp/cg; mount -t cgroup -o memory cgroup /tmp/cg 2>&1 && echo mounted-cgroup
 section rovol; mount -o remount,bind,rw /ro 2>&1 && echo remounted-rw; (echo pwned > /ro/data) 2>&1 && echo wrote-ro
 section cover; umount /mnt/mesos/sandbox/.rootfs 2>&1 && echo unmounted-cover; ls -A /mnt/mesos/sandbox/.rootfs 2>&1
-section suid-image; /suid/busybox id -u 2>&1
-section suid-sandbox; cp /bin/busybox $MESOS_SANDBOX/busybox && chmod 4755 $MESOS_SANDBOX/busybox && echo planted
+section suid-image; /suid/kit ids 2>&1
+section suid-sandbox; cp /bin/kit $MESOS_SANDBOX/kit && chmod 4755 $MESOS_SANDBOX/kit && echo planted
 section logs; ln -s $HOST_SECRET $MESOS_SANDBOX/stderr.7; ln -s $HOST_SECRET $MESOS_SANDBOX/stdout.3; mkfifo $MESOS_SANDBOX/stderr.2
 section end
 '''
@@ -154,8 +159,6 @@ def scenario(request: pytest.FixtureRequest, kit: bytes) -> Iterator[Scenario]:
     command, linux_info = SETTINGS[setting]
     canaries = {name: f"reconciler-canary-{name}-{secrets.token_hex(8)}" for name in
                 ("host", "checkpoints", "disk", "agent", "victim-env", "victim-sandbox")}
-    with open(BUSYBOX, "rb") as f:
-        busybox = f.read()
     with image_env(f"security-{setting}") as env:
         root = env.agent.tmp
         host_dir = root / "host-secret"
@@ -173,7 +176,7 @@ def scenario(request: pytest.FixtureRequest, kit: bytes) -> Iterator[Scenario]:
         device = loop_device(backing)
         rdev = os.stat(device).st_rdev
         build(str(env.registry), "attack:1", [busybox_layer(), layer(
-            File("/bin/kit", kit, 0o755), File("/suid/busybox", busybox, 0o4755), File("/ro/.keep", b""))],
+            File("/bin/kit", kit, 0o755), File("/suid/kit", kit, 0o4755), File("/ro/.keep", b""))],
             {"Env": [PATH_ENV]})
         hashes_before = host_binaries()
         os.environ["RECONCILER_TEST_CANARY"] = canaries["agent"]
@@ -201,8 +204,8 @@ def scenario(request: pytest.FixtureRequest, kit: bytes) -> Iterator[Scenario]:
             stdout = (sandbox / "stdout").read_text(errors="replace")
             stderr = (sandbox / "stderr").read_text(errors="replace")
             logs_output = run_logs(env, "--stderr") + run_logs(env)
-            suid = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                   str(sandbox / "busybox"), "id", "-u"], capture_output=True, text=True, timeout=10)
+            suid = subprocess.run([sys.executable, "-c", AS_HOST_USER, str(sandbox / "kit"), "ids"],
+                                  capture_output=True, text=True, timeout=10)
             yield Scenario(
                 setting=setting, env=env, canaries=canaries, sections=parse_sections(stdout), attacker=attacker,
                 victim=env.agent.status("victim") or victim, stdout=stdout, stderr=stderr,

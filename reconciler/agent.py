@@ -85,7 +85,7 @@ class Agent:
         default_info = ContainerInfo.model_validate(config.default_container_info) \
             if config.default_container_info else None
         self.source = ManifestSource(config.manifests, node_attributes=config.attributes,
-                                     default_container_info=default_info)
+                                     default_container_info=default_info, strict_modes=config.manifests_strict_modes)
         self.reconciler = Reconciler(self.containerizer, self.status, [i.name for i in self.isolators],
                                      container_environment())
         self.reconciler.log_rotator = LogRotator(RotationPolicy(

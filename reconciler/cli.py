@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="parse and validate manifests without touching the host")
     p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--manifests_strict_modes", nargs="?", const="true", default="true", metavar="BOOL",
+                   help="refuse what the agent refuses: directories and files writable by users other than "
+                        "root and yours (true)")
     p.set_defaults(handler=_validate)
 
     p = sub.add_parser("status", help="print the status of every container")
@@ -133,9 +136,15 @@ def _once(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from reconciler.config import AgentConfig
     from reconciler.source import validate_paths
 
-    problems = validate_paths(args.paths)
+    try:
+        strict_modes = AgentConfig._bool(args.manifests_strict_modes)   # the agent's own reading of the flag
+    except ValueError as exc:
+        print(f"reconciler validate: flag --manifests_strict_modes: {exc}", file=sys.stderr)
+        return 2
+    problems = validate_paths(args.paths, strict_modes=strict_modes)
     for problem in problems:
         print(problem.message)
     if problems:
@@ -232,20 +241,31 @@ def _watch_status(writer: Any, args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
+    import os
+
     from reconciler import logs
 
     try:
         found = logs.find_container(args.name, _status_dir(args), _work_dir(args))
+        # The container owns its sandbox's content: every name is opened relative to this fd, never
+        # through a link, and only regular files are read (a planted link or FIFO is skipped, and said so).
+        directory = found.open_sandbox()
     except logs.LogsError as exc:
         print(f"reconciler logs: {exc}", file=sys.stderr)
         return 1
-    import os
-
     stream = "stderr" if args.stderr else "stdout"
     out = sys.stdout.buffer
     # The follower notes the newest rotated file before the history is read: a rotation in between is seen.
-    follower = logs.Follower(os.path.join(found.sandbox, stream), offset=0) if args.follow else None
-    history = logs.History(found.sandbox, stream)
+    follower = logs.Follower(directory, stream, offset=0) if args.follow else None
+    history = logs.History(directory, stream)
+    reported: set[str] = set()
+
+    def report_skipped() -> None:
+        for problem in [*history.skipped, *(follower.skipped if follower else [])]:
+            if problem not in reported:
+                reported.add(problem)
+                print(f"reconciler logs: not read: {problem} (in {found.sandbox})", file=sys.stderr)
+
     try:
         if args.tail is not None:
             out.write(history.tail(args.tail))
@@ -253,14 +273,21 @@ def _logs(args: argparse.Namespace) -> int:
             for chunk in history.all():
                 out.write(chunk)
         out.flush()
+        report_skipped()
         if follower is not None:
             follower.offset = history.live_offset
             for chunk in logs.follow(follower, found.running):
                 out.write(chunk)
                 out.flush()
+                report_skipped()
+            report_skipped()
             print(f"reconciler logs: container {found.name!r} ({found.container_id}) ended", file=sys.stderr)
     except KeyboardInterrupt:
         return 0
+    finally:
+        if follower is not None:
+            follower.close()
+        os.close(directory)
     return 0
 
 

@@ -1,60 +1,191 @@
-"""Atomic file replacement: what checkpoints (durable) and status files (atomic for readers) are written with."""
+"""Files the agent writes and reads in directories someone else may also write: never through a link.
+
+Atomic replacement is what checkpoints (durable) and status files (atomic for readers) are written
+with; the opening helpers are what every reader of a directory the agent does not own alone uses
+(a container's sandbox, a status directory an operator made group-writable).
+
+The rules, each closing an attack seen on this machine:
+- A temp file has a name nobody can guess (128 random bits), is created O_EXCL|O_NOFOLLOW in the
+  target's own directory (an fd, so a renamed directory cannot redirect it) and stays 0600 until it
+  holds the whole content: a name planted in advance, a link included, is never opened, and nobody
+  reads a half-written file. The rename replaces whatever the target name is, a link included,
+  without following it.
+- A reader opens a name O_NOFOLLOW|O_NONBLOCK and reads it only when fstat says it is a regular
+  file: a link planted at the name is refused, a FIFO never blocks the reader, a device is never read.
+- A reader bounds what it reads: a file grown to gigabytes is an error, not an out-of-memory.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
+import stat
 from typing import Any
 
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO for reading must not wait for a writer (it is refused right after).
+FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+MAX_JSON_BYTES = 16 * 1024 * 1024    # a checkpoint or status document is a few KiB; a launch info tens
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+class UnsafeFileError(OSError, ValueError):
+    """A name that is not a plain regular file (a link, a FIFO, a device) or a file too large to be ours.
+
+    An OSError (EPERM), as a file that cannot be opened, for code that reads files; and a ValueError
+    for readers of documents, which already treat a document they cannot parse as corrupt.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def open_dir(path: str, *, dir_fd: int | None = None, follow: bool = True) -> int:
+    """An fd of the directory `path`; with follow=False a link at its last component is refused (ELOOP)."""
+    return os.open(path, DIR_FLAGS | (0 if follow else os.O_NOFOLLOW), dir_fd=dir_fd)
+
+
+def open_regular(name: str, *, dir_fd: int | None = None, flags: int = os.O_RDONLY,
+                 single_link: bool = False) -> int:
+    """An fd of `name` (relative to `dir_fd`), only if it is a regular file reached without a link.
+
+    The lstat before the open keeps a planted FIFO or device from ever being opened (opening a device
+    can act: a tape rewinds, a tty becomes the controlling one); the fstat after it is the check that
+    counts, made on what was really opened, so a swap in between cannot win. single_link refuses a
+    hard link too (a writer must not reach another file through it). Raises UnsafeFileError, or the
+    OSError of the open (FileNotFoundError for a missing name).
+    """
+    before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    _check_regular(name, before, single_link)
+    try:
+        fd = os.open(name, flags | FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:   # became a link since the lstat
+            raise UnsafeFileError(f"{name} is a symbolic link, not a regular file") from None
+        raise
+    try:
+        _check_regular(name, os.fstat(fd), single_link)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(name: str, st: os.stat_result, single_link: bool) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFileError(f"{name} is {describe_type(st.st_mode)}, not a regular file")
+    if single_link and st.st_nlink != 1:
+        raise UnsafeFileError(f"{name} has {st.st_nlink} hard links; a regular file with a single link was expected")
+
+
+def describe_type(mode: int) -> str:
+    for test, words in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return words
+    return "of an unknown type"
+
+
+def read_fd(fd: int, limit: int, name: str) -> bytes:
+    """All of `fd` from its current offset, at most `limit` bytes (UnsafeFileError beyond)."""
+    chunks, size = [], 0
+    while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise UnsafeFileError(f"{name} is larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def create_temp(dir_fd: int, name: str, mode: int = 0o600) -> tuple[int, str]:
+    """A new file in `dir_fd` named `.<name>.<random>.tmp`, created O_EXCL|O_NOFOLLOW; returns (fd, its name).
+
+    The name is unpredictable, so no one can plant anything at it; O_EXCL|O_NOFOLLOW still refuse
+    whatever is there should someone guess it.
+    """
+    for _ in range(8):
+        temp = f".{name}.{secrets.token_hex(16)}.tmp"
+        try:
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | FILE_FLAGS, mode, dir_fd=dir_fd), temp
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, f"cannot create a temp file for {name}: every random name was taken")
+
+
+def fsync_dir(path: str | int) -> None:
+    fd = open_dir(path) if isinstance(path, str) else path
     try:
         os.fsync(fd)
     finally:
-        os.close(fd)
+        if isinstance(path, str):
+            os.close(fd)
 
 
 def atomic_write(path: str, data: bytes, *, durable: bool = True, mode: int = 0o644) -> None:
     """Replace `path` with `data` so that a reader sees the old file or the new one, never a part.
 
-    durable=True (checkpoints) also fsyncs the file and its directory, so the write survives a
-    power loss; status files, which the agent regenerates at start, skip that cost.
+    The new file gets exactly `mode` (not masked by the umask), once complete. durable=True
+    (checkpoints) also fsyncs the file and its directory, so the write survives a power loss; status
+    files, which the agent regenerates at start, skip that cost.
     """
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    directory = open_dir(os.path.dirname(path) or ".")
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
+        name = os.path.basename(path)
+        fd, temp = create_temp(directory, name)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if durable:
-        fsync_dir(directory)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, mode)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            try:
+                os.unlink(temp, dir_fd=directory)
+            except FileNotFoundError:
+                pass
+            raise
+        if durable:
+            fsync_dir(directory)
+    finally:
+        os.close(directory)
 
 
 def atomic_write_json(path: str, doc: Any, *, durable: bool = True) -> None:
     atomic_write(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode(), durable=durable)
 
 
-def read_json(path: str) -> Any | None:
-    """The document at `path`, or None when the file is missing or empty (a write never completed)."""
+def read_bytes(path: str, *, limit: int, dir_fd: int | None = None) -> bytes | None:
+    """The content of the regular file `path`, never through a link at its last component; None when missing.
+
+    Raises UnsafeFileError for a link, a non-regular file or one larger than `limit`.
+    """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = open_regular(path, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
-    if not data.strip():
+    try:
+        return read_fd(fd, limit, path)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: str, *, limit: int = MAX_JSON_BYTES) -> Any | None:
+    """The document at `path`, or None when the file is missing or empty (a write never completed).
+
+    For files only the agent writes (checkpoints, status files): a link or a non-regular file there
+    was planted, and is refused (UnsafeFileError, a ValueError, as a document that does not parse).
+    """
+    data = read_bytes(path, limit=limit)
+    if data is None or not data.strip():
         return None
     return json.loads(data)

@@ -34,8 +34,11 @@ import os
 import re
 import stat
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
+
+from reconciler import fsutil
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ def rotate_if_needed(sandbox: str, policy: RotationPolicy) -> list[str]:
     """
     done = []
     try:
-        directory = os.open(sandbox, _DIR_FLAGS | os.O_NOFOLLOW)
+        directory = open_sandbox(sandbox)
     except FileNotFoundError:
         return done
     try:
@@ -148,28 +151,33 @@ def rotate(path: str, keep: int) -> int:
     through a symbolic link, and only a regular file with one link is rotated (a container that put a
     link to a host file there must not get the agent, as root, to cut or overwrite that file).
     """
-    directory = os.open(os.path.dirname(path) or ".", _DIR_FLAGS)
+    directory = open_sandbox(os.path.dirname(path) or ".")
     try:
         return _rotate_at(directory, os.path.basename(path), keep)
     finally:
         os.close(directory)
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+def open_sandbox(sandbox: str) -> int:
+    """The fd of a sandbox directory, from the path the agent built for it: a link there is refused
+    (ENOTDIR, or ELOOP).
+
+    Every name in it is then opened relative to this fd (fsutil.open_regular): the container owns
+    the directory's content, not the path to it.
+    """
+    return fsutil.open_dir(sandbox, follow=False)
 
 
 def _rotate_at(directory: int, name: str, keep: int) -> int:
-    src = os.open(name, os.O_RDWR | _FILE_FLAGS, dir_fd=directory)   # writable: ftruncate and fallocate need it
+    # Writable: ftruncate and fallocate need it. A single link: a hard link would cut another file.
+    src = fsutil.open_regular(name, dir_fd=directory, flags=os.O_RDWR, single_link=True)
     try:
         st = os.fstat(src)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            raise OSError(errno.EPERM, f"not rotating '{name}': it is not a regular file with a single link")
         if keep <= 0:
             os.ftruncate(src, 0)
             return st.st_size
-        tmp = f".{name}.rotating"
-        fd = _create_exclusive(directory, tmp, st.st_mode & 0o777)
+        _remove_leftover_temps(directory, name)
+        fd, tmp = fsutil.create_temp(directory, f"{name}.rotating", st.st_mode & 0o777)
         try:
             copied = _copy_and_cut(src, fd, os.fstatvfs(src).f_bsize)
             try:
@@ -189,17 +197,15 @@ def _rotate_at(directory: int, name: str, keep: int) -> int:
     return copied
 
 
-def _create_exclusive(directory: int, name: str, mode: int) -> int:
-    """A new file `name` (whatever was there, a link included, is removed first, never followed)."""
-    for _ in range(3):
-        try:
-            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, mode, dir_fd=directory)
-        except FileExistsError:
+def _remove_leftover_temps(directory: int, name: str) -> None:
+    """The copies a rotation interrupted by a crash left (unlink never follows a link)."""
+    prefix = f".{name}.rotating."
+    for entry in os.listdir(directory):
+        if entry.startswith(prefix) and entry.endswith(".tmp"):
             try:
-                os.unlink(name, dir_fd=directory)
-            except FileNotFoundError:
+                os.unlink(entry, dir_fd=directory)
+            except OSError:   # gone meanwhile, or a directory the container made: not ours to clear
                 pass
-    raise OSError(errno.EEXIST, f"cannot create '{name}': something keeps recreating it")
 
 
 def _copy_and_cut(src: int, dst: int, block: int) -> int:
@@ -287,53 +293,80 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
 
 
 # Reading -------------------------------------------------------------------------------------------
+#
+# The container writes its sandbox: any name in it may be a link to a host file (`stderr.7 ->
+# /etc/shadow`), a FIFO that would block a reader forever, or a device. `reconciler logs` runs as
+# root, so every name is opened relative to the sandbox's fd and read only if it is a regular file
+# reached without a link (fsutil.open_regular); anything else is skipped, and said so.
 
-def files_of(sandbox: str, stream: str) -> list[str]:
-    """The stream's files, oldest first: stdout.N … stdout.1, then the live stdout."""
-    path = os.path.join(sandbox, stream)
+def files_of(directory: int, stream: str) -> list[str]:
+    """The stream's file names in the sandbox `directory` (an fd), oldest first: stdout.N … stdout.1, stdout."""
+    return [rotated(stream, i) for i in sorted(_rotated_indexes(directory, stream), reverse=True)] + [stream]
+
+
+@contextmanager
+def _sandbox_fd(sandbox: str | int) -> Iterator[int]:
+    """`sandbox` as an fd: the caller's own, or opened (O_NOFOLLOW) and closed around the block."""
+    if isinstance(sandbox, int):
+        yield sandbox
+        return
+    fd = open_sandbox(sandbox)
     try:
-        indexes = _rotated_indexes(sandbox, stream)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _open_log(directory: int, name: str, skipped: list[str] | None = None) -> int | None:
+    """An fd of the log file `name`, or None when it is missing or not a regular file (noted in `skipped`)."""
+    try:
+        return fsutil.open_regular(name, dir_fd=directory)
     except FileNotFoundError:
-        return []
-    return [rotated(path, i) for i in sorted(indexes, reverse=True)] + [path]
+        return None
+    except fsutil.UnsafeFileError as exc:
+        if skipped is not None and str(exc) not in skipped:
+            skipped.append(str(exc))
+        return None
 
 
 class History:
     """What a stream holds now, oldest first; `live_offset` is where the live file was read up to,
-    so a follower takes over exactly there."""
+    so a follower takes over exactly there. `sandbox` is the sandbox's path or an fd of it; names that
+    are not regular files are not read, and listed in `skipped` ("stderr.7 is a symbolic link, …")."""
 
-    def __init__(self, sandbox: str, stream: str) -> None:
+    def __init__(self, sandbox: str | int, stream: str) -> None:
         self.sandbox, self.stream = sandbox, stream
         self.live_offset = 0
+        self.skipped: list[str] = []
 
     def all(self) -> Iterator[bytes]:
-        files = files_of(self.sandbox, self.stream)
-        for path in files:
-            live = path == files[-1]
-            try:
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 16):
-                        if live:
+        with _sandbox_fd(self.sandbox) as directory:
+            names = files_of(directory, self.stream)
+            for name in names:
+                fd = _open_log(directory, name, self.skipped)
+                if fd is None:
+                    continue
+                try:
+                    while chunk := os.read(fd, 1 << 16):
+                        if name == self.stream:
                             self.live_offset += len(chunk)
                         yield chunk
-            except FileNotFoundError:
-                continue
+                finally:
+                    os.close(fd)
 
     def tail(self, count: int) -> bytes:
         """The last `count` lines across the rotated files and the live one."""
         pieces: list[bytes] = []
-        files = files_of(self.sandbox, self.stream)
-        for path in reversed(files):
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                continue
-            if path == files[-1]:
-                self.live_offset = len(data)
-            pieces.insert(0, data)
-            if b"".join(pieces).count(b"\n") > count:
-                break
+        with _sandbox_fd(self.sandbox) as directory:
+            for name in reversed(files_of(directory, self.stream)):
+                data = _read_from(directory, name, 0, self.skipped)
+                if data is None:
+                    continue
+                if name == self.stream:
+                    self.live_offset = len(data)
+                pieces.insert(0, data)
+                if b"".join(pieces).count(b"\n") > count:
+                    break
         if count <= 0:
             return b""
         return b"".join(b"".join(pieces).splitlines(keepends=True)[-count:])
@@ -342,13 +375,20 @@ class History:
 class Follower:
     """Follows a live log file like `tail -F`. A rotation (a new `.1`) means the live file was copied
     there and truncated: what we had not read yet is read from `.1`, and we go on from 0. A replaced
-    live file (another inode) is read from its start."""
+    live file (another inode) is read from its start.
 
-    def __init__(self, path: str, offset: int | None = None) -> None:
-        self.path = path
+    `sandbox` is the sandbox's path (opened O_NOFOLLOW, closed by close()) or an fd of it (the
+    caller's); every name is looked up in it, never through a link, and only regular files count.
+    """
+
+    def __init__(self, sandbox: str | int, stream: str, offset: int | None = None) -> None:
+        self._own_directory = isinstance(sandbox, str)
+        self.directory = open_sandbox(sandbox) if isinstance(sandbox, str) else sandbox
+        self.stream = stream
+        self.skipped: list[str] = []
         self._file: BinaryIO | None = None
         self._identity: tuple[int, int] | None = None
-        self._rotated_identity = _identity(rotated(path, 1))
+        self._rotated_identity = self._identity_of(rotated(stream, 1))
         self._truncated_at = 0.0
         self.offset = 0
         self._open()
@@ -358,30 +398,33 @@ class Follower:
             self.offset = os.fstat(self._file.fileno()).st_size
 
     def _open(self) -> None:
-        try:
-            self._file = open(self.path, "rb")
-        except FileNotFoundError:
+        fd = _open_log(self.directory, self.stream, self.skipped)
+        if fd is None:
             self._file, self._identity = None, None
             return
-        st = os.fstat(self._file.fileno())
+        self._file = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
         self._identity = (st.st_dev, st.st_ino)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._own_directory and self.directory >= 0:
+            os.close(self.directory)
+            self.directory = -1
 
     def read(self) -> bytes:
         """What was appended since the last call, across rotations."""
         out = b""
-        rotated_identity = _identity(rotated(self.path, 1))
+        rotated_identity = self._identity_of(rotated(self.stream, 1))
         if rotated_identity is not None and rotated_identity != self._rotated_identity:
             # Each rotation since the last read moved the first bytes of the live file to a new `.1`
             # (older ones shifted up, the `.1` we knew among them): take them in order.
-            for path in self._rotated_since(self._rotated_identity):
-                moved = _size(path)
+            for name in self._rotated_since(self._rotated_identity):
+                moved = self._size_of(name)
                 if self.offset <= moved:
-                    out += _read_from(path, self.offset)
+                    out += _read_from(self.directory, name, self.offset, self.skipped) or b""
                     self.offset = 0
                 else:
                     self.offset -= moved
@@ -390,9 +433,10 @@ class Follower:
         if self._file is None:
             self._open()
             self.offset = 0
-        elif _identity(self.path) not in (None, self._identity):
+        elif self._identity_of(self.stream) not in (None, self._identity):
             out += self._drain()      # the rest of the old file, then the new one from its start
-            self.close()
+            self._file.close()
+            self._file = None
             self._open()
             self.offset = 0
         if self._file is None:
@@ -413,10 +457,10 @@ class Follower:
         newer = []
         index = 1
         while True:
-            identity = _identity(rotated(self.path, index))
+            identity = self._identity_of(rotated(self.stream, index))
             if identity is None or identity == known:
                 break
-            newer.append(rotated(self.path, index))
+            newer.append(rotated(self.stream, index))
             index += 1
         return newer[::-1]
 
@@ -427,29 +471,36 @@ class Follower:
         self.offset += len(data)
         return data
 
+    def _stat(self, name: str) -> os.stat_result | None:
+        """The regular file `name` (lstat: a link or a FIFO is no log file), or None."""
+        try:
+            st = os.stat(name, dir_fd=self.directory, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return st if stat.S_ISREG(st.st_mode) else None
 
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    def _identity_of(self, name: str) -> tuple[int, int] | None:
+        st = self._stat(name)
+        return None if st is None else (st.st_dev, st.st_ino)
+
+    def _size_of(self, name: str) -> int:
+        st = self._stat(name)
+        return 0 if st is None else st.st_size
+
+
+def _read_from(directory: int, name: str, offset: int, skipped: list[str] | None = None) -> bytes | None:
+    """The regular file `name` from `offset` on; None when it is missing or not a regular file."""
+    fd = _open_log(directory, name, skipped)
+    if fd is None:
         return None
-    return (st.st_dev, st.st_ino)
-
-
-def _size(path: str) -> int:
     try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _read_from(path: str, offset: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read()
-    except FileNotFoundError:
-        return b""
+        os.lseek(fd, offset, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def follow(follower: Follower, still_running: Callable[[], bool], interval: float = 0.2) -> Iterator[bytes]:
@@ -481,6 +532,17 @@ class FoundContainer:
     sandbox: str
     checkpoint_dir: str
     status_path: str
+
+    def open_sandbox(self) -> int:
+        """The sandbox directory's fd (see open_sandbox); LogsError when it is gone or not a directory."""
+        try:
+            return open_sandbox(self.sandbox)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(self.sandbox):
+                raise LogsError(f"container {self.name!r} ({self.container_id}): {self.sandbox} is a symbolic "
+                                f"link, not the sandbox the agent made; not following it") from None
+            raise LogsError(f"container {self.name!r} ({self.container_id}) has no sandbox at {self.sandbox} "
+                            f"any more: {exc.strerror}") from None
 
     def running(self) -> bool:
         """Until it is destroyed: its termination checkpointed, its checkpoint removed, or its init gone."""
@@ -525,9 +587,13 @@ def find_container(name: str, status_dir: str, work_dir: str) -> FoundContainer:
     except ValueError:
         status = None
     container_id = (status or {}).get("container_id")
+    if container_id is not None and not _is_container_id(container_id):
+        container_id = None    # not one the agent wrote: never a path out of the sandboxes directory
     if not container_id:
         newest = -1.0
         for cid in checkpoints.ids():
+            if not _is_container_id(cid):
+                continue
             try:
                 doc = read_json(os.path.join(checkpoints.dir(cid), "config.json"))
             except (ValueError, PermissionError):
@@ -541,15 +607,26 @@ def find_container(name: str, status_dir: str, work_dir: str) -> FoundContainer:
         raise LogsError(f"no container named {name!r}: no status file {status_path} and no checkpoint "
                         f"of that name in {checkpoints.containers_dir} (see `reconciler status`, or give "
                         f"--work_dir/--status_dir)")
+    # The path is the agent's: the sandboxes directory and the id (the checkpoint may name another
+    # sandboxes directory, from an earlier --work_dir or --sandbox_directory).
     sandbox = checkpoints.sandbox(container_id)
     try:
         config = read_json(os.path.join(checkpoints.dir(container_id), "config.json"))
-        sandbox = (config or {}).get("sandbox") or sandbox
+        recorded = (config or {}).get("sandbox")
+        if isinstance(recorded, str) and os.path.isabs(recorded) and os.path.basename(recorded) == container_id:
+            sandbox = recorded
     except (ValueError, PermissionError):
         pass
     if not os.path.isdir(sandbox):
         raise LogsError(f"container {name!r} ({container_id}) has no sandbox at {sandbox} any more")
     return FoundContainer(name, container_id, sandbox, checkpoints.dir(container_id), status_path)
+
+
+_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def _is_container_id(value: object) -> bool:
+    return isinstance(value, str) and _CONTAINER_ID.fullmatch(value) is not None and ".." not in value
 
 
 # The agent's side ----------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def make_plan(config: AgentConfig, now: float | None = None) -> Plan:
     now = time.time() if now is None else now
     default_info = ContainerInfo.model_validate(config.default_container_info) if config.default_container_info else None
     listing = ManifestSource(config.manifests, node_attributes=config.attributes,
-                             default_container_info=default_info).list()
+                             default_container_info=default_info, strict_modes=config.manifests_strict_modes).list()
     observed = observe(config)
     status_docs = {doc.get("name"): doc for doc in StatusWriter(config.status_path).read_all()}
     names = sorted(set(listing.desired) | set(listing.invalid) | set(listing.not_selected) | set(observed))

@@ -1,6 +1,8 @@
 """Status files: `<status_dir>/<name>.json` per container and `_agent.json`, replaced atomically.
 
-A reader sees the old document or the new one, never a part (temp file + rename). Status files are
+A reader sees the old document or the new one, never a part (temp file + rename; fsutil's rules: a
+name someone planted in the directory, a link included, is never written through, and a reader
+never follows a link at a status file's name). Status files are
 derived state that the agent rewrites at start, so they skip fsync; checkpoints are the durable truth.
 A document is written only when it changed (ignoring `updated_at`), which keeps a resync of
 hundreds of unchanged containers cheap.
@@ -13,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from reconciler.fsutil import atomic_write
+from reconciler.fsutil import atomic_write, read_json
 
 AGENT_FILE = "_agent.json"
 
@@ -74,10 +76,11 @@ class StatusWriter:
         docs = []
         for name in sorted(self.names_on_disk()):
             try:
-                with open(self.path(name)) as f:
-                    docs.append(json.load(f))
+                doc = read_json(self.path(name))
             except (OSError, ValueError):
                 continue
+            if isinstance(doc, dict):
+                docs.append(doc)
         return docs
 
     def write_agent(self, doc: dict[str, Any], now: float) -> None:
@@ -87,7 +90,7 @@ class StatusWriter:
 
     def read_agent(self) -> dict[str, Any] | None:
         try:
-            with open(os.path.join(self.directory, AGENT_FILE)) as f:
-                return json.load(f)
+            doc = read_json(os.path.join(self.directory, AGENT_FILE))
         except (OSError, ValueError):
             return None
+        return doc if isinstance(doc, dict) else None

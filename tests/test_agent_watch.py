@@ -281,3 +281,62 @@ def test_stop_exits_0_and_leaves_containers_running(env, sig):
     assert agent.returncode == 0, out
     assert "Traceback" not in out
     assert alive(status["pid"])
+
+
+# --- StrictModes: a directory or file another user can write is refused, nothing destroyed -----------
+
+def test_a_manifest_directory_others_can_write_is_refused_and_nothing_is_destroyed(env):
+    m = env.manifests
+    env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
+    started_daemon(env)
+    web = env.wait_status("web", running)
+
+    os.chmod(m, 0o777)
+    agent = wait_listed(env, lambda a: not a["source"]["ready"], timeout=5)
+    error = agent["source"]["error"]
+    assert error.startswith(f"manifest directory {m} refused: {m} (owner ") and "mode 0777" in error, error
+    assert error.endswith("or set --manifests_strict_modes=false") and "\n" not in error
+    # Refused as an unreadable directory is: what another user might have dropped there is not run,
+    # and what runs is not destroyed.
+    env.write_manifest("intruder", "exec sleep 300", kill_grace_period="1secs")
+    time.sleep(2.5)                               # past a resync
+    assert env.status("intruder") is None
+    assert env.status("web")["container_id"] == web["container_id"] and alive(web["pid"])
+
+    # One file another user can write: an invalid file, its container kept.
+    (m / "intruder.yaml").unlink()
+    os.chmod(m, 0o755)
+    wait_listed(env, lambda a: a["source"]["ready"], timeout=5)
+    os.chmod(m / "web.yaml", 0o666)
+    agent = wait_listed(env, lambda a: [f["file"] for f in a["invalid_files"]] == [str(m / "web.yaml")], timeout=5)
+    assert "refused: the file (owner" in agent["invalid_files"][0]["error"]
+    time.sleep(2.5)
+    assert env.status("web")["container_id"] == web["container_id"] and alive(web["pid"])
+    os.chmod(m / "web.yaml", 0o644)
+    wait_listed(env, lambda a: a["invalid_files"] == [], timeout=5)
+    assert env.status("web")["container_id"] == web["container_id"]
+
+
+def test_no_secret_behind_a_link_reaches_agent_json_status_files_or_state(env):
+    from tests.test_http import free_port, get
+    from tests.test_source import SECRET_SHAPES, TOKEN, plant_secret_links
+
+    os.chmod(env.manifests, 0o777)                # relaxed: the links could be anyone's
+    plant_secret_links(env.tmp, env.manifests)
+    port = free_port()
+    env.start(manifests_strict_modes="false", http_address=f"127.0.0.1:{port}")
+    wait_listed(env, lambda a: len(a["invalid_files"]) == len(SECRET_SHAPES) - 1
+                and [d["name"] for d in a["invalid_documents"]] == ["leaky"], timeout=10)
+    leaky = env.wait_status("leaky", lambda s: s["phase"] == "Invalid")
+    assert leaky["message"].startswith(f"{env.manifests / 'named.yaml'}: document 0: spec.restart_policy: ")
+    published = {p.name: p.read_text() for p in env.status_dir.iterdir()}
+    assert "_agent.json" in published and "leaky.json" in published
+    deadline = time.monotonic() + 10
+    while True:
+        status, _, state = get(port, "/state")
+        if status == 200 and b"leaky" in state:
+            break
+        assert time.monotonic() < deadline, (status, state[:200])
+        time.sleep(0.1)
+    for where, text in [*published.items(), ("/state", state.decode())]:
+        assert TOKEN not in text and "4f9a2c71" not in text, where

@@ -8,6 +8,7 @@ files, a live file that starts again from 0, `logs` printing the whole history i
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from reconciler import logs
+from tests.test_fsutil import root_only_file
 
 LIMIT = 8192
 
@@ -145,7 +147,7 @@ def test_follower_reads_across_rotations_without_losing_or_repeating(tmp_path, m
     writer = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         os.write(writer, numbered(0, 1000))
-        follower = logs.Follower(str(path), offset=0)
+        follower = logs.Follower(str(tmp_path), "stdout", offset=0)
         got = follower.read()
         os.write(writer, numbered(1000, 1000))       # not read yet when the rotation comes
         logs.rotate(str(path), keep=2)
@@ -171,7 +173,7 @@ def test_follower_that_fell_behind_several_rotations_catches_up_in_order(tmp_pat
     writer = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         os.write(writer, numbered(0, 1000))
-        follower = logs.Follower(str(path), offset=0)
+        follower = logs.Follower(str(tmp_path), "stdout", offset=0)
         got = follower.read()
         for start in (1000, 2000, 3000):             # three rotations while it is not reading
             os.write(writer, numbered(start, 1000))
@@ -339,3 +341,79 @@ def test_rotation_never_writes_through_a_planted_temp_link(tmp_path: Path) -> No
     assert target.read_bytes() == b"untouched"
     assert (sandbox / "stdout.1").is_file() and not (sandbox / "stdout.1").is_symlink()
     assert (sandbox / "stdout.2").is_symlink()              # the container's own link, shifted, never followed
+
+
+# --- `reconciler logs` never reads a host file through the container's links, nor blocks on its FIFOs --
+
+SECRET = b"root:$6$not-a-real-hash-but-a-secret-4f1c9e:19700:0:99999:7:::\n"
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    """Stands in for /etc/shadow: a root-only file on the host."""
+    return root_only_file(tmp_path / "host-secret", SECRET)
+
+
+def test_history_and_follower_skip_links_and_fifos_the_container_planted(tmp_path: Path, secret_file: Path) -> None:
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    (sandbox / "stderr.7").symlink_to(secret_file)          # the attack of issue 10, item 7
+    os.mkfifo(sandbox / "stderr.3")                         # would block a plain open() forever
+    (sandbox / "stderr.1").write_bytes(b"old\n")
+    (sandbox / "stderr").write_bytes(b"new\n")
+    started = time.monotonic()
+    history = logs.History(str(sandbox), "stderr")
+    assert b"".join(history.all()) == b"old\nnew\n"
+    assert logs.History(str(sandbox), "stderr").tail(10) == b"old\nnew\n"
+    assert time.monotonic() - started < 5
+    assert history.skipped == ["stderr.7 is a symbolic link, not a regular file", "stderr.3 is a FIFO, not a regular file"]
+
+    # The live file swapped for a link, and a planted `.1` while following: neither is read.
+    follower = logs.Follower(str(sandbox), "stderr", offset=0)
+    try:
+        assert follower.read() == b"new\n"
+        (sandbox / "stderr").unlink()
+        (sandbox / "stderr").symlink_to(secret_file)
+        (sandbox / "stderr.1").unlink()
+        (sandbox / "stderr.1").symlink_to(secret_file)
+        assert follower.read() == b""
+        follower._file = None                                # as if the live file had gone: reopen
+        assert follower.read() == b""
+        assert "stderr is a symbolic link, not a regular file" in follower.skipped
+    finally:
+        follower.close()
+    assert secret_file.read_bytes() == SECRET
+
+
+def test_the_sandbox_itself_is_never_reached_through_a_link(tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    (real / "stdout").write_bytes(b"x" * 3 * 4096)
+    (tmp_path / "sandbox").symlink_to(real)
+    with pytest.raises(OSError) as error:
+        b"".join(logs.History(str(tmp_path / "sandbox"), "stdout").all())
+    assert error.value.errno in (errno.ENOTDIR, errno.ELOOP)
+    with pytest.raises(OSError):
+        logs.rotate_if_needed(str(tmp_path / "sandbox"), logs.RotationPolicy(4096, 4096, 3))
+    assert sorted(p.name for p in real.iterdir()) == ["stdout"]        # not rotated through the link
+    found = logs.FoundContainer("web", "c1", str(tmp_path / "sandbox"), str(tmp_path / "c1"), str(tmp_path / "s"))
+    with pytest.raises(logs.LogsError, match="is a symbolic link, not the sandbox the agent made"):
+        found.open_sandbox()
+
+
+def test_logs_command_prints_no_host_file_the_container_linked(env, secret_file: Path) -> None:
+    # The container plants, in its own sandbox, what the issue saw: a rotated name linked to a host
+    # file, a FIFO, and a live stdout swapped for a link.
+    env.write_manifest("planter", f"echo mine >&2; ln -s {secret_file} stderr.7; mkfifo stderr.3; "
+                                  f"echo out; rm stdout; ln -s {secret_file} stdout", restart_policy="Never")
+    result = env.once()
+    assert result.returncode == 0, result.stderr
+    for args in (("--stderr",), ("--stderr", "-f"), ("--stderr", "--tail", "5"), (), ("-f",)):
+        shown = cli(env, "logs", "planter", *args, timeout=20)
+        assert shown.returncode == 0, shown.stderr
+        assert b"not-a-real-hash" not in shown.stdout + shown.stderr
+        assert shown.stdout == (b"mine\n" if "--stderr" in args else b"")
+    warned = cli(env, "logs", "planter", "--stderr").stderr.decode()
+    assert "not read: stderr.7 is a symbolic link, not a regular file" in warned, warned
+    assert "not read: stderr.3 is a FIFO, not a regular file" in warned, warned
+    assert secret_file.read_bytes() == SECRET

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -23,6 +25,7 @@ from reconciler.source import (
     is_manifest_name,
     validate_paths,
 )
+from tests.test_fsutil import root_only_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -242,8 +245,8 @@ def test_an_invalid_document_with_a_readable_name_is_invalid_under_that_name(tmp
     assert listing.desired == {}
     assert listing.invalid == {"web": InvalidDocument(
         manifest=path, document=0, name="web",
-        message=f"{path}: document 0: spec.resurces: unknown field (did you mean 'resources'?)",
-        errors=("spec.resurces: unknown field (did you mean 'resources'?)",),
+        message=f"{path}: document 0: spec.resurces: unknown field (did you mean 'resources'?) (line 6, column 3)",
+        errors=("spec.resurces: unknown field (did you mean 'resources'?) (line 6, column 3)",),
     )}
 
 
@@ -254,12 +257,13 @@ def test_all_errors_of_a_document_are_joined_in_one_message(tmp_path: Path) -> N
         container={"volumes": [{"container_path": "/data", "host_path": "../up"}, {"container_path": "data"}]},
     ))
     invalid = listing_of(tmp_path).invalid["web"]
+    # The values are never quoted (the file may be a link to a secret); the line and column say where.
     assert invalid.message == (
         f"{path}: document 0: "
-        "spec.resources.mem: invalid quantity '12Mb': unit 'Mb' is not one of Ki, Mi, Gi, Ti; "
-        "spec.container.volumes[0].host_path: relative host_path '../up' must not contain a '..' component "
-        "(it is a path in the sandbox); "
-        "spec.container.volumes[1].container_path: container_path 'data' must be an absolute path"
+        "spec.resources.mem: invalid quantity '…': unit '…' is not one of Ki, Mi, Gi, Ti (line 7, column 10); "
+        "spec.container.volumes[0].host_path: relative host_path '…' must not contain a '..' component "
+        "(it is a path in the sandbox) (line 11, column 18); "
+        "spec.container.volumes[1].container_path: container_path '…' must be an absolute path (line 12, column 23)"
     )
     assert len(invalid.errors) == 3
 
@@ -270,7 +274,8 @@ def test_the_document_index_is_in_the_message(tmp_path: Path) -> None:
     assert list(listing.desired) == ["one"]
     assert listing.invalid["two"].document == 1
     assert listing.invalid["two"].message == (
-        f"{path}: document 1: spec.restart_policy: Input should be 'Always', 'OnFailure' or 'Never', got 'Sometimes'")
+        f"{path}: document 1: spec.restart_policy: Input should be 'Always', 'OnFailure' or 'Never', got a string "
+        "(line 14, column 19)")
 
 
 def test_a_document_without_a_name_is_an_invalid_file(tmp_path: Path) -> None:
@@ -280,7 +285,7 @@ def test_a_document_without_a_name_is_an_invalid_file(tmp_path: Path) -> None:
     listing = listing_of(tmp_path)
     assert listing.invalid == {} and listing.desired == {}
     assert [(e.manifest, e.document, e.name, e.message) for e in listing.invalid_files] == [
-        (path, 0, None, f"{path}: document 0: metadata.name: field required")]
+        (path, 0, None, f"{path}: document 0: metadata.name: field required (line 3, column 11)")]
 
 
 def test_a_name_that_is_not_a_dns_label_cannot_name_a_status_file(tmp_path: Path) -> None:
@@ -288,14 +293,14 @@ def test_a_name_that_is_not_a_dns_label_cannot_name_a_status_file(tmp_path: Path
     listing = listing_of(tmp_path)
     assert listing.invalid == {}
     assert listing.invalid_files[0].name is None
-    assert listing.invalid_files[0].message.startswith(f"{path}: document 0: metadata.name: name '../../etc/passwd' is not")
+    assert listing.invalid_files[0].message.startswith(f"{path}: document 0: metadata.name: name '…' is not")
 
 
-@pytest.mark.parametrize("text, found", [("- a\n- b\n", "a list"), ("just words\n", "'just words'"), ("42\n", "42")])
+@pytest.mark.parametrize("text, found", [("- a\n- b\n", "a list"), ("just words\n", "a string"), ("42\n", "an integer")])
 def test_a_document_that_is_not_a_mapping_is_an_invalid_file(tmp_path: Path, text: str, found: str) -> None:
     path = write(tmp_path, "web.yaml", text)
     assert [e.message for e in listing_of(tmp_path).invalid_files] == [
-        f"{path}: document 0: expected a mapping with apiVersion, kind, metadata and spec, got {found}"]
+        f"{path}: document 0: expected a mapping with apiVersion, kind, metadata and spec, got {found} (line 1, column 1)"]
 
 
 def test_a_yaml_syntax_error_invalidates_the_whole_file(tmp_path: Path) -> None:
@@ -340,7 +345,7 @@ def test_json_repeated_keys_are_an_error(tmp_path: Path) -> None:
 def test_a_json_file_is_one_document(tmp_path: Path) -> None:
     path = write(tmp_path, "web.json", json.dumps([doc("a"), doc("b")]))
     assert [e.message for e in listing_of(tmp_path).invalid_files] == [
-        f"{path}: document 0: expected a mapping with apiVersion, kind, metadata and spec, got a list"]
+        f"{path}: document 0: expected a mapping with apiVersion, kind, metadata and spec, got a list (line 1, column 1)"]
 
 
 def test_text_that_is_not_utf8_is_an_invalid_file(tmp_path: Path) -> None:
@@ -554,9 +559,10 @@ def test_validate_reports_every_error_in_order(tmp_path: Path) -> None:
 
     errors = validate_paths([str(d), odd, missing])
     assert [e.message for e in errors] == [
-        f"{a}: document 1: spec.resurces: unknown field (did you mean 'resources'?)",
+        f"{a}: document 1: spec.resurces: unknown field (did you mean 'resources'?) (line 14, column 3)",
         f"{b}: document 0: metadata.name: duplicate name, declared in {a} (document 0)",
-        f"{odd}: document 0: spec.restart_policy: Input should be 'Always', 'OnFailure' or 'Never', got 'Sometimes'",
+        f"{odd}: document 0: spec.restart_policy: Input should be 'Always', 'OnFailure' or 'Never', got a string "
+        "(line 6, column 19)",
         f"{missing}: does not exist",
     ]
 
@@ -576,6 +582,267 @@ def test_validate_does_not_count_a_file_given_twice_as_a_duplicate(tmp_path: Pat
 def test_validate_ignores_node_selectors(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", doc("web", node_selector={"rack": "nowhere"}))
     assert validate_paths([str(tmp_path)]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# StrictModes (--manifests_strict_modes): only root and the agent's user may write what it runs
+# ---------------------------------------------------------------------------------------------
+
+OTHER_UID = 65534   # nobody: "another user of this machine"
+HINT = ("make it owned by root or the agent's user and writable by no one else (chown root; chmod go-w), "
+        "or set --manifests_strict_modes=false")
+
+
+def owner_of(uid: int) -> str:
+    import pwd
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+ME = owner_of(os.geteuid())
+
+
+def manifests_dir(tmp_path: Path, mode: int = 0o755) -> Path:
+    m = tmp_path / "m"
+    m.mkdir()
+    write(m, "web.yaml", doc("web"))
+    os.chmod(m, mode)
+    return m
+
+
+def test_a_directory_others_can_write_is_refused_as_an_unreadable_one(tmp_path: Path) -> None:
+    m = manifests_dir(tmp_path, 0o777)
+    listing = listing_of(m)
+    assert (listing.ok, listing.desired, listing.files) == (False, {}, [])   # nothing to destroy by
+    assert listing.error == (f"manifest directory {m} refused: {m} (owner {ME}, mode 0777) is writable by group "
+                             f"and others; {HINT}")
+    os.chmod(m, 0o775)
+    assert listing_of(m).error.endswith(f"{m} (owner {ME}, mode 0775) is writable by its group; {HINT}")
+    os.chmod(m, 0o1777)   # the manifest directory itself gets no sticky-bit exception: anyone could add a file
+    assert listing_of(m).ok is False
+    assert list(listing_of(m, strict_modes=False).desired) == ["web"]
+
+
+def test_a_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    m = manifests_dir(tmp_path)
+    os.chown(m, OTHER_UID, -1)
+    listing = listing_of(m)
+    assert listing.ok is False
+    assert listing.error == (f"manifest directory {m} refused: {m} (owner {owner_of(OTHER_UID)}, mode 0755) is owned "
+                             f"by a user other than root and the agent's user; {HINT}")
+
+
+def test_an_ancestor_others_can_write_is_refused_unless_sticky_above_our_own_child(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)                       # anyone could rename m away and put their own in its place
+    m = manifests_dir(shared)
+    assert listing_of(m).error == (f"manifest directory {m} refused: {shared} (owner {ME}, mode 0777) is writable by "
+                                   f"group and others; {HINT}")
+    # As /tmp: with the sticky bit, others cannot rename or remove what they do not own.
+    os.chmod(shared, 0o1777)
+    assert list(listing_of(m).desired) == ["web"]
+    # ... but what they own they can: a directory of theirs on the way is theirs to swap.
+    theirs = shared / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, OTHER_UID, -1)
+    m2 = manifests_dir(theirs)
+    assert listing_of(m2).error.startswith(f"manifest directory {m2} refused: {shared} (owner {ME}, mode 1777)")
+    # And a link on the way is judged where it leads: every directory its target is looked up in.
+    (tmp_path / "via").symlink_to(m2)
+    assert listing_of(tmp_path / "via").error.startswith(f"manifest directory {tmp_path / 'via'} refused: {shared}")
+
+
+def test_a_file_others_can_write_is_an_invalid_file_that_protects_its_names(tmp_path: Path) -> None:
+    m = manifests_dir(tmp_path)
+    loose = write(m, "loose.yaml", doc("loose"))
+    os.chmod(loose, 0o666)
+    theirs = write(m, "theirs.yaml", doc("theirs"))
+    os.chown(theirs, OTHER_UID, -1)
+    listing = listing_of(m)
+    assert listing.ok and list(listing.desired) == ["web"] and listing.invalid == {}
+    assert [(e.manifest, e.name, e.message) for e in listing.invalid_files] == [
+        (loose, None, f"{loose}: refused: the file (owner {ME}, mode 0666) is writable by group and others; {HINT}"),
+        (theirs, None, f"{theirs}: refused: the file (owner {owner_of(OTHER_UID)}, mode 0644) is owned by a user other "
+                       f"than root and the agent's user; {HINT}"),
+    ]
+    assert sorted(listing_of(m, strict_modes=False).desired) == ["loose", "theirs", "web"]
+
+
+def test_a_chmod_alone_is_noticed_on_the_next_listing(tmp_path: Path) -> None:
+    m = manifests_dir(tmp_path)
+    source = ManifestSource(str(m))
+    assert list(source.list().desired) == ["web"]
+    os.chmod(m / "web.yaml", 0o646)                    # neither size nor mtime change: the parse cache must not hide it
+    listing = source.list()
+    assert listing.desired == {} and [e.manifest for e in listing.invalid_files] == [str(m / "web.yaml")]
+    os.chmod(m / "web.yaml", 0o644)
+    assert list(source.list().desired) == ["web"]
+
+
+def test_a_link_is_judged_by_every_directory_on_its_way(tmp_path: Path) -> None:
+    m = manifests_dir(tmp_path)
+    drop = tmp_path / "drop"                            # a directory another user can write
+    drop.mkdir()
+    os.chmod(drop, 0o777)
+    write(drop, "db.yaml", doc("db"))                   # root's file, but in a directory anyone may swap it in
+    (m / "db.yaml").symlink_to(drop / "db.yaml")
+    # A ConfigMap volume: links through `..data` to a timestamped directory, all root's.
+    stamped = m / "..2026_01_01_00_00_00.000000001"
+    stamped.mkdir()
+    write(stamped, "cm.yaml", doc("cm"))
+    (m / "..data").symlink_to(stamped.name)
+    (m / "cm.yaml").symlink_to("..data/cm.yaml")
+    listing = listing_of(m)
+    assert sorted(listing.desired) == ["cm", "web"]
+    assert [e.message for e in listing.invalid_files] == [
+        f"{m / 'db.yaml'}: refused: {drop} (owner {ME}, mode 0777) is writable by group and others; {HINT}"]
+
+
+def test_validate_refuses_what_the_agent_refuses(tmp_path: Path) -> None:
+    m = manifests_dir(tmp_path, 0o777)
+    loose = write(tmp_path, "loose.yaml", doc("loose"))
+    os.chmod(loose, 0o666)
+    errors = validate_paths([str(m), loose])
+    assert [e.message for e in errors] == [
+        f"{m}: manifest directory refused: {m} (owner {ME}, mode 0777) is writable by group and others; {HINT}",
+        f"{loose}: refused: the file (owner {ME}, mode 0666) is writable by group and others; {HINT}"]
+    assert validate_paths([str(m), loose], strict_modes=False) == []
+    cli = [sys.executable, "-m", "reconciler", "validate", str(m), loose]
+    refused = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stdout.count("refused") == 2, refused
+    relaxed = subprocess.run([*cli, "--manifests_strict_modes=false"], capture_output=True, text=True, timeout=60)
+    assert (relaxed.returncode, relaxed.stdout) == (0, ""), relaxed
+    bad = subprocess.run([*cli, "--manifests_strict_modes=perhaps"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("reconciler validate: flag --manifests_strict_modes: ")
+
+
+READ_ONLY_VIEWS = r"""
+import json, os, subprocess, sys
+from reconciler.source import ManifestSource
+tmp = sys.argv[1]
+doc = '{"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": "web"}, "spec": {"command": {"value": "true"}}}'
+def populate(directory):
+    os.makedirs(directory)
+    with open(os.path.join(directory, "web.yaml"), "w") as f:
+        f.write(doc)
+    os.chmod(os.path.join(directory, "web.yaml"), 0o666)
+    os.chown(os.path.join(directory, "web.yaml"), 65534, -1)
+    os.chmod(directory, 0o777)
+    os.chown(directory, 65534, -1)
+out = {}
+# A ConfigMap volume as the kubelet mounts it: 0777, read-only, no writable view of it here.
+volume = os.path.join(tmp, "volume")
+os.makedirs(volume)
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", volume], check=True)
+populate(os.path.join(volume, "m"))
+subprocess.run(["mount", "-o", "remount,ro", volume], check=True)
+listing = ManifestSource(os.path.join(volume, "m")).list()
+out["configmap"] = [listing.ok, sorted(listing.desired), listing.error]
+# A read-only bind of a directory anyone can still write through another path: refused.
+populate(os.path.join(tmp, "open"))
+view = os.path.join(tmp, "view")
+os.makedirs(view)
+subprocess.run(["mount", "--bind", os.path.join(tmp, "open"), view], check=True)
+subprocess.run(["mount", "-o", "remount,bind,ro", view], check=True)
+listing = ManifestSource(view).list()
+out["bind"] = [listing.ok, sorted(listing.desired), listing.error]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.root
+def test_a_read_only_view_nobody_here_can_write_is_trusted(tmp_path: Path) -> None:
+    # In a mount namespace of its own: every mount goes with the process.
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", READ_ONLY_VIEWS,
+                             str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["configmap"] == [True, ["web"], None]
+    ok, desired, error = out["bind"]
+    assert (ok, desired) == (False, [])
+    assert error.startswith(f"manifest directory {tmp_path / 'view'} refused: {tmp_path / 'view'} (owner "), error
+
+
+# ---------------------------------------------------------------------------------------------
+# No message quotes a file: a link to a secret yields its name, line and column, never its bytes
+# ---------------------------------------------------------------------------------------------
+
+TOKEN = "S3cr3t-Token-4f9a2c71"
+SECRET_SHAPES = {
+    # /etc/shadow's shape: one plain scalar.
+    "shadow.yaml": f"root:{TOKEN}:19700:0:99999:7:::\ndaemon:*:19700:0:99999:7:::\n",
+    # credentials as YAML: the secret in a value, and as a key.
+    "creds.yaml": f"password: {TOKEN}\n{TOKEN}: x\n",
+    # every field a validator quotes, each holding the secret.
+    "every-field.yaml": json.dumps({
+        "apiVersion": TOKEN, "kind": TOKEN, "metadata": {"name": TOKEN, "labels": {"a": [TOKEN]}},
+        "spec": {"restart_policy": TOKEN, "kill_grace_period": TOKEN, "resources": {"mem": TOKEN, "cpus": TOKEN},
+                 "command": {"value": "x", "user": TOKEN, "environment": {"variables": [{"name": f"{TOKEN}=", "type": TOKEN}]}},
+                 "node_selector": {"k": [TOKEN]},
+                 "container": {"type": TOKEN, "hostname": TOKEN, "volumes": [
+                     {"container_path": TOKEN, "host_path": f"../{TOKEN}", "mode": TOKEN},
+                     {"container_path": f"/{TOKEN}", "host_path": "a"}, {"container_path": f"/{TOKEN}/x", "host_path": "b"}],
+                     "linux_info": {"capability_info": {"capabilities": [f"CAP_{TOKEN}", TOKEN]}},
+                     "rlimit_info": {"rlimits": [{"type": f"RLIMIT_{TOKEN}"}, {"type": TOKEN}]}}}}),
+    # a valid name, so an Invalid status file is written, with the secret in the values.
+    "named.yaml": json.dumps({"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": "leaky"},
+                              "spec": {"restart_policy": TOKEN, "command": {"value": "x"},
+                                       "container": {"hostname": f"{TOKEN}!", "type": TOKEN}}}),
+    # what PyYAML's composer and constructors quote: tags, anchors, tagged values, duplicate keys.
+    "tags.yaml": f"a: !{TOKEN} x\n",
+    "alias.yaml": f"a: *{TOKEN}\n",
+    "int.yaml": f"a: !!int {TOKEN}\n",
+    "timestamp.yaml": f"a: !!timestamp {TOKEN}\n",
+    "bool.yaml": f"a: !!bool {TOKEN}\n",
+    "dupe.yaml": f"{TOKEN}: 1\n{TOKEN}: 2\n",
+    "syntax.yaml": f"a: [{TOKEN}\nb: \"{TOKEN}\\q\"\n",
+    "dupe.json": f'{{"{TOKEN}": 1, "{TOKEN}": 2}}',
+    "syntax.json": f'{{"a": "{TOKEN}", }}',
+    "list.json": json.dumps([TOKEN]),
+    "binary.yaml": f"a: !!binary {TOKEN}\n",
+    "not-utf8.yaml": f"a: {TOKEN}\xff",
+}
+
+
+def plant_secret_links(tmp_path: Path, m: Path) -> list[Path]:
+    """Root-only files (0600) holding the token in every shape, each linked from the manifest directory."""
+    secrets_dir = tmp_path / "host-secrets"
+    secrets_dir.mkdir(mode=0o700)
+    targets = []
+    for name, text in SECRET_SHAPES.items():
+        target = root_only_file(secrets_dir / name, text.encode("latin-1" if "\xff" in text else "utf-8"))
+        (m / name).symlink_to(target)
+        targets.append(target)
+    return targets
+
+
+def test_no_message_quotes_the_content_of_a_linked_secret(tmp_path: Path) -> None:
+    m = manifests_dir(tmp_path, 0o777)                   # relaxed modes: anyone could have planted the links
+    plant_secret_links(tmp_path, m)
+    listing = listing_of(m, strict_modes=False)
+    messages = [e.message for e in [*listing.invalid_files, *listing.invalid.values(), *listing.duplicates]]
+    assert len(messages) == len(SECRET_SHAPES), messages
+    for message in messages:
+        assert TOKEN not in message and TOKEN.lower() not in message.lower(), message
+        assert "4f9a2c71" not in message and "S3cr3t" not in message, message
+    # What is kept: the file, the document, the field path, the line and column, the reason.
+    named = listing.invalid["leaky"].message
+    assert named.startswith(f"{m / 'named.yaml'}: document 0: spec.restart_policy: Input should be 'Always', "
+                            "'OnFailure' or 'Never', got a string (line 1, column "), named
+    assert "spec.container.type: only MESOS containers are supported, got '…'" in named, named
+    creds = next(message for message in messages if "creds.yaml" in message)
+    assert "unknown top-level field; expected one of: apiVersion, kind, metadata, spec (line 2, column 1)" in creds
+    # validate, strict or not, prints none of it either.
+    for strict in (True, False):
+        printed = "\n".join(e.message for e in validate_paths([str(m)], strict_modes=strict))
+        assert TOKEN not in printed and "4f9a2c71" not in printed
+    shown = subprocess.run([sys.executable, "-m", "reconciler", "validate", "--manifests_strict_modes=false", str(m),
+                            *[str(m / name) for name in SECRET_SHAPES]], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 1 and "every-field.yaml" in shown.stdout
+    assert "4f9a2c71" not in shown.stdout + shown.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ LAUNCH_INFO = "launch_info.json"
 PID = "pid.json"
 STATUS = "status"
 TERMINATION = "termination.json"
+SANDBOXES_MODE = 0o711
 
 
 def _fields(obj: Any) -> dict[str, Any]:
@@ -49,7 +50,10 @@ class Checkpoints:
 
     def ensure_dirs(self) -> None:
         os.makedirs(self.containers_dir, mode=0o700, exist_ok=True)
-        os.makedirs(self.sandboxes_dir, mode=0o755, exist_ok=True)
+        os.makedirs(self.sandboxes_dir, mode=SANDBOXES_MODE, exist_ok=True)
+        # Traversable but not listable by others (a command.user reaches its own sandbox, 0750, below it);
+        # an older agent made it 0755.
+        os.chmod(self.sandboxes_dir, SANDBOXES_MODE)
 
     def dir(self, container_id: str) -> str:
         return os.path.join(self.containers_dir, container_id)

@@ -68,9 +68,14 @@ def test_pid1_holds_nothing_of_the_host(env: Any, monkeypatch: pytest.MonkeyPatc
 
 
 def test_pid1_passes_signals_on_and_writes_the_exit_status(env: Any) -> None:
-    env.write_manifest("trapper", "trap 'exit 7' TERM; while true; do sleep 0.05; done", restart_policy="Never")
+    env.write_manifest("trapper", "trap 'exit 7' TERM; echo trapped; while true; do sleep 0.05; done",
+                       restart_policy="Never")
     agent = env.start()
     status = env.wait_status("trapper", lambda s: s["phase"] == "Running")
+    stdout = env.sandbox(status) / "stdout"
+    deadline = time.monotonic() + 10
+    while "trapped" not in stdout.read_text() and time.monotonic() < deadline:   # the trap is set
+        time.sleep(0.01)
     os.kill(status["pid"], signal.SIGTERM)
     ended = env.wait_status("trapper", lambda s: s["phase"] in ("Succeeded", "Failed"))
     assert (ended["phase"], ended["exit_code"], ended["exit_signal"]) == ("Failed", 7, None)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import fcntl
 import json
 import os
 import resource
 import signal
 import sys
 import time
+from typing import NamedTuple
 
 from reconciler.launcher import image_user, seccomp_filter
 
@@ -51,7 +53,7 @@ PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 47, 2, 4
 SECBIT_NOROOT = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CAP_KILL = 5
-PID1_STATUS_FD = 3    # where pid1 finds the status file
+PID1_STATUS_FD = 3    # where pid1 finds the status file (then the command's release and its errors)
 MNT_DETACH = 2
 # pivot_root has no glibc wrapper (the same table as reconciler.linux.syscalls, which the init can't import).
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "ppc64": 203, "s390x": 217}
@@ -159,52 +161,50 @@ def run(spec: dict, go_fd: int, status_fd: int, pid1_fd: int) -> int:
     try:
         if setup_error is not None:
             raise setup_error
-        pid, exec_error = start_command(spec, stdio, user)
+        command = start_command(spec, stdio, user)
     except Exception as exc:  # any setup failure ends the container with a message, as Mesos's helper does
         message = f"Failed to launch container: {exc}"
         _log_to_stderr(spec, message, stdio)
         write_status(status_fd, termination_doc(None, message))
         return 1
-    if exec_error is not None:
-        _log_to_stderr(spec, exec_error, stdio)
     for fd in stdio:
         os.close(fd)
-    if exec_error is not None:
-        write_status(status_fd, termination_doc(None, exec_error))
-        return 1
     try:
-        become_pid1(pid, status_fd, pid1_fd, spec["last_cap"])
+        become_pid1(command, status_fd, pid1_fd, spec["last_cap"])
     except Exception as exc:  # noqa: BLE001 - nothing may run unsupervised: end the command with the reason
-        os.kill(pid, signal.SIGKILL)
+        os.kill(command.pid, signal.SIGKILL)   # still held before its exec: none of its code ran
         write_status(status_fd, termination_doc(None, f"container init failed: cannot start pid1: {exc}"))
     return 1
 
 
-def become_pid1(command_pid: int, status_fd: int, pid1_fd: int, last_cap: int) -> None:
+def become_pid1(command: "Command", status_fd: int, pid1_fd: int, last_cap: int) -> None:
     """Exec pid1 (pid1.c) in this process, which stays the command's parent. Returns only by raising.
 
-    Signals that arrive meanwhile stay pending (they are blocked) and reach pid1; a command that
-    already ended is a zombie pid1 reaps at once.
+    The command is held before its exec until pid1 runs (pid1 closes `command.release`): no code of the
+    container runs while this process, with root's capabilities and the launch helper's memory, is its
+    PID 1. pid1 then reads the command's exec failure, if any, from `command.errors`. Signals that
+    arrive meanwhile stay pending (they are blocked) and reach pid1.
     """
     os.chdir("/")
     # Only CAP_KILL (to pass signals on to a command of another user): its bounding set, inheritable and
     # ambient sets reduced to it, so that exec gives root nothing more.
-    for cap in range(last_cap + 1):
-        if cap != CAP_KILL:
-            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
-    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
-    kill_only = 1 << CAP_KILL
-    _capset(kill_only, kill_only, 0)
-    # Its descriptors: 0-2 /dev/null (set by the launch helper), 3 the status file, and nothing else.
-    if pid1_fd == PID1_STATUS_FD:
-        pid1_fd = os.dup(pid1_fd)          # close-on-exec, as every descriptor Python opens
-    if status_fd == PID1_STATUS_FD:
-        os.set_inheritable(status_fd, True)
-    else:
-        os.dup2(status_fd, PID1_STATUS_FD)
-    os.closerange(PID1_STATUS_FD + 1, pid1_fd)
-    os.closerange(pid1_fd + 1, 65536)
-    os.execve(pid1_fd, ["reconciler-init", str(command_pid)], {})
+    if os.geteuid() == 0:
+        for cap in range(last_cap + 1):
+            if cap != CAP_KILL:
+                _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
+        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+        kill_only = 1 << CAP_KILL
+        _capset(kill_only, kill_only, 0)
+    # Its descriptors: 0-2 /dev/null (set by the launch helper), 3 the status file, 4 the command's
+    # release, 5 its exec errors, and nothing else.
+    wanted = [status_fd, command.release, command.errors]
+    # Copies out of the way of 3-5 first (close-on-exec), then each to its place (inheritable).
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in wanted]
+    pid1 = fcntl.fcntl(pid1_fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    for target, fd in enumerate(moved, start=PID1_STATUS_FD):
+        os.dup2(fd, target)
+    os.closerange(PID1_STATUS_FD + len(wanted), 10)
+    os.execve(pid1, ["reconciler-init", str(command.pid)], {})
 
 
 def apply_launch_info(spec: dict) -> None:
@@ -300,29 +300,33 @@ def pivot_root(new_root: str) -> None:
     os.chdir("/")
 
 
-def start_command(spec: dict, stdio: tuple[int, int, int] | None = None,
-                  user: dict | None = None) -> tuple[int, str | None]:
-    """Fork and exec the command. An exec failure comes back through a close-on-exec pipe."""
+class Command(NamedTuple):
+    """A forked command held before its exec: its pid, the pipe end whose closing lets it exec, and
+    the pipe that carries its exec failure (nothing, then EOF, when the exec succeeds)."""
+    pid: int
+    release: int
+    errors: int
+
+
+def start_command(spec: dict, stdio: tuple[int, int, int] | None = None, user: dict | None = None) -> Command:
+    """Fork the command; it sets itself up (user, capabilities, seccomp), then waits to be released."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    release_r, release_w = os.pipe2(os.O_CLOEXEC)
     stdin, stdout, stderr = stdio if stdio is not None else open_stdio(spec)
     pid = os.fork()
     if pid == 0:
-        _exec_command(spec, user, stdin, stdout, stderr, err_w)
+        os.close(release_w)
+        _exec_command(spec, user, stdin, stdout, stderr, err_w, release_r)
     os.close(err_w)
+    os.close(release_r)
     if stdio is None:
         for fd in (stdin, stdout, stderr):
             os.close(fd)
-    chunks = []
-    while chunk := os.read(err_r, 4096):
-        chunks.append(chunk)
-    os.close(err_r)
-    if chunks:
-        os.waitpid(pid, 0)
-        return pid, b"".join(chunks).decode(errors="replace")
-    return pid, None
+    return Command(pid, release_w, err_r)
 
 
-def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr: int, err_w: int) -> None:
+def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr: int, err_w: int,
+                  release: int) -> None:
     """In the command's process: become the command's user with its capabilities, and exec. Never returns.
 
     A function of its own so the init, which only forks, never runs (and so never copies) this code.
@@ -336,8 +340,11 @@ def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr
         os.dup2(stdin, 0)
         os.dup2(stdout, 1)
         os.dup2(stderr, 2)
-        os.closerange(3, err_w)
-        os.closerange(err_w + 1, 65536)
+        low = 3
+        for keep in sorted((err_w, release)):
+            os.closerange(low, keep)
+            low = keep + 1
+        os.closerange(low, 65536)
         # As Mesos's launch helper: a working directory the image lacks is made (inside the container's
         # root, as root, before the user changes); only failing to enter it fails the launch.
         try:
@@ -372,6 +379,10 @@ def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr
         if program is not None and no_new_privs:
             failing = "Failed to load the seccomp filter"
             seccomp_filter.install(program, no_new_privs=True)
+        # Held here until pid1 runs (it closes the other end): see become_pid1.
+        failing = "Failed to wait for the container's init"
+        os.read(release, 1)
+        os.close(release)
         failing = ""
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         executable = spec["executable"]
@@ -383,7 +394,9 @@ def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr
         failing = failing or f"Failed to execute '{spec['executable']}'"
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         try:
-            os.write(err_w, f"{failing}: {reason}".encode())
+            message = f"{failing}: {reason}".encode()
+            os.write(2, message + b"\n")     # the sandbox's stderr (pid1 puts it in the status)
+            os.write(err_w, message)
         finally:
             os._exit(127)
     os._exit(127)   # not reached: exec either replaced this process or raised

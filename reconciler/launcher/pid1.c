@@ -10,10 +10,15 @@
  * than signal its own processes and write its own exit status.
  *
  *     pid1 COMMAND_PID         fd 3: the container's `status` file (empty, opened for writing)
+ *                              fd 4: the command's release: the command, set up, waits to exec
+ *                                    until this is closed, so none of the container's code runs
+ *                                    while its PID 1 is still the privileged Python init
+ *                              fd 5: the command's exec errors (EOF at once when its exec succeeds)
  *
- * It reaps every process re-parented to it, passes termination signals on to the command (they
- * were blocked by the Python init, so none is lost across the exec), and when the command is gone
- * writes its wait status into fd 3, as JSON, and exits with the command's code (128 + signal).
+ * It releases the command, reads whether its exec failed, reaps every process re-parented to it,
+ * passes termination signals on to the command (they were blocked by the Python init, so none is
+ * lost across the exec), and when the command is gone writes its wait status into fd 3 as JSON (or
+ * the exec failure, as the Python init would have), and exits with the command's code (128 + signal).
  * The agent reads that file once this process is gone, which is what makes an exit code survive
  * agent restarts.
  *
@@ -35,6 +40,8 @@
 #include <unistd.h>
 
 #define STATUS_FD 3
+#define RELEASE_FD 4
+#define ERRORS_FD 5
 
 #if defined(__x86_64__)
 #define NATIVE_ARCH AUDIT_ARCH_X86_64
@@ -67,6 +74,8 @@ static int confine(void) {
         ALLOW(__NR_restart_syscall),
         ALLOW(__NR_kill),
         ALLOW(__NR_pwrite64),
+        ALLOW(__NR_read),
+        ALLOW(__NR_close),
         ALLOW(__NR_clock_gettime),
         ALLOW(__NR_exit),
         ALLOW(__NR_exit_group),
@@ -101,22 +110,44 @@ static char *put_text(char *out, const char *text) {
     return out + length;
 }
 
-/* The same document the Python init writes on a failed launch: wait_status, exit_code, exit_signal,
- * finished_at, error. */
-static void write_status(int wait_status) {
-    char doc[256];
+/* JSON string contents of `text` (quotes, backslashes and control characters escaped). */
+static char *put_escaped(char *out, const char *text, size_t length) {
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < length; i++) {
+        unsigned char c = (unsigned char)text[i];
+        if (c == '"' || c == '\\') {
+            *out++ = '\\';
+            *out++ = (char)c;
+        } else if (c < 0x20) {
+            out = put_text(out, "\\u00");
+            *out++ = hex[c >> 4];
+            *out++ = hex[c & 15];
+        } else {
+            *out++ = (char)c;
+        }
+    }
+    return out;
+}
+
+/* The same document the Python init writes: wait_status, exit_code, exit_signal, finished_at, error.
+ * With an exec failure, the wait status is null and the error says why (as the init reported it). */
+static void write_status(int wait_status, const char *error, size_t error_length) {
+    static char doc[256 + 6 * 4096];
     char *p = doc;
     struct timespec now = {0, 0};
     clock_gettime(CLOCK_REALTIME, &now);
     p = put_text(p, "{\"wait_status\": ");
-    p = put_number(p, wait_status, 1);
+    if (error_length)
+        p = put_text(p, "null");
+    else
+        p = put_number(p, wait_status, 1);
     p = put_text(p, ", \"exit_code\": ");
-    if (WIFEXITED(wait_status))
+    if (!error_length && WIFEXITED(wait_status))
         p = put_number(p, WEXITSTATUS(wait_status), 1);
     else
         p = put_text(p, "null");
     p = put_text(p, ", \"exit_signal\": ");
-    if (WIFSIGNALED(wait_status))
+    if (!error_length && WIFSIGNALED(wait_status))
         p = put_number(p, WTERMSIG(wait_status), 1);
     else
         p = put_text(p, "null");
@@ -124,7 +155,15 @@ static void write_status(int wait_status) {
     p = put_number(p, now.tv_sec, 1);
     *p++ = '.';
     p = put_number(p, now.tv_nsec / 1000, 6);
-    p = put_text(p, ", \"error\": null}");
+    p = put_text(p, ", \"error\": ");
+    if (error_length) {
+        *p++ = '"';
+        p = put_escaped(p, error, error_length);
+        *p++ = '"';
+    } else {
+        p = put_text(p, "null");
+    }
+    *p++ = '}';
     (void)!pwrite(STATUS_FD, doc, (size_t)(p - doc), 0);
 }
 
@@ -152,14 +191,32 @@ int main(int argc, char **argv) {
     if (confine() != 0)
         return 126;
 
+    /* Only now may the command exec: this process holds nothing of the host any more. */
+    close(RELEASE_FD);
+    static char error[4096];
+    size_t error_length = 0;
+    for (;;) {
+        ssize_t got = read(ERRORS_FD, error + error_length, sizeof error - 1 - error_length);
+        if (got > 0 && error_length + (size_t)got < sizeof error - 1) {
+            error_length += (size_t)got;
+            continue;
+        }
+        if (got < 0 && errno == EINTR)
+            continue;
+        break;
+    }
+    close(ERRORS_FD);
+
     for (;;) {
         /* Reap first: the command may have ended before this program started. */
         for (;;) {
             int status;
             pid_t pid = (pid_t)syscall(__NR_wait4, -1, &status, WNOHANG, NULL);
             if (pid == command) {
-                write_status(status);
+                write_status(status, error, error_length);
                 /* As the container's PID 1, leaving ends every process left in its pid namespace. */
+                if (error_length)
+                    return 1;
                 if (WIFEXITED(status))
                     return WEXITSTATUS(status);
                 return 128 + WTERMSIG(status);

@@ -38,18 +38,55 @@ What can still delay an answer is the loop holding the GIL, so:
   not starve the probes (threads have their own nice value on Linux; needs root, else unchanged).
 bench/http.py measures it: p50/p99/max of /metrics and /state during a burst of 500 launches, a
 recovery and statistics passes.
+
+Clients are untrusted (anyone who reaches the address), so the server holds none of its resources
+at a client's pace:
+- A request, head and body, must arrive within REQUEST_DEADLINE of its first byte (of the accept for
+  a connection's first request), whatever the pace: a client that sends a byte a second is answered
+  408 and closed at the deadline. 5 s because a real client (kubelet, Prometheus, curl) writes its
+  whole head at once, so it arrives within one round trip, or two TCP retransmissions (1 s + 2 s,
+  RFC 6298) on a lossy link; and it is the probes' own timeoutSeconds in the Helm chart: a probe
+  slower than that has failed anyway. An answer must be taken within WRITE_TIMEOUT, a keep-alive
+  connection may idle IDLE_TIMEOUT between requests.
+- Only HTTP/1.0 and HTTP/1.1: another version (HTTP/2.0's preface, HTTP/1.2) is answered 505, a
+  request line of another shape (HTTP/0.9's `GET /`) 400, as soon as the line is in, and closed.
+- A body announced by Content-Length (up to MAX_BODY; 413 beyond) is read and dropped; any
+  Transfer-Encoding is answered with the connection closed after (with both, or a Content-Length
+  that is not one number: 400, the request-smuggling shapes of RFC 9112 6.3). A body is never read
+  as the next request. Bare CR or LF and header names with spaces are 400 too, so that no proxy in
+  front splits the head where this server does not.
+- At most MAX_CONNECTIONS connections are served; past that, /healthz and /readyz are still
+  answered (their answers are a few bytes, computed from two floats) and any other path gets 503:
+  a liveness probe cannot be failed by filling the cap. One more thread holds those connections
+  until their head is in (at most MAX_CONNECTIONS of them, the oldest dropped first, each within
+  REQUEST_DEADLINE). A cap per client address would not do: the kubelet's probes come from the
+  node's address, which the containers share (hostNetwork) and anyone on the node has.
+- Closing after an error, the server first drains what the client still sends (LINGER, like nginx's
+  lingering_close): closing with unread bytes sends a TCP reset, which can destroy the answer.
+Deadlines are the kernel's (SO_RCVTIMEO, SO_SNDTIMEO, set without releasing the GIL) and the
+sockets stay blocking, so that a read or a write is one system call and one hand-back of the GIL
+rather than poll then recv; the server threads block signals so that no EINTR restarts a timeout.
+Why not http.server, h11 or aiohttp: each parses in a thread or on a loop of its own just the same,
+with more Python per request (http.server's email parser, h11's state machine) and no way to
+answer from the accepting thread; what this face needs of HTTP is the request line and three
+headers, checked here as strictly as RFC 9112 asks.
 """
 
 from __future__ import annotations
 
 import _thread
 import asyncio
+import collections
 import errno
 import gc
 import json
 import logging
 import os
+import re
+import selectors
+import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -76,9 +113,15 @@ LOOP_STALL_AFTER = 10.0      # /healthz fails when the loop has not ticked for t
 LISTING_STALL_FLOOR = 30.0   # ... or no listing for max(3 × resync_interval, this)
 SWITCH_INTERVAL = 0.001
 SERVER_NICE = -10
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 64         # served at once; past it only the probes are answered (see the docstring)
+REQUEST_DEADLINE = 5.0       # one request's head and body, from its first byte (the first: from the accept)
 IDLE_TIMEOUT = 30.0          # a keep-alive connection without a request is closed after this long
+WRITE_TIMEOUT = 10.0         # an answer (600 KiB of /state with 500 containers) must be taken within this
+LINGER = 1.0                 # after an early close, what the client still sends is drained this long
+LINGER_BYTES = 1 << 20       # ... or up to this many bytes
 MAX_HEAD = 16384
+MAX_BODY = 65536
+PROBES = frozenset((b"/healthz", b"/readyz"))   # answered past MAX_CONNECTIONS
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -97,8 +140,18 @@ NOT_ALLOWED = response("405 Method Not Allowed", TEXT, b"405 Method Not Allowed:
 BAD_REQUEST = response("400 Bad Request", TEXT, b"400 Bad Request\n", "Connection: close\r\n")
 TOO_LARGE = response("431 Request Header Fields Too Large", TEXT, b"431 Request Header Fields Too Large\n",
                      "Connection: close\r\n")
-BUSY = response("503 Service Unavailable", TEXT, b"503 Service Unavailable: too many connections\n",
+BUSY = response("503 Service Unavailable", TEXT,
+                b"503 Service Unavailable: too many connections (only /healthz and /readyz are answered)\n",
                 "Connection: close\r\n")
+TIMED_OUT = response("408 Request Timeout", TEXT,
+                     f"408 Request Timeout: a request must arrive within {REQUEST_DEADLINE:g}s\n".encode(),
+                     "Connection: close\r\n")
+BODY_TOO_LARGE = response("413 Content Too Large", TEXT,
+                          f"413 Content Too Large: request bodies up to {MAX_BODY} bytes\n".encode(),
+                          "Connection: close\r\n")
+VERSION_NOT_SUPPORTED = response("505 HTTP Version Not Supported", TEXT,
+                                 b"505 HTTP Version Not Supported: HTTP/1.0 and HTTP/1.1 only\n",
+                                 "Connection: close\r\n")
 OK = response("200 OK", TEXT, b"ok\n")
 NOT_YET = response("503 Service Unavailable", TEXT, b"503 Service Unavailable: starting\n")   # no snapshot yet
 
@@ -136,13 +189,121 @@ class Health:
         return None
 
 
-def _raise_priority() -> None:
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")         # RFC 9110 5.6.2: methods, header names
+TARGET = re.compile(rb"[\x21-\x7e]+")                          # visible ASCII: no control byte, no space
+HTTP_VERSION = re.compile(rb"HTTP/[0-9]+(\.[0-9]+)?")
+
+
+class Reject(Exception):
+    """A request answered with an error, and the connection closed."""
+
+    def __init__(self, answer: tuple[bytes, int]) -> None:
+        super().__init__(answer[0].split(b"\r\n", 1)[0].decode())
+        self.answer = answer
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: bytes
+    path: bytes        # the target without its query
+    close: bool        # close after the answer (HTTP/1.0, Connection: close, a body of unknown length)
+    length: int        # body bytes to read and drop
+    chunked: bool      # a Transfer-Encoding: the body's end is not known, the connection is closed after
+
+
+def request_line(line: bytes) -> tuple[bytes, bytes, bool]:
+    """(method, target, HTTP/1.0) of a request line; Reject when it is not HTTP/1.0 or 1.1."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise Reject(BAD_REQUEST)
+    method, target, version = parts
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        raise Reject(VERSION_NOT_SUPPORTED if HTTP_VERSION.fullmatch(version) else BAD_REQUEST)
+    if TOKEN.fullmatch(method) is None or TARGET.fullmatch(target) is None:
+        raise Reject(BAD_REQUEST)
+    return method, target, version == b"HTTP/1.0"
+
+
+def parse_head(head: bytes) -> Request:
+    """One request head (without its blank line), read as strictly as RFC 9112 asks a server to."""
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n") or b"\0" in head:
+        raise Reject(BAD_REQUEST)     # a bare CR or LF: a proxy in front may split lines elsewhere
+    lines = head.split(b"\r\n")
+    method, target, close = request_line(lines[0])
+    length: int | None = None
+    chunked = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or TOKEN.fullmatch(name) is None:
+            raise Reject(BAD_REQUEST)  # also a folded line and a space before the colon (RFC 9112 5.1, 5.2)
+        name = name.lower()
+        if name == b"content-length":
+            value = value.strip(b" \t").lstrip(b"0") or b"0"
+            if not value.isdigit() or (length is not None and value != b"%d" % length):
+                raise Reject(BAD_REQUEST)
+            if len(value) > 9 or int(value) > MAX_BODY:    # int() of 4,300 digits and more would raise
+                raise Reject(BODY_TOO_LARGE)
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"connection" and b"close" in (t.strip(b" \t").lower() for t in value.split(b",")):
+            close = True
+    if chunked and length is not None:
+        raise Reject(BAD_REQUEST)     # both: the classic request smuggling (RFC 9112 6.1)
+    return Request(method, target.split(b"?", 1)[0], close or chunked, length or 0, chunked)
+
+
+def with_close(answer: bytes, head_length: int) -> bytes:
+    """A pre-rendered answer that also says the connection closes after it."""
+    return answer[:head_length - 2] + b"Connection: close\r\n\r\n" + answer[head_length:]
+
+
+def _timeval(seconds: float) -> bytes:
+    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO, never zero (which means: no timeout)."""
+    micros = max(1, int(seconds * 1_000_000))
+    return struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
+
+
+class Expired(Exception):
+    """The deadline of a read or a write passed."""
+
+
+def recv_by(conn: socket.socket, deadline: float) -> bytes:
+    """One read of a blocking socket that returns by `deadline` (b"" at the end of the stream)."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise Expired
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(remaining))
+    try:
+        return conn.recv(65536)
+    except BlockingIOError:       # SO_RCVTIMEO ran out
+        raise Expired from None
+
+
+def send_by(conn: socket.socket, data: bytes, deadline: float) -> None:
+    """All of `data`, or Expired at `deadline` (a client reading a byte at a time gains nothing)."""
+    view = memoryview(data)
+    while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Expired
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(remaining))
+        try:
+            view = view[conn.send(view):]
+        except BlockingIOError:
+            raise Expired from None
+
+
+def _server_thread_setup() -> None:
     """The server threads run at nice SERVER_NICE (threads have their own nice value on Linux): a burst of
-    container start-ups saturating the CPUs must not starve the probes. Needs root; else left as is."""
+    container start-ups saturating the CPUs must not starve the probes. Needs root; else left as is.
+    They block signals (threads started from them inherit the mask): the process's signals go to the
+    main thread, and no EINTR restarts a socket timeout."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SERVER_NICE)
     except OSError:
         pass
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
 
 
 def _unavailable(reason: str) -> tuple[bytes, int]:
@@ -150,7 +311,8 @@ def _unavailable(reason: str) -> tuple[bytes, int]:
 
 
 class HttpServer:
-    """The server thread: an accept loop, one short-lived thread per connection (keep-alive honoured)."""
+    """The server thread: an accept loop, one short-lived thread per connection (keep-alive honoured),
+    and one for the connections past MAX_CONNECTIONS, which only asks them whether they are a probe."""
 
     def __init__(self, address: str, routes: dict[bytes, Callable[[], tuple[bytes, int]]]) -> None:
         self.address = address
@@ -168,12 +330,18 @@ class HttpServer:
             raise ConfigError(f"flag --http_address: cannot listen on {address}: {reason}{hint}") from None
         self.port = self.sock.getsockname()[1]
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._thread: threading.Thread | None = None
+        self._over_cap: collections.deque[tuple[socket.socket, float, bytes]] = collections.deque()
+        self._wake, self._woken = socket.socketpair()
+        self._wake.setblocking(False)
+        self._woken.setblocking(False)
+        self._threads: list[threading.Thread] = []
         self._closed = False
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._accept, name="http", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._accept, name="http", daemon=True),
+                         threading.Thread(target=self._probes_past_the_cap, name="http-over-cap", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def close(self) -> None:
         self._closed = True
@@ -182,11 +350,21 @@ class HttpServer:
         except OSError:
             pass
         self.sock.close()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
+        self._wakeup()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        self._wake.close()
+        if not self._threads:
+            self._woken.close()   # else the over-cap thread's to close
+
+    def _wakeup(self) -> None:
+        try:
+            self._wake.send(b"x")
+        except OSError:
+            pass     # full: it is awake already
 
     def _accept(self) -> None:
-        _raise_priority()
+        _server_thread_setup()
         while not self._closed:
             try:
                 conn, _ = self.sock.accept()
@@ -195,25 +373,24 @@ class HttpServer:
                     return
                 time.sleep(0.01)   # EMFILE and the like: do not spin
                 continue
+            accepted = time.monotonic()
             if not self._slots.acquire(blocking=False):
-                try:
-                    conn.sendall(BUSY[0])
-                finally:
-                    conn.close()
+                self._past_the_cap(conn, accepted)
                 continue
             # The request usually arrived with the connection: answer it here, without waking a thread,
             # but never wait on the client here: what it does not take at once (a client that does not
-            # read, or pipelined requests) is left to the connection's thread.
-            pending, unsent, close = b"", b"", False
+            # read, a request not all in, a body, an error to answer, pipelined requests) is left to
+            # the connection's thread.
+            pending, unsent, close, deadline = b"", b"", False, accepted + REQUEST_DEADLINE
             try:
                 pending = conn.recv(65536, socket.MSG_DONTWAIT)
                 if not pending:
                     self._finish(conn)
                     continue
-                end = pending.find(b"\r\n\r\n")
-                if end >= 0:
-                    answer, close = self.respond(pending[:end])
-                    pending = pending[end + 4:]
+                quick = self._quick(pending)
+                if quick is not None:
+                    answer, close, pending = quick
+                    deadline = 0.0     # the next request's: from its first byte
                     try:
                         sent = conn.send(answer, socket.MSG_DONTWAIT)
                     except BlockingIOError:
@@ -229,71 +406,236 @@ class HttpServer:
                 continue
             try:
                 # No wait for the thread to start.
-                _thread.start_new_thread(self._serve, (conn, pending, unsent, close))
+                _thread.start_new_thread(self._serve, (conn, pending, unsent, close, deadline))
             except RuntimeError:
                 self._finish(conn)
+
+    def _quick(self, pending: bytes) -> tuple[bytes, bool, bytes] | None:
+        """(answer, close, what follows) when `pending` starts with a whole, well-formed request; else None."""
+        end = pending.find(b"\r\n\r\n")
+        if end < 0 or end > MAX_HEAD:
+            return None
+        try:
+            request = parse_head(pending[:end])
+        except Reject:
+            return None
+        after = end + 4 + request.length
+        if request.chunked or len(pending) < after:
+            return None
+        answer, close = self.respond(request)
+        return answer, close, pending[after:]
 
     def _finish(self, conn: socket.socket) -> None:
         conn.close()
         self._slots.release()
 
-    def _serve(self, conn: socket.socket, pending: bytes, unsent: bytes = b"", close: bool = False) -> None:
+    def _serve(self, conn: socket.socket, pending: bytes, unsent: bytes, close: bool, deadline: float) -> None:
         """A connection's further requests (keep-alive), or its first when it came after the connect;
-        first the rest of an answer the accept thread began."""
+        first the rest of an answer the accept thread began. `deadline`: the first request's, 0 if it
+        was answered."""
+        linger = False
         try:
-            conn.settimeout(IDLE_TIMEOUT)
             if unsent:
-                conn.sendall(unsent)
-            if close:
-                return
-            pending, close = self._answer(conn, pending)
-            if close:
-                return
-            while True:
-                data = conn.recv(65536)
-                if not data:
+                send_by(conn, unsent, time.monotonic() + WRITE_TIMEOUT)
+            while not close:
+                answer, close, linger, pending = self._read(conn, pending, deadline)
+                if answer is None:
                     return
-                pending, close = self._answer(conn, pending + data)
-                if close:
-                    return
-        except OSError:
+                send_by(conn, answer, time.monotonic() + WRITE_TIMEOUT)
+                deadline = 0.0
+            if linger:
+                self._linger(conn)
+        except (OSError, Expired):
             pass
         finally:
             self._finish(conn)
 
-    def _answer(self, conn: socket.socket, pending: bytes) -> tuple[bytes, bool]:
-        """Answer every whole request head in `pending`; returns what is left and whether to close."""
-        end = pending.find(b"\r\n\r\n")
-        while end >= 0:
-            head, pending = pending[:end], pending[end + 4:]
-            answer, close = self.respond(head)
-            conn.sendall(answer)
-            if close:
-                return b"", True
-            end = pending.find(b"\r\n\r\n")
-        if len(pending) > MAX_HEAD:
-            conn.sendall(TOO_LARGE[0])
-            return b"", True
-        return pending, False
+    def _read(self, conn: socket.socket, pending: bytes, deadline: float) -> tuple[bytes | None, bool, bool, bytes]:
+        """Read one request and answer it: (answer or None when the client went or idled out, close,
+        linger: close after draining what the client still sends, what follows the request)."""
+        if not deadline:
+            if not pending:
+                try:
+                    pending = recv_by(conn, time.monotonic() + IDLE_TIMEOUT)
+                except Expired:
+                    return None, True, False, b""
+                if not pending:
+                    return None, True, False, b""
+            deadline = time.monotonic() + REQUEST_DEADLINE
+        while pending.startswith(b"\r\n"):
+            pending = pending[2:]     # RFC 9112 2.2: empty lines before a request line are ignored
+        try:
+            searched, line_checked = 0, False
+            while (end := pending.find(b"\r\n\r\n", searched)) < 0:
+                if not line_checked and (line_end := pending.find(b"\r\n")) >= 0:
+                    request_line(pending[:line_end])   # an HTTP/0.9 or HTTP/2 client is told now
+                    line_checked = True
+                if len(pending) > MAX_HEAD:
+                    raise Reject(TOO_LARGE)
+                searched = max(0, len(pending) - 3)
+                data = recv_by(conn, deadline)
+                if not data:
+                    return None, True, False, b""
+                pending += data
+            if end > MAX_HEAD:
+                raise Reject(TOO_LARGE)
+            request = parse_head(pending[:end])
+            pending = pending[end + 4:]
+            while len(pending) < request.length:
+                data = recv_by(conn, deadline)
+                if not data:
+                    return None, True, False, b""
+                pending += data
+        except Reject as reject:
+            return reject.answer[0], True, True, b""
+        except Expired:
+            # Said only to a client that began a request: a connection opened ahead of need (as
+            # browsers do) is closed as quietly as an idle one.
+            return (TIMED_OUT[0] if pending else None), True, False, b""
+        answer, close = self.respond(request)
+        return answer, close, request.chunked, pending[request.length:]
 
-    def respond(self, head: bytes) -> tuple[bytes, bool]:
-        """The bytes to send for one request head, and whether to close the connection after."""
-        line_end = head.find(b"\r\n")
-        parts = (head if line_end < 0 else head[:line_end]).split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return BAD_REQUEST[0], True
-        method, target, version = parts
-        route = self.routes.get(target.split(b"?", 1)[0])
+    def _linger(self, conn: socket.socket) -> None:
+        """Drain what the client still sends before closing: closing with unread bytes sends a reset,
+        which can destroy the answer on its way (nginx's lingering_close)."""
+        conn.shutdown(socket.SHUT_WR)
+        until, drained = time.monotonic() + LINGER, 0
+        while drained < LINGER_BYTES:
+            data = recv_by(conn, until)
+            if not data:
+                return
+            drained += len(data)
+
+    def respond(self, request: Request) -> tuple[bytes, bool]:
+        """The bytes to send for one request, and whether to close the connection after."""
+        route = self.routes.get(request.path)
         if route is None:
             full, head_length = NOT_FOUND
-        elif method != b"GET" and method != b"HEAD":
+        elif request.method != b"GET" and request.method != b"HEAD":
             return NOT_ALLOWED[0], True
         else:
             full, head_length = route()
-        close = version == b"HTTP/1.0" or b"connection: close" in head.lower()
-        if method == b"HEAD":
-            return full[:head_length], close
-        return full, close
+        if request.chunked:
+            full, head_length = with_close(full, head_length), head_length + len(b"Connection: close\r\n")
+        if request.method == b"HEAD":
+            return full[:head_length], request.close
+        return full, request.close
+
+    # past the cap ---------------------------------------------------------------------------------
+    def _past_the_cap(self, conn: socket.socket, accepted: float) -> None:
+        """A connection past MAX_CONNECTIONS: a probe is answered, anything else gets 503. Its request
+        is read here if it came with the connection, else by the over-cap thread (never waited on here)."""
+        try:
+            head = conn.recv(MAX_HEAD + 4, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            head = b""
+        except OSError:
+            conn.close()
+            return
+        answer = self._probe_answer(head)
+        if answer is None and len(self._over_cap) < MAX_CONNECTIONS:
+            self._over_cap.append((conn, accepted, head))
+            self._wakeup()
+            return
+        send_ignoring_errors(conn, answer or BUSY[0])   # None: the over-cap thread is behind
+        conn.close()
+
+    def _probe_answer(self, head: bytes) -> bytes | None:
+        """What a connection past the cap gets for what it sent so far; None: its head is not in yet."""
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_HEAD:
+                return TOO_LARGE[0]
+            line_end = head.find(b"\r\n")
+            try:
+                if line_end >= 0:
+                    request_line(head[:line_end])
+            except Reject as reject:
+                return reject.answer[0]
+            return None
+        try:
+            request = parse_head(head[:end])
+        except Reject as reject:
+            return reject.answer[0]
+        route = self.routes.get(request.path) if request.path in PROBES else None
+        if route is None or request.method not in (b"GET", b"HEAD"):
+            return BUSY[0]
+        full, head_length = route()
+        full = with_close(full, head_length)
+        return full[:head_length + len(b"Connection: close\r\n")] if request.method == b"HEAD" else full
+
+    def _probes_past_the_cap(self) -> None:
+        """The over-cap thread: reads the heads of connections past the cap, at most MAX_CONNECTIONS at
+        once (the oldest dropped for a new one: an attacker cannot keep a probe out by opening more),
+        each until REQUEST_DEADLINE after its accept."""
+        _server_thread_setup()
+        selector = selectors.DefaultSelector()
+        selector.register(self._woken, selectors.EVENT_READ)
+        waiting: dict[socket.socket, tuple[float, bytes]] = {}   # oldest first: the next deadline first
+
+        def drop(conn: socket.socket, answer: bytes = b"") -> None:
+            del waiting[conn]
+            selector.unregister(conn)
+            if answer:
+                send_ignoring_errors(conn, answer)
+            conn.close()
+
+        try:
+            while not self._closed:
+                timeout = max(0.0, next(iter(waiting.values()))[0] - time.monotonic()) if waiting else None
+                for key, _ in selector.select(timeout):
+                    conn = key.fileobj
+                    if conn is self._woken:
+                        try:
+                            while self._woken.recv(4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                        while self._over_cap:
+                            new, accepted, head = self._over_cap.popleft()
+                            if len(waiting) >= MAX_CONNECTIONS:
+                                drop(next(iter(waiting)), BUSY[0])
+                            waiting[new] = (accepted + REQUEST_DEADLINE, head)
+                            selector.register(new, selectors.EVENT_READ)
+                        continue
+                    assert isinstance(conn, socket.socket)
+                    if conn not in waiting:
+                        continue    # dropped by an earlier event of this round
+                    try:
+                        data = conn.recv(65536, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        drop(conn)
+                        continue
+                    deadline, head = waiting[conn]
+                    head += data
+                    answer = self._probe_answer(head)
+                    if answer is None:
+                        waiting[conn] = (deadline, head)
+                    else:
+                        drop(conn, answer)
+                now = time.monotonic()
+                while waiting and next(iter(waiting.values()))[0] <= now:
+                    conn, (_, head) = next(iter(waiting.items()))
+                    drop(conn, TIMED_OUT[0] if head else b"")
+        finally:
+            for conn in list(waiting):
+                conn.close()
+            while self._over_cap:
+                self._over_cap.popleft()[0].close()
+            selector.close()
+            self._woken.close()
+
+
+def send_ignoring_errors(conn: socket.socket, data: bytes) -> None:
+    """A last answer before closing, if the client takes it at once (never waited on)."""
+    try:
+        conn.send(data, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
 
 
 class HttpFace:

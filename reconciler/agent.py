@@ -61,7 +61,8 @@ def build_image_store(config: AgentConfig):  # noqa: ANN201 - reconciler.images.
     from reconciler.images.errors import ImageError
     from reconciler.images.store import ImageStore
     try:
-        store = ImageStore(config.docker_registry_path, config.docker_store_path)
+        store = ImageStore(config.docker_registry_path, config.docker_store_path,
+                           max_image_bytes=config.docker_max_image_size)
     except ImageError as exc:
         raise IsolatorSetupError(f"flag --docker_store_dir: {exc}") from None
     store.clean_leftovers()

@@ -17,7 +17,9 @@ says otherwise. Everything is deterministic (fixed mtimes), so the same inputs g
 
 Entries take absolute or relative paths; they are stored relative ("bin/sh"), as docker does. Malicious
 archives for the tar-slip tests: `malicious_layer(kind, outside)`, `MALICIOUS_KINDS`, and `Raw` for any
-hand-made tar member.
+hand-made tar member. `Sparse` writes a sparse file in each format GNU tar has used (the old GNU 'S'
+member, PAX 0.0, 0.1 and 1.0), byte for byte as GNU tar lays them out; `Huge` a member that declares
+more bytes than it carries.
 """
 
 from __future__ import annotations
@@ -98,7 +100,32 @@ class Raw:
     data: bytes = b""
 
 
-Entry = File | Dir | Symlink | Hardlink | Whiteout | Opaque | Fifo | Raw
+SPARSE_FORMATS = ("gnu", "pax-0.0", "pax-0.1", "pax-1.0")
+
+
+@dataclass
+class Sparse:
+    """A sparse regular file of `size` bytes: only the `segments` ((offset, data), ascending) are in the
+    stream, everything else is a hole. fmt: one of SPARSE_FORMATS. Every segment but the last is a whole
+    number of 512-byte blocks, as GNU tar writes them (its reader starts each segment on a block, Python's
+    tarfile reads them back to back: the two agree only then)."""
+    path: str
+    size: int
+    segments: list[tuple[int, bytes]]
+    fmt: str = "gnu"
+    mode: int = 0o644
+
+
+@dataclass
+class Huge:
+    """A regular file whose header declares `size` bytes while only `data` follows: how a member bigger
+    than a limit looks before a byte of it is read. Nothing after it in the layer parses."""
+    path: str
+    size: int
+    data: bytes = b""
+
+
+Entry = File | Dir | Symlink | Hardlink | Whiteout | Opaque | Fifo | Raw | Sparse | Huge
 
 
 @dataclass
@@ -113,6 +140,8 @@ def layer(*entries: Entry) -> Layer:
 def _member(entry: Entry) -> tuple[tarfile.TarInfo, bytes | None]:
     if isinstance(entry, Raw):
         return entry.info, entry.data
+    if isinstance(entry, (Sparse, Huge)):  # the name (for parent directories); layer_tar writes the blocks
+        return _file_info(_rel(entry.path), entry.size, 0o644), None
     if isinstance(entry, Whiteout):
         d, _, name = _rel(entry.path).rpartition("/")
         return _member(File(f"{d}/.wh.{name}" if d else f".wh.{name}"))
@@ -153,8 +182,119 @@ def layer_tar(lay: Layer) -> bytes:
                             tar.addfile(dinfo)
                 if info.isdir():
                     made.add(info.name.rstrip("/"))
+            if isinstance(entry, (Sparse, Huge)):
+                blocks = sparse_blocks(entry) if isinstance(entry, Sparse) else huge_blocks(entry)
+                tar.fileobj.write(blocks)  # type: ignore[union-attr]
+                tar.offset += len(blocks)
+                continue
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- sparse and huge members, by hand
+
+def _file_info(name: str, size: int, mode: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, mode, MTIME
+    info.uname = info.gname = "root"
+    return info
+
+
+def _padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def _with_checksum(header: bytearray) -> bytes:
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % tarfile.calc_chksums(bytes(header))[0]
+    return bytes(header)
+
+
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length = len(str(length)) + len(body)
+    return str(length).encode() + body
+
+
+def _pax_header(records: list[tuple[str, str]]) -> bytes:
+    """An extended header member with `records` in order (repeated keys allowed, as PAX 0.0 needs)."""
+    data = b"".join(_pax_record(k, v) for k, v in records)
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(data)
+    return info.tobuf(tarfile.USTAR_FORMAT) + _padded(data)
+
+
+def sparse_blocks(entry: Sparse) -> bytes:
+    """The tar blocks of a sparse file, laid out as GNU tar writes the format."""
+    name = _rel(entry.path)
+    if any(len(d) % tarfile.BLOCKSIZE for _, d in entry.segments[:-1]):
+        raise ValueError("every segment of a sparse file but the last must be a multiple of 512 bytes")
+    data = b"".join(d for _, d in entry.segments)
+    spans = [(offset, len(d)) for offset, d in entry.segments]
+    if entry.fmt == "gnu":
+        header = bytearray(_file_info(name, len(data), entry.mode).tobuf(tarfile.GNU_FORMAT)[-tarfile.BLOCKSIZE:])
+        header[156:157] = tarfile.GNUTYPE_SPARSE
+        for i, (offset, length) in enumerate(spans[:4]):
+            header[386 + 24 * i:398 + 24 * i] = tarfile.itn(offset, 12, tarfile.GNU_FORMAT)
+            header[398 + 24 * i:410 + 24 * i] = tarfile.itn(length, 12, tarfile.GNU_FORMAT)
+        header[482] = len(spans) > 4
+        header[483:495] = tarfile.itn(entry.size, 12, tarfile.GNU_FORMAT)
+        extensions = b""
+        rest = spans[4:]
+        while rest:
+            block = bytearray(tarfile.BLOCKSIZE)
+            for i, (offset, length) in enumerate(rest[:21]):
+                block[24 * i:24 * i + 12] = tarfile.itn(offset, 12, tarfile.GNU_FORMAT)
+                block[24 * i + 12:24 * i + 24] = tarfile.itn(length, 12, tarfile.GNU_FORMAT)
+            rest = rest[21:]
+            block[504] = bool(rest)
+            extensions += bytes(block)
+        return _with_checksum(header) + extensions + _padded(data)
+    if entry.fmt == "pax-0.0":
+        records = [("GNU.sparse.size", str(entry.size)), ("GNU.sparse.numblocks", str(len(spans)))]
+        for offset, length in spans:
+            records += [("GNU.sparse.offset", str(offset)), ("GNU.sparse.numbytes", str(length))]
+        return _pax_header(records) + _file_info(name, len(data), entry.mode).tobuf(tarfile.USTAR_FORMAT) + _padded(data)
+    fake = f"GNUSparseFile.0/{name.rpartition('/')[2]}"
+    if entry.fmt == "pax-0.1":
+        records = [("GNU.sparse.size", str(entry.size)), ("GNU.sparse.numblocks", str(len(spans))),
+                   ("GNU.sparse.map", ",".join(f"{o},{n}" for o, n in spans)), ("GNU.sparse.name", name)]
+    elif entry.fmt == "pax-1.0":
+        records = [("GNU.sparse.major", "1"), ("GNU.sparse.minor", "0"), ("GNU.sparse.name", name),
+                   ("GNU.sparse.realsize", str(entry.size))]
+        data = _padded(f"{len(spans)}\n".encode() + b"".join(b"%d\n%d\n" % span for span in spans)) + data
+    else:
+        raise ValueError(f"unknown sparse format '{entry.fmt}' (one of {', '.join(SPARSE_FORMATS)})")
+    return _pax_header(records) + _file_info(fake, len(data), entry.mode).tobuf(tarfile.USTAR_FORMAT) + _padded(data)
+
+
+def sparse_map_bomb(fmt: str, map_bytes: int) -> bytes:
+    """A layer tar of one 4 KiB sparse file whose map takes `map_bytes` of headers: old GNU extension
+    blocks ("gnu", each with no segment in it) or PAX 1.0 map lines ("pax-1.0", a million empty segments
+    announced). tarfile reads a whole map into memory before the member is returned."""
+    blocks = sparse_blocks(Sparse("a", 4096, [(0, b"x" * 512)], fmt))
+    if fmt == "gnu":
+        header = bytearray(blocks[:tarfile.BLOCKSIZE])
+        header[482] = 1
+        extension = bytearray(tarfile.BLOCKSIZE)
+        extension[504] = 1
+        count = map_bytes // tarfile.BLOCKSIZE
+        blocks = (_with_checksum(header) + bytes(extension) * (count - 1) + bytes(tarfile.BLOCKSIZE)
+                  + blocks[tarfile.BLOCKSIZE:])
+    elif fmt == "pax-1.0":
+        lines = b"1000000\n" + b"0\n0\n" * (map_bytes // 4)
+        pax_end = blocks.index(b"GNUSparseFile.0/a")  # the member's own header starts with its name
+        member = _file_info("GNUSparseFile.0/a", len(_padded(lines)), 0o644).tobuf(tarfile.USTAR_FORMAT)
+        blocks = blocks[:pax_end] + member + _padded(lines)
+    else:
+        raise ValueError(f"no map bomb for sparse format '{fmt}' (gnu, pax-1.0)")
+    return blocks + bytes(2 * tarfile.BLOCKSIZE)
+
+
+def huge_blocks(entry: Huge) -> bytes:
+    return _file_info(_rel(entry.path), entry.size, 0o644).tobuf(tarfile.PAX_FORMAT) + _padded(entry.data)
 
 
 def busybox_applets() -> list[str]:
@@ -179,14 +319,19 @@ def busybox_layer(applets: Sequence[str] | None = None, links: str = "hard") -> 
 
 # ---------------------------------------------------------------- malicious layers
 
-MALICIOUS_KINDS = ("absolute", "dotdot", "symlink-parent", "symlink-escape", "hardlink-absolute",
-                   "hardlink-dotdot", "hardlink-through-symlink", "hardlink-moves-symlink", "char-device",
-                   "block-device", "oversize")
+MALICIOUS_KINDS = ("absolute", "dotdot", "symlink-parent", "climbing-symlink-parent", "hardlink-absolute",
+                   "hardlink-dotdot", "hardlink-through-symlink", "hardlink-through-climbing-symlink",
+                   "char-device", "block-device", "oversize", "huge", "sparse")
+CLIMB = "../" * 40  # more '..' than any test directory is deep: from anywhere on the host, this is '/'
 
 
 def malicious_layer(kind: str, outside: str) -> Layer:
     """A layer that tries to write `<outside>/pwned` (an absolute host directory) or to smuggle something
-    the store refuses. `oversize` declares a 64 KiB member: build the store with max_layer_bytes below it."""
+    the store refuses. `oversize` declares a 64 KiB member: build the store with max_layer_bytes below it;
+    `huge` declares 1 TiB and `sparse` is a 1 TiB sparse file, each in a few KiB of layer.
+    `climbing-symlink-parent` plants `usr/lib/foo -> ../../…/<outside>`, a relative link that leads to the
+    host directory when followed from the store (and to `<outside>` in the container's root, where it is
+    harmless), then writes through it."""
     out = outside.rstrip("/")
     if kind == "absolute":
         return layer(Raw(_info(f"{out}/pwned", 6), b"pwned\n"))
@@ -195,22 +340,26 @@ def malicious_layer(kind: str, outside: str) -> Layer:
         return layer(Raw(_info(f"{depth}{out.lstrip('/')}/pwned", 6), b"pwned\n"))
     if kind == "symlink-parent":  # a -> /outside, then a/pwned: must never be written through the link
         return layer(Symlink("/escape", out), Raw(_info("escape/pwned", 6), b"pwned\n"))
-    if kind == "symlink-escape":
-        return layer(Dir("/a"), Symlink("/a/up", "../../../../../../../../.." + out))
+    if kind == "climbing-symlink-parent":
+        return layer(Symlink("/usr/lib/foo", CLIMB + out.lstrip("/")), Raw(_info("usr/lib/foo/pwned", 6), b"pwned\n"))
     if kind == "hardlink-absolute":
         return layer(Raw(_info("passwd", 0, tarfile.LNKTYPE, f"{out}/secret")))
     if kind == "hardlink-dotdot":
         return layer(Raw(_info("passwd", 0, tarfile.LNKTYPE, f"../../../../../../..{out}/secret")))
     if kind == "hardlink-through-symlink":
         return layer(Symlink("/escape", out), Raw(_info("stolen", 0, tarfile.LNKTYPE, "escape/secret")))
-    if kind == "hardlink-moves-symlink":  # a/b/up -> ../.. stays inside; a hard link of it at the top does not
-        return layer(Dir("/a/b"), Symlink("/a/b/up", "../.."), Hardlink("/up", "/a/b/up"))
+    if kind == "hardlink-through-climbing-symlink":
+        return layer(Symlink("/usr/lib/foo", CLIMB + out.lstrip("/")), Hardlink("/stolen", "/usr/lib/foo/secret"))
     if kind in ("char-device", "block-device"):
         info = _info("dev/evil", 0, tarfile.CHRTYPE if kind == "char-device" else tarfile.BLKTYPE)
         info.devmajor, info.devminor = (1, 3) if kind == "char-device" else (8, 0)
         return layer(Dir("/dev"), Raw(info))
     if kind == "oversize":
         return layer(File("/big", b"\0" * 65536))
+    if kind == "huge":
+        return layer(Huge("/big", 1 << 40, b"x" * 1024))
+    if kind == "sparse":
+        return layer(Sparse("/big", 1 << 40, [(0, b"x" * 512), ((1 << 40) - 1, b"y")]))
     raise ValueError(f"unknown malicious layer kind '{kind}' (one of {', '.join(MALICIOUS_KINDS)})")
 
 

@@ -1,4 +1,5 @@
-"""The local image store: every archive format, tags and digests, the cache, races, whiteouts, prune."""
+"""The local image store: every archive format, tags and digests, the cache, races, whiteouts, prune, and
+the store's own files (no other user reaches them, a link planted among them is never followed)."""
 
 from __future__ import annotations
 
@@ -281,6 +282,43 @@ def test_threads_pulling_one_image_extract_each_layer_once(registry: Path, store
     assert os.listdir(store.staging_dir) == []
 
 
+def test_pulls_taking_shared_layers_in_opposite_orders_both_finish(registry: Path, store: ImageStore,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each pull holds the lock of the layer it extracts first and then needs the other's: waiting for it
+    # would deadlock. The second layer is extracted without its lock; the first copy installed is kept.
+    a, b = layer(File("/a", b"a" * 4096)), layer(File("/b", b"b" * 4096))
+    ab = build(str(registry), "ab:1", [a, b], fmt="oci")
+    ba = build(str(registry), "ba:1", [b, a], fmt="oci")
+    both_hold_one = threading.Barrier(2, timeout=10)
+    first_call: set[str] = set()
+    real = extract_mod.extract_layer
+
+    def in_step(*args: Any, **kwargs: Any) -> Any:
+        thread = threading.current_thread().name
+        if thread not in first_call:
+            first_call.add(thread)
+            both_hold_one.wait()
+        return real(*args, **kwargs)
+    monkeypatch.setattr("reconciler.images.store.extract_layer", in_step)
+    results: dict[str, Any] = {}
+
+    def pull(reference: str) -> None:
+        try:
+            results[reference] = store.pull(reference)
+        except Exception as e:  # surfaced by the assertion below
+            results[reference] = e
+    threads = [threading.Thread(target=pull, args=(r,), name=r) for r in ("ab:1", "ba:1")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "the two pulls deadlocked"
+    assert results["ab:1"].layer_ids == ab.layer_ids and results["ba:1"].layer_ids == ba.layer_ids
+    assert sorted(os.listdir(store.layers_dir)) == sorted(ab.layer_ids)
+    assert os.listdir(store.staging_dir) == []
+    assert Path(store.layer_path(ab.layer_ids[1]), "b").read_bytes() == b"b" * 4096
+
+
 PULL_SCRIPT = """
 import sys
 from reconciler.images import ImageStore
@@ -455,3 +493,68 @@ def test_layers_in_use_refuses_an_unreadable_record(tmp: Path) -> None:
         layers_in_use(str(tmp))
     record.write_text('{"layer_ids": ["sha256:' + "a" * 64 + '"]}')
     assert layers_in_use(str(tmp)) == {"a" * 64}
+
+
+# ---------------------------------------------------------------- the store's own files
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    # Through a shell: setpriv itself still holds root's capabilities when it execs its argument (they
+    # go at that exec), so it would find a path that nobody can reach.
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c",
+                           'exec "$@"', "sh", *argv], capture_output=True, text=True, timeout=10)
+
+
+@pytest.mark.root
+def test_no_other_user_reaches_the_stores_files(registry: Path, tmp: Path) -> None:
+    # A layer keeps the image's setuid-root binaries: from the store, a host user must not run them.
+    build_image(str(registry), "suid:1", [layer(File("/bin/busybox", Path("/bin/busybox").read_bytes(), 0o4755))])
+    tmp.chmod(0o755)  # everything above the store is open to all, as /var/lib is
+    store = ImageStore(str(registry), str(tmp / "store"))
+    binary = os.path.join(store.pull("suid:1").layers[0], "bin/busybox")
+    assert stat.S_IMODE(os.stat(binary).st_mode) == 0o4755 and os.stat(binary).st_uid == 0
+    assert stat.S_IMODE(os.stat(store.store_dir).st_mode) == 0o700
+    denied = as_nobody("stat", binary)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    denied = as_nobody(binary, "true")
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    assert as_nobody("ls", store.store_dir).returncode != 0
+    # a store left open (an older agent made its root 0755; here every directory down to the layer):
+    # then the setuid binary is there for anyone to run...
+    for directory in (store.store_dir, store.layers_dir, os.path.dirname(os.path.dirname(os.path.dirname(binary)))):
+        os.chmod(directory, 0o755)
+    assert as_nobody(binary, "true").returncode == 0
+    # ...until the next start puts it right
+    ImageStore(str(registry), str(tmp / "store"))
+    assert stat.S_IMODE(os.stat(store.store_dir).st_mode) == stat.S_IMODE(os.stat(store.layers_dir).st_mode) == 0o700
+    assert as_nobody(binary, "true").returncode != 0
+
+
+@pytest.mark.root
+def test_a_store_owned_by_another_user_is_refused(registry: Path, tmp: Path) -> None:
+    (tmp / "store").mkdir(mode=0o700)
+    os.chown(tmp / "store", 65534, 65534)
+    with pytest.raises(ImageError, match=f"Docker store directory '{tmp}/store' is owned by uid 65534, not by the "
+                                         r"user running this \(uid 0\): no other user may control the store; "
+                                         "chown it or choose another --docker_store_dir"):
+        ImageStore(str(registry), str(tmp / "store"))
+
+
+def test_links_planted_at_record_names_are_replaced_not_followed(registry: Path, store: ImageStore, tmp: Path) -> None:
+    built = build(str(registry), "app:1", [small_busybox()])
+    victim = tmp / "victim"
+    victim.write_text("a host file\n")
+    key = hashlib.sha256(b"app:1").hexdigest()
+    ref_record = Path(store.refs_dir, key + ".json")
+    image_record = Path(store.images_dir, built.id.removeprefix("sha256:") + ".json")
+    for record in (ref_record, image_record):
+        record.symlink_to(victim)
+    assert store.pull("app:1").id == built.id
+    assert victim.read_text() == "a host file\n"
+    for record in (ref_record, image_record):
+        assert not record.is_symlink() and json.loads(record.read_text())
+    assert [p for p in os.listdir(store.refs_dir) + os.listdir(store.images_dir) if p.endswith(".tmp")] == []
+    # and a record read through a link is ignored (the pull reads its archive again), not followed
+    ref_record.unlink()
+    ref_record.symlink_to(victim)
+    reads = store.archive_reads
+    assert store.pull("app:1").id == built.id and store.archive_reads == reads + 1

@@ -5,11 +5,12 @@ from reconciler.images.errors import (ArchiveError, DigestMismatch, ImageError, 
                                       UnsafeArchive)
 from reconciler.images.extract import DEFAULT_MAX_LAYER_BYTES
 from reconciler.images.reference import ImageReference, parse_reference
-from reconciler.images.store import IMAGE_RECORD, ImageStore, PulledImage, StoredImage, layers_in_use
+from reconciler.images.store import (DEFAULT_MAX_IMAGE_BYTES, IMAGE_RECORD, ImageStore, PulledImage, StoredImage,
+                                     layers_in_use)
 from reconciler.images.listing import image_doc, images_table
 
 __all__ = [
     "ArchiveError", "DigestMismatch", "ImageError", "ImageNotFound", "InvalidReference", "UnsafeArchive",
-    "DEFAULT_MAX_LAYER_BYTES", "ImageReference", "parse_reference", "IMAGE_RECORD", "ImageStore", "PulledImage",
-    "StoredImage", "layers_in_use", "image_doc", "images_table",
+    "DEFAULT_MAX_IMAGE_BYTES", "DEFAULT_MAX_LAYER_BYTES", "ImageReference", "parse_reference", "IMAGE_RECORD",
+    "ImageStore", "PulledImage", "StoredImage", "layers_in_use", "image_doc", "images_table",
 ]

@@ -24,6 +24,7 @@ from typing import IO, Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reconciler.images.errors import ArchiveError, DigestMismatch, ImageError
+from reconciler.images.extract import MAX_HEADER_BYTES, BoundedTarInfo, HeadersTooLarge
 from reconciler.images.reference import ImageReference, normalize_name, parse_reference
 
 MAX_JSON_BYTES = 16 << 20  # manifests and configs are kilobytes; a bigger one is an attack or corruption
@@ -83,15 +84,23 @@ class TarSource(Source):
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._members: dict[str, tarfile.TarInfo] = {}
         try:
-            self._tar = tarfile.open(path, "r:*")
-            self._members: dict[str, tarfile.TarInfo] = {}
-            for member in self._tar.getmembers():
+            self._tar = tarfile.open(path, "r:*", tarinfo=BoundedTarInfo)
+            try:
+                members = self._tar.getmembers()
+            except BaseException:
+                self._tar.close()  # a failed pull is retried: its archive must not stay open
+                raise
+            for member in members:
                 try:
                     self._members[_clean(member.name, path)] = member
                 except ArchiveError:
                     continue  # a name we would never look up; the layers inside are checked on their own
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except HeadersTooLarge:
+            raise ArchiveError(f"Failed to read archive '{path}': the headers of a member take more than "
+                               f"{MAX_HEADER_BYTES} bytes") from None
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             raise ArchiveError(f"Failed to read archive '{path}': {e}") from None
 
     def _member(self, name: str) -> tarfile.TarInfo | None:

@@ -3,12 +3,20 @@
 Every write goes through directory file descriptors opened with O_NOFOLLOW, one path component at a
 time, and every file is created with O_EXCL after removing what was there: a member can never make a
 later one write through a symlink (`a -> /etc` then `a/passwd` is refused), whatever order they come
-in. Refused, each with an UnsafeArchive error naming the archive, the layer and the member: absolute
-member names, `..` components, hard links to anything outside the layer or not yet in it, symlinks
-whose relative target climbs above the layer root (absolute targets such as `/bin/busybox` are normal
-and resolve inside the container's root), block and character devices, unknown member types, a member
-or a layer larger than the limit (the layer's uncompressed tar stream is counted, so a gzip bomb stops
-at the limit too). FIFOs are kept, as Docker keeps them.
+in. Symlinks themselves are kept whatever their target: absolute ones (`/bin/busybox`) and relative
+ones that climb above the layer (`usr/lib/foo -> ../../../../lib/foo`, which Docker and Mesos accept)
+resolve inside the container's root, where `..` stops at `/`; on the host nothing is ever written or
+read through them. Refused, each with an UnsafeArchive error naming the archive, the layer and the
+member: absolute member names, `..` components, hard links to anything outside the layer or not yet in
+it, block and character devices, unknown member types, and a layer that expands past its limit.
+
+Sizes are counted by what the members expand to, not by the tar stream: a sparse file (GNU tar's old
+'S' members and its PAX 0.0, 0.1 and 1.0 formats, as tarfile reads them: `TarInfo.size` is the full
+size, the stream holds only the data segments of `TarInfo.sparse`) counts at its full size, and is
+written with its holes, so it takes on disk only what its data takes. The layer's uncompressed tar
+stream is counted too (so a gzip bomb stops at the limit), and the headers of one member (PAX records,
+GNU long names, sparse maps) may take at most MAX_HEADER_BYTES, as Go's archive/tar bounds them: tarfile
+would read them into memory whatever their size. FIFOs are kept, as Docker keeps them.
 
 Docker's whiteouts become overlayfs's at extraction, as Mesos's convertWhiteouts does after untar:
 `.wh.<name>` → a 0/0 character device `<name>`, `.wh..wh..opq` → `trusted.overlay.opaque=y` on the
@@ -30,11 +38,13 @@ import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from reconciler.images.errors import ArchiveError, DigestMismatch, ImageError, UnsafeArchive
 
 DEFAULT_MAX_LAYER_BYTES = 8 << 30
+MAX_HEADER_BYTES = 1 << 20   # all the headers of one member: PAX records, GNU long names, sparse maps
+MAX_HEADER_CHAIN = 32        # extended headers before one member (a PAX header, a long name, ...)
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -47,7 +57,58 @@ _CHUNK = 1 << 20
 class LayerStats:
     diff_id: str        # "sha256:<hex>" of the uncompressed tar stream
     entries: int        # members written (whiteouts included, the root entry not)
-    bytes: int          # bytes of regular file content
+    bytes: int          # bytes the regular files expand to (a sparse file at its full size)
+
+
+class HeadersTooLarge(Exception):
+    """A member's headers go past MAX_HEADER_BYTES or MAX_HEADER_CHAIN; the caller names the archive."""
+
+
+class _HeaderBudget:
+    """tarfile's stream while it parses one member's headers: a read past `left` bytes raises
+    HeadersTooLarge before anything is read, and one at the end of the stream raises ReadError (tarfile's
+    PAX 1.0 map reader would fail on it with a bare ValueError)."""
+
+    def __init__(self, f: Any, left: int) -> None:
+        self.f, self.left = f, left
+
+    def read(self, size: int) -> bytes:
+        if size > self.left:
+            raise HeadersTooLarge()
+        data = self.f.read(size)
+        self.left -= len(data)
+        if size and not data:
+            raise tarfile.ReadError("unexpected end of data in a member's headers")
+        return data
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, pos: int, *whence: int) -> int:
+        return self.f.seek(pos, *whence)
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo with the headers of each member bounded (pass it as `tarinfo=` to tarfile.open).
+
+    tarfile reads a PAX header or a GNU long name whole, whatever size it declares, reads every extension
+    block of an old GNU sparse map and every line of a PAX 1.0 map, and follows extended headers by
+    recursion: all that one member's header processing reads is bounded here by MAX_HEADER_BYTES, and
+    the recursion by MAX_HEADER_CHAIN. Member data is read by the caller, outside this."""
+
+    def _proc_member(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        depth = getattr(tarfile, "_header_depth", 0)
+        if depth >= MAX_HEADER_CHAIN:
+            raise HeadersTooLarge()
+        real = tarfile.fileobj
+        if depth == 0:
+            tarfile.fileobj = _HeaderBudget(real, MAX_HEADER_BYTES)  # type: ignore[assignment]
+        tarfile._header_depth = depth + 1  # type: ignore[attr-defined]
+        try:
+            return super()._proc_member(tarfile)  # type: ignore[misc]
+        finally:
+            tarfile._header_depth = depth  # type: ignore[attr-defined]
+            tarfile.fileobj = real
 
 
 class _Counted(io.RawIOBase):
@@ -88,9 +149,13 @@ def _decompressed(buffered: Any, where: str) -> IO[bytes]:
 
 
 class _Extractor:
-    def __init__(self, root_fd: int, where: str) -> None:
+    def __init__(self, root_fd: int, where: str, max_bytes: int, budget: int | None,
+                 over_budget: Callable[[str, int], ImageError] | None) -> None:
         self.root_fd = root_fd
         self.where = where
+        self.max_bytes = max_bytes
+        self.budget = budget
+        self.over_budget = over_budget
         self.is_root = os.geteuid() == 0
         self.dir_times: list[tuple[list[str], int]] = []
         self.entries = 0
@@ -159,11 +224,50 @@ class _Extractor:
                 continue
             os.setxattr(fd, attr, value.encode("utf-8", "surrogateescape"))
 
-    def member(self, tar: tarfile.TarFile, m: tarfile.TarInfo, max_bytes: int) -> None:
+    def count(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> list[tuple[int, int]] | None:
+        """Add a regular member's expanded size to the layer's before a byte of it is written: refused past
+        the layer's limit or the image's budget. Returns a sparse member's checked data segments."""
+        spans = self.sparse_spans(tar, m) if m.sparse is not None else None
+        if m.size < 0:
+            raise self.refuse(f"negative size {m.size}")
+        size = f"{m.size} bytes"
+        if spans is not None:
+            size += f" (a sparse file, {sum(n for _, n in spans)} bytes of it in the layer)"
+        total = self.bytes + m.size
+        if self.budget is not None and total > self.budget:
+            raise (self.over_budget(m.name, total) if self.over_budget is not None else
+                   self.refuse(f"{size} take the layer to {total} bytes, over its budget of {self.budget} bytes"))
+        if m.size > self.max_bytes:
+            raise self.refuse(f"{size} is over the layer size limit of {self.max_bytes} bytes")
+        if total > self.max_bytes:
+            raise self.refuse(f"{size} take the layer to {total} bytes, over its size limit of "
+                              f"{self.max_bytes} bytes")
+        self.bytes = total
+        return spans
+
+    def sparse_spans(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> list[tuple[int, int]]:
+        """The map's data segments, ascending, apart and inside the file, holding no more than the stream has."""
+        spans: list[tuple[int, int]] = []
+        end = stored = 0
+        for offset, length in m.sparse or []:
+            if offset < 0 or length < 0 or offset + length > m.size:
+                raise self.refuse(f"sparse map segment of {length} bytes at {offset} lies outside the "
+                                  f"file's {m.size} bytes")
+            if not length:
+                continue  # GNU tar's unused slots and end marker
+            if offset < end:
+                raise self.refuse("sparse map segments overlap or are out of order")
+            spans.append((offset, length))
+            end = offset + length
+            stored += length
+        in_stream = tar.offset - m.offset_data  # tarfile has set tar.offset to the next member's header
+        if stored > in_stream:
+            raise self.refuse(f"sparse map names {stored} bytes of data, the member holds {in_stream}")
+        return spans
+
+    def member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         self.name = m.name
         parts = self.components(m.name)
-        if m.size > max_bytes:
-            raise self.refuse(f"{m.size} bytes is over the layer size limit of {max_bytes} bytes")
         if not parts:  # the layer's root entry ('./')
             if m.isdir():
                 self.owner_mode(self.root_fd, m)
@@ -183,9 +287,9 @@ class _Extractor:
             elif m.isdir():
                 self.directory(parent, base, parts, m)
             elif m.isreg():
-                self.regular(tar, parent, base, m)
+                self.regular(tar, parent, base, m, self.count(tar, m))
             elif m.issym():
-                self.symlink(parent, base, parts, m)
+                self.symlink(parent, base, m)
             elif m.islnk():
                 self.hardlink(parent, base, parts, m)
             else:
@@ -233,40 +337,45 @@ class _Extractor:
             os.close(fd)
         self.dir_times.append((parts, _ns(m.mtime)))
 
-    def regular(self, tar: tarfile.TarFile, parent: int, base: str, m: tarfile.TarInfo) -> None:
+    def regular(self, tar: tarfile.TarFile, parent: int, base: str, m: tarfile.TarInfo,
+                spans: list[tuple[int, int]] | None) -> None:
         self.remove(parent, base)
         fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
         try:
-            src = tar.extractfile(m)
-            if src is not None:
+            if spans is None:
+                src = tar.extractfile(m)
+                assert src is not None
                 while chunk := src.read(_CHUNK):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
-            self.bytes += m.size
+                    _write_at(fd, chunk, None)
+            else:
+                self.write_sparse(tar, fd, m, spans)
             self.owner_mode(fd, m)
             os.utime(fd, ns=(_ns(m.mtime), _ns(m.mtime)))
         finally:
             os.close(fd)
 
-    def check_symlink(self, parts: list[str], target: str) -> None:
-        """A relative target must stay inside the layer when resolved from the link's directory."""
+    @staticmethod
+    def write_sparse(tar: tarfile.TarFile, fd: int, m: tarfile.TarInfo, spans: list[tuple[int, int]]) -> None:
+        """Each data segment at its offset; the rest is left a hole by ftruncate, taking no disk. Read from
+        tarfile's stream as TarFile.makefile does: its ExFileObject would hand us the holes as zeros."""
+        source = tar.fileobj
+        assert source is not None
+        source.seek(m.offset_data)
+        for offset, length in spans:
+            done = 0
+            while done < length:
+                chunk = source.read(min(_CHUNK, length - done))
+                if not chunk:
+                    raise tarfile.ReadError("unexpected end of data")
+                _write_at(fd, chunk, offset + done)
+                done += len(chunk)
+        os.ftruncate(fd, m.size)
+
+    def symlink(self, parent: int, base: str, m: tarfile.TarInfo) -> None:
+        # Kept whatever it points at (see the module's docstring): open_dir never crosses it.
+        target = m.linkname
         if not target:
             raise self.refuse("symlink with an empty target")
-        if target.startswith("/"):
-            return
-        depth = len(parts) - 1
-        for part in target.split("/"):
-            if part == "..":
-                depth -= 1
-                if depth < 0:
-                    raise self.refuse(f"symlink target '{target}' escapes the layer")
-            elif part not in ("", "."):
-                depth += 1
-
-    def symlink(self, parent: int, base: str, parts: list[str], m: tarfile.TarInfo) -> None:
-        target = m.linkname
-        self.check_symlink(parts, target)
         self.remove(parent, base)
         os.symlink(target, base, dir_fd=parent)
         if self.is_root:
@@ -290,8 +399,6 @@ class _Extractor:
                 raise self.refuse(f"hard link target '{m.linkname}' is not in the layer") from None
             if stat.S_ISDIR(st.st_mode):
                 raise self.refuse(f"hard link to the directory '{m.linkname}'")
-            if stat.S_ISLNK(st.st_mode):  # a hard link to a symlink is that symlink in another directory
-                self.check_symlink(parts, os.readlink(target[-1], dir_fd=tparent))
             self.remove(parent, base)
             os.link(target[-1], base, src_dir_fd=tparent, dst_dir_fd=parent, follow_symlinks=False)
         finally:
@@ -313,13 +420,27 @@ def _ns(mtime: float) -> int:
     return int(mtime * 1_000_000_000)
 
 
+def _write_at(fd: int, data: bytes, offset: int | None) -> None:
+    """All of `data`, at the file position (offset None) or at `offset`."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        view = view[n:]
+        if offset is not None:
+            offset += n
+
+
 def extract_layer(stream: IO[bytes], rootfs: str, *, where: str, max_bytes: int = DEFAULT_MAX_LAYER_BYTES,
-                  diff_id: str | None = None, digest: str | None = None, size: int | None = None) -> LayerStats:
+                  diff_id: str | None = None, digest: str | None = None, size: int | None = None,
+                  budget: int | None = None,
+                  over_budget: Callable[[str, int], ImageError] | None = None) -> LayerStats:
     """Unpack the layer tar (plain, gzip, bzip2 or xz) read from `stream` into the existing empty
     directory `rootfs`; verify the blob's `digest`/`size` and the uncompressed `diff_id` when given.
 
-    `where` names the layer for messages ("layer 'x/layer.tar' of archive '/r/busybox.tar'"). On any
-    error the directory is left half-written: the caller extracts into a staging directory and drops it.
+    `max_bytes` bounds both what the layer's files expand to and its uncompressed tar stream. `budget`:
+    the bytes its files may expand to within the image; past it, `over_budget(member, bytes so far)` is
+    raised. `where` names the layer for messages ("layer 'x/layer.tar' of archive '/r/busybox.tar'"). On
+    any error the directory is left half-written: the caller extracts into a staging directory and drops it.
     """
     def over() -> UnsafeArchive:
         return UnsafeArchive(f"Refusing {where}: the uncompressed layer is over the size limit of {max_bytes} bytes")
@@ -327,21 +448,27 @@ def extract_layer(stream: IO[bytes], rootfs: str, *, where: str, max_bytes: int 
     raw = _Counted(stream)
     raw_buf = io.BufferedReader(raw, _CHUNK)
     root_fd = os.open(rootfs, _DIR_FLAGS)
-    ex = _Extractor(root_fd, where)
+    ex = _Extractor(root_fd, where, max_bytes, budget, over_budget)
     try:
         try:
             plain = _decompressed(raw_buf, where)
             # Counted above any buffering, so the limit applies to what tarfile consumed (it reads ahead
             # by one 10 KiB record), not to a read-ahead buffer.
             tar_stream = _Counted(plain, max_bytes, over)
-            with tarfile.open(fileobj=tar_stream, mode="r|") as tar:
+            with tarfile.open(fileobj=tar_stream, mode="r|", tarinfo=BoundedTarInfo) as tar:
                 for m in tar:
-                    ex.member(tar, m, max_bytes)
+                    ex.member(tar, m)
             while tar_stream.read(_CHUNK):  # the end-of-archive blocks and padding count in the digests
                 pass
             while raw_buf.read(_CHUNK):
                 pass
-        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
+        except HeadersTooLarge:
+            after = f" after member '{ex.name}'" if ex.name else ""
+            raise UnsafeArchive(f"Refusing {where}: the headers of a member{after} (PAX records, GNU long names, "
+                                f"sparse map) take more than {MAX_HEADER_BYTES} bytes or chain more than "
+                                f"{MAX_HEADER_CHAIN} extended headers") from None
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile, ValueError) as e:
+            # ValueError: tarfile's own parsing of a malformed sparse map or number, or a NUL in a name.
             raise ArchiveError(f"Failed to read {where}: {e}") from None
         except OSError as e:
             name = f", member '{ex.name}'" if ex.name else ""

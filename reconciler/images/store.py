@@ -2,17 +2,25 @@
 image_tar_puller) into a content-addressed store under --docker_store_dir, shared by every container.
 
     <store>/layers/<hex>/rootfs      one layer, extracted once; <hex> = sha256 of its diff_id (uncompressed tar)
-    <store>/layers/<hex>/layer.json  its diff_id, entry count, size on disk, when it was extracted
+    <store>/layers/<hex>/layer.json  its diff_id, entry count, expanded and on-disk sizes, when it was extracted
     <store>/images/<hex>.json        an image: id, references, layer ids lowest first, runtime config, times
     <store>/refs/<hex>.json          reference → image, with the archive's path, size and mtime_ns: a pull of
                                      an unchanged archive reads only this and stat()s the archive
-    <store>/staging/                 extractions in progress (renamed into layers/ when complete and verified)
+    <store>/staging/                 extractions in progress (renamed into layers/ once the whole image is
+                                     extracted, verified and within its size limit)
     <store>/gc/                      layers being deleted by prune
     <store>/locks/                   flock files: `store` (shared by pulls, exclusive for prune), one per
                                      reference (one pull of it at a time) and per layer (one extraction)
 
 Locks are flock(2) locks, which exclude threads of one process as well as other processes (a separate
 `reconciler images prune` process, or a second agent sharing the store).
+
+A pull is all or nothing: the layers it extracts wait in staging/ until every layer of the image is
+extracted and the image is within --docker_max_image_size (what its layers' files expand to, sparse
+files at their full size, each distinct layer once, those already in the store included); a refused or
+failed pull leaves nothing in the store. The store root is 0700 and its own (fixed at start when an
+older agent left it 0755): layers keep the image's setuid-root binaries, which no host user may run.
+Its records are written under unique temp names opened O_EXCL|O_NOFOLLOW, then renamed.
 
 Archive names follow Mesos: `<docker_registry>/<reference>.tar`, `reference` as written (`busybox` →
 `busybox.tar`, `busybox:latest` → `busybox:latest.tar`), or an OCI layout directory `<docker_registry>/<reference>/`.
@@ -32,6 +40,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -41,13 +50,14 @@ from typing import Any, Iterator
 
 from reconciler import fsutil
 from reconciler.images.archive import LayerBlob, ResolvedImage, Source, open_source, resolve
-from reconciler.images.errors import ArchiveError, DigestMismatch, ImageError, ImageNotFound
-from reconciler.images.extract import DEFAULT_MAX_LAYER_BYTES, extract_layer, hash_layer
+from reconciler.images.errors import ArchiveError, DigestMismatch, ImageError, ImageNotFound, UnsafeArchive
+from reconciler.images.extract import extract_layer, hash_layer
 from reconciler.images.reference import ImageReference, parse_reference
 
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 60.0           # seconds between two writes of an image's last_used by one process
+DEFAULT_MAX_IMAGE_BYTES = 20 << 30  # --docker_max_image_size's default
 IMAGE_RECORD = "image.json"  # <work_dir>/containers/<id>/image.json: the layers a container uses
 
 
@@ -84,21 +94,36 @@ def _hex(digest: str) -> str:
     return digest.removeprefix("sha256:")
 
 
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _write_json(path: str, doc: Any) -> None:
-    """Atomic replace, with a temp name unique per thread (fsutil's is per process)."""
+    """Atomic replace through a temp name unique per call, created O_EXCL|O_NOFOLLOW: whatever is planted
+    at a name, it is never opened, let alone followed."""
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.rename(tmp, path)
+    data = (json.dumps(doc, indent=1) + "\n").encode()
+    fd = os.open(tmp, _NEW_FILE, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _read_json(path: str) -> Any | None:
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as e:  # ELOOP: a symlink, which the store never writes
+        log.warning("ignoring unreadable store record %s: %s", path, e.strerror)
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return json.loads(f.read())
     except ValueError:
         log.warning("ignoring unreadable store record %s", path)
         return None
@@ -126,7 +151,7 @@ def layers_in_use(work_dir: str) -> set[str]:
     used: set[str] = set()
     for path in sorted(glob.glob(os.path.join(glob.escape(work_dir), "containers", "*", IMAGE_RECORD))):
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
             continue  # its container was removed meanwhile
@@ -139,34 +164,100 @@ def layers_in_use(work_dir: str) -> set[str]:
     return used
 
 
+@dataclass
+class _Pull:
+    """One pull's layers, counted against the image's limit; the ones it extracts wait in staging."""
+    reference: str
+    limit: int
+    expanded: dict[str, int] = field(default_factory=dict)         # layer id -> bytes, each layer once
+    staged: dict[str, tuple[str, int]] = field(default_factory=dict)  # layer id -> (staging dir, entries)
+    locks: dict[str, int] = field(default_factory=dict)           # layer id -> its flock, held until installed
+
+    def total(self) -> int:
+        return sum(self.expanded.values())
+
+    def too_large(self, where: str, total: int, member: str | None) -> UnsafeArchive:
+        at = f" at member '{member}'" if member else " (already in the store)"
+        return UnsafeArchive(f"Refusing image '{self.reference}': {where}{at} takes it to {total} bytes, over the "
+                             f"image size limit of {self.limit} bytes (flag --docker_max_image_size)")
+
+
 class ImageStore:
-    def __init__(self, registry_dir: str, store_dir: str, max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> None:
+    def __init__(self, registry_dir: str, store_dir: str, max_layer_bytes: int | None = None,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
+        """max_image_bytes: --docker_max_image_size. max_layer_bytes: what one layer may expand to (and its
+        uncompressed tar stream); by default the image's limit."""
         self.registry_dir = os.path.abspath(registry_dir)
         self.store_dir = os.path.abspath(store_dir)
-        self.max_layer_bytes = max_layer_bytes
+        self.max_image_bytes = max_image_bytes
+        self.max_layer_bytes = max_layer_bytes if max_layer_bytes is not None else max_image_bytes
         self.layers_dir = os.path.join(self.store_dir, "layers")
         self.images_dir = os.path.join(self.store_dir, "images")
         self.refs_dir = os.path.join(self.store_dir, "refs")
         self.staging_dir = os.path.join(self.store_dir, "staging")
         self.gc_dir = os.path.join(self.store_dir, "gc")
         self.locks_dir = os.path.join(self.store_dir, "locks")
+        try:
+            os.makedirs(os.path.dirname(self.store_dir), exist_ok=True)
+        except OSError as e:
+            raise ImageError(f"Failed to create Docker store directory '{self.store_dir}': {e.strerror}") from None
+        self._private_dir(self.store_dir, follow=True)
         for d in (self.layers_dir, self.images_dir, self.refs_dir, self.staging_dir, self.gc_dir, self.locks_dir):
-            try:
-                os.makedirs(d, mode=0o700, exist_ok=True)
-            except OSError as e:
-                raise ImageError(f"Failed to create Docker store directory '{d}': {e.strerror}") from None
+            self._private_dir(d, follow=False)
         self._touched: dict[tuple[str, str], float] = {}   # (image id, reference) -> when this process last touched it
         self.archive_reads = 0  # archives opened by this store object (tests check a cached pull opens none)
         self._count_lock = threading.Lock()
 
+    def _private_dir(self, path: str, follow: bool) -> None:
+        """Create `path` 0700, or make it 0700 when found otherwise (older agents left the root 0755), and
+        refuse it when another user owns it. The layers hold the images' files with their modes,
+        setuid-root binaries included: a host user who could reach them could run them. follow: the
+        operator may point --docker_store_dir at a symlink; the store never makes one inside."""
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+        except OSError as e:
+            raise ImageError(f"Failed to create Docker store directory '{path}': {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise ImageError(f"Docker store directory '{path}' is owned by uid {st.st_uid}, not by the user "
+                                 f"running this (uid {os.geteuid()}): no other user may control the store; "
+                                 "chown it or choose another --docker_store_dir")
+            if stat.S_IMODE(st.st_mode) != 0o700:
+                os.fchmod(fd, 0o700)
+                log.warning("Docker store directory '%s' was mode %04o; made it 0700 so that no other user "
+                            "reaches the images' files", path, stat.S_IMODE(st.st_mode))
+        except OSError as e:
+            raise ImageError(f"Failed to make Docker store directory '{path}' private: {e.strerror}") from None
+        finally:
+            os.close(fd)
+
     # ------------------------------------------------------------ locks
+
+    def _lock(self, name: str, shared: bool = False, wait: bool = True) -> int | None:
+        """The fd holding the lock `name` (closing it releases the lock); None when wait=False and someone
+        else holds it."""
+        fd = os.open(os.path.join(self.locks_dir, name + ".lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     @contextlib.contextmanager
     def _flock(self, name: str, shared: bool = False, wait: bool = True) -> Iterator[None]:
         """Hold the lock `name`; with wait=False, BlockingIOError when someone else holds it."""
-        fd = os.open(os.path.join(self.locks_dir, name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._lock(name, shared, wait)
+        if fd is None:
+            raise BlockingIOError(f"lock '{name}' is held")
         try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -332,16 +423,22 @@ class ImageStore:
         started = time.monotonic()
         source, resolved, path = self._locate(ref)
         stat_key = self._stat_key(path)
+        pull = _Pull(str(ref), self.max_image_bytes)
         try:
             layer_ids: list[str] = []
             non_empty: list[str] = []
             for blob in resolved.layers:
-                layer_id, entries = self._ensure_layer(source, blob)
+                layer_id, entries = self._ensure_layer(source, blob, pull)
                 layer_ids.append(layer_id)
                 if entries:
                     non_empty.append(layer_id)
+            self._install_staged(pull)
         finally:
             source.close()
+            for fd in pull.locks.values():
+                os.close(fd)
+            for staging, _ in pull.staged.values():  # a refused or failed pull leaves nothing behind
+                shutil.rmtree(staging, ignore_errors=True)
         # Empty layers (docker's metadata-only steps) add nothing to a rootfs, only overlay lowerdirs.
         used = non_empty or layer_ids[-1:]
         if not used:
@@ -371,14 +468,17 @@ class ImageStore:
         return PulledImage(reference=str(ref), id=resolved.id, layers=[self.layer_path(i) for i in used],
                            layer_ids=used, config=resolved.config, manifest_digest=resolved.manifest_digest)
 
-    def _layer_entries(self, layer_id: str) -> int | None:
-        """The layer's entry count when it is complete in the store, else None."""
+    def _stored_layer(self, layer_id: str) -> tuple[int, int] | None:
+        """(entries, expanded bytes) of the layer when it is complete in the store, else None."""
         if not os.path.isdir(self.layer_path(layer_id)):
             return None
         doc = _read_json(os.path.join(self.layers_dir, layer_id, "layer.json"))
-        return int(doc.get("entries", 1)) if isinstance(doc, dict) else 1
+        if not isinstance(doc, dict):
+            return 1, 0
+        return int(doc.get("entries", 1)), int(doc.get("content_bytes", 0))
 
-    def _ensure_layer(self, source: Source, blob: LayerBlob) -> tuple[str, int]:
+    def _ensure_layer(self, source: Source, blob: LayerBlob, pull: _Pull) -> tuple[str, int]:
+        """The layer's id and entry count: found in the store, or extracted into staging for this pull."""
         where = f"layer '{blob.name}' of archive '{source.path}'"
         if not source.exists(blob.name):
             raise ArchiveError(f"Archive '{source.path}': layer '{blob.name}' is missing")
@@ -387,34 +487,65 @@ class ImageStore:
             with source.open(blob.name) as f:
                 diff_id, _ = hash_layer(f, where=where, max_bytes=self.max_layer_bytes)
         layer_id = _hex(diff_id)
-        entries = self._layer_entries(layer_id)
-        if entries is not None:
+        if layer_id in pull.staged:  # the same layer twice in one image (docker's empty layers): counted once
+            return layer_id, pull.staged[layer_id][1]
+        stored = self._stored_layer(layer_id)
+        if stored is None:
+            # One extraction of a layer at a time, across threads and processes. Waiting for a layer while
+            # holding another could deadlock two pulls that take them in opposite orders: then this pull
+            # extracts without the lock, and _install_staged keeps whichever copy is installed first.
+            fd = self._lock(f"layer-{layer_id}", wait=not pull.locks)
+            if fd is not None:
+                pull.locks[layer_id] = fd
+                stored = self._stored_layer(layer_id)  # another pull may have installed it while we waited
+                if stored is not None:
+                    os.close(pull.locks.pop(layer_id))
+        if stored is not None:
+            entries, expanded = stored
+            pull.expanded[layer_id] = expanded
+            if pull.total() > pull.limit:
+                raise pull.too_large(where, pull.total(), None)
             return layer_id, entries
-        with self._flock(f"layer-{layer_id}"):
-            entries = self._layer_entries(layer_id)
-            if entries is not None:
-                return layer_id, entries  # another thread or process extracted it while we waited
-            staging = tempfile.mkdtemp(prefix=f"{layer_id[:12]}.", dir=self.staging_dir)
-            try:
-                rootfs = os.path.join(staging, "rootfs")
-                os.mkdir(rootfs, 0o755)
-                started = time.monotonic()
-                with source.open(blob.name) as f:
-                    stats = extract_layer(f, rootfs, where=where, max_bytes=self.max_layer_bytes,
-                                          diff_id=diff_id, digest=blob.digest, size=blob.size)
-                _write_json(os.path.join(staging, "layer.json"), {
-                    "diff_id": stats.diff_id, "entries": stats.entries, "content_bytes": stats.bytes,
-                    "disk_bytes": _disk_usage(rootfs), "extracted_at": time.time(),
-                    "seconds": round(time.monotonic() - started, 3), "source": where,
-                })
-                target = os.path.join(self.layers_dir, layer_id)
-                if os.path.lexists(target):  # an incomplete leftover (no rootfs): set it aside first
-                    os.rename(target, os.path.join(self.gc_dir, f"{layer_id}.{uuid.uuid4().hex[:8]}"))
-                os.rename(staging, target)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            return layer_id, stats.entries
+        staging = tempfile.mkdtemp(prefix=f"{layer_id[:12]}.", dir=self.staging_dir)
+        pull.staged[layer_id] = (staging, 0)
+        rootfs = os.path.join(staging, "rootfs")
+        os.mkdir(rootfs, 0o755)
+        started = time.monotonic()
+        before = pull.total()
+        with source.open(blob.name) as f:
+            stats = extract_layer(f, rootfs, where=where, max_bytes=self.max_layer_bytes,
+                                  diff_id=diff_id, digest=blob.digest, size=blob.size,
+                                  budget=pull.limit - before,
+                                  over_budget=lambda member, n: pull.too_large(where, before + n, member))
+        _write_json(os.path.join(staging, "layer.json"), {
+            "diff_id": stats.diff_id, "entries": stats.entries, "content_bytes": stats.bytes,
+            "disk_bytes": _disk_usage(rootfs), "extracted_at": time.time(),
+            "seconds": round(time.monotonic() - started, 3), "source": where,
+        })
+        pull.staged[layer_id] = (staging, stats.entries)
+        pull.expanded[layer_id] = stats.bytes
+        return layer_id, stats.entries
+
+    def _install_staged(self, pull: _Pull) -> None:
+        """Rename the pull's extracted layers into layers/ (the image is complete and within its limit)."""
+        for layer_id in [i for i in pull.staged if i in pull.locks]:
+            self._install(layer_id, pull.staged[layer_id][0])
+            del pull.staged[layer_id]
+            os.close(pull.locks.pop(layer_id))
+        for layer_id, (staging, _) in list(pull.staged.items()):
+            with self._flock(f"layer-{layer_id}"):  # no other layer lock is held now: waiting is safe
+                if self._stored_layer(layer_id) is None:
+                    self._install(layer_id, staging)
+                else:  # another pull installed its own copy meanwhile
+                    shutil.rmtree(staging, ignore_errors=True)
+            del pull.staged[layer_id]
+
+    def _install(self, layer_id: str, staging: str) -> None:
+        """Under the layer's lock."""
+        target = os.path.join(self.layers_dir, layer_id)
+        if os.path.lexists(target):  # an incomplete leftover (no rootfs): set it aside first
+            os.rename(target, os.path.join(self.gc_dir, f"{layer_id}.{uuid.uuid4().hex[:8]}"))
+        os.rename(staging, target)
 
     def _touch(self, image_id: str, reference: str) -> None:
         with self._flock(f"image-{_hex(image_id)}"):

@@ -126,10 +126,19 @@ class LinuxCapabilitiesIsolator(Isolator):
         self._profiles.pop(container_id, None)
 
     def _profile(self, config: ContainerConfig, effective: set[str] | None, bounding: set[str]) -> dict[str, Any]:
-        profile: dict[str, Any] = {"privileged": config.privileged, "bounding_capabilities": by_number(bounding)}
+        profile: dict[str, Any] = {"privileged": config.privileged, "bounding_capabilities": by_number(bounding),
+                                   "no_new_privs": self._runs_as_another_user(config)}
         if effective is not None:
             profile["effective_capabilities"] = by_number(effective)
         return profile
+
+    def _runs_as_another_user(self, config: ContainerConfig) -> bool:
+        """Whether the command runs as a user other than root, which the init gives no_new_privs: its
+        command.user, else (with an image) the image's User unless --docker_ignore_image_user."""
+        user = config.spec.command.user or ""
+        if not user and config.image is not None and not self.config.docker_ignore_image_user:
+            user = str(config.image.config.get("User") or "")
+        return user.partition(":")[0] not in ("", "root", "0")
 
     def prepare(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
         effective, bounding = self.container_sets(config)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_ns, phase, stop_agent_and_destroy_all, wait_for, write_manifest, percentile, runc_bundle, tempdir  # noqa: E402
+from bench.common import cpu_ns, phase, stop_agent_and_destroy_all, wait_for, write_manifest, percentile, runc_bundle, tempdir, remove_tempdir  # noqa: E402
 
 SPEC = {"kill_grace_period": "1secs", "resources": {"cpus": 0.01, "mem": 32},
         "command": {"shell": False, "value": "/bin/sleep", "arguments": ["sleep", "3600"]}}
@@ -126,7 +125,7 @@ def main() -> None:
     finally:
         stop_agent_and_destroy_all(agent, manifests, [f"--manifests={manifests}", f"--work_dir={work_dir}",
                                    f"--isolation={args.isolation}", f"--cgroups_root={root}", "--log_level=warning"], root)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tempdir(work)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,17 @@ def tempdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
+def remove_tempdir(path: Path) -> None:
+    """A tempdir() and what an agent left mounted in it on purpose (its nosuid,nodev sandboxes bind)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in reversed(points):
+        if point == real or point.startswith(real + "/"):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def interleave(runs: int, *measures: Callable[[int], list[float]]) -> list[list[float]]:
     """Alternate the measured subjects in rounds, so machine noise hits all of them alike."""
     results: list[list[float]] = [[] for _ in measures]

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import percentile, phase, stop_agent_and_destroy_all, require, tempdir, wait_for, write_manifest  # noqa: E402
+from bench.common import percentile, phase, stop_agent_and_destroy_all, require, tempdir, wait_for, write_manifest, remove_tempdir  # noqa: E402
 from reconciler.isolators.disk_du import Inotify, TreeUsage, du_measure, measure  # noqa: E402
 
 BASE_ISOLATION = "namespaces/pid,namespaces/ipc,posix/cpu,posix/mem"
@@ -137,7 +136,7 @@ def bench_measurement(files: int, rounds: int) -> None:
               f"{'met' if max(errors) <= 1.0 else 'NOT met'}]")
     finally:
         inotify.close()
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tempdir(work)
 
 
 # --- 2. reconcile latency with disk/du on and off ----------------------------------------------------
@@ -179,7 +178,7 @@ def latency_run(isolation: str, containers: int, runs: int, extra: list[str]) ->
         return latencies, measurements
     finally:
         stop_agent_and_destroy_all(agent, manifests, flags, root, timeout=900)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tempdir(work)
 
 
 def bench_latency(containers: int, runs: int, repeat: int) -> None:

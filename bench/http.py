@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +37,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_ns, percentile, stop_agent_and_destroy_all, tempdir, wait_for, write_manifest  # noqa: E402
+from bench.common import cpu_ns, percentile, stop_agent_and_destroy_all, tempdir, wait_for, write_manifest, remove_tempdir  # noqa: E402
 
 MAX_CONNECTIONS = 64   # reconciler/http.py's; not imported, so that this bench runs against older agents too
 
@@ -302,7 +301,7 @@ def main() -> None:
         peer.kill()
         peer.wait()
         stop_agent_and_destroy_all(agent, manifests, flags + ["--log_level=warning"], root)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tempdir(work)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import interleave, ratio_line, remove_cgroup_root, require, summary, tempdir, time_runc  # noqa: E402
+from bench.common import interleave, ratio_line, remove_cgroup_root, require, summary, tempdir, time_runc, remove_tempdir  # noqa: E402
 from bench.launch import UtsNamespace, measure_ours  # noqa: E402
 from reconciler import isolators as registry  # noqa: E402
 from reconciler.agent import build_image_store, build_launcher  # noqa: E402
@@ -36,7 +36,7 @@ from reconciler.config import AgentConfig  # noqa: E402
 from reconciler.containerizer import Containerizer  # noqa: E402
 from reconciler.images.store import ImageStore  # noqa: E402
 from reconciler.launcher.base import LaunchHelper  # noqa: E402
-from reconciler.models import ContainerSpec  # noqa: E402
+from reconciler.models import ContainerSpec, LinuxInfo  # noqa: E402
 from tests.imagebuild import Dir, File, build_image, busybox_layer, layer  # noqa: E402
 
 REFERENCE = "bench:3layers"
@@ -106,7 +106,7 @@ async def main() -> None:
         print(f"  cached / first: {statistics.median(cached) / statistics.median(first):.4f}x")
 
         config = AgentConfig(work_dir=str(work / "work"), cgroups_root=root, isolation=ISOLATION, launcher="linux",
-                             image_providers="docker", docker_registry=str(registry_dir))
+                             image_providers="docker", docker_registry=str(registry_dir), allow_privileged=True)
         launcher = build_launcher(config, helper)
         isolators = registry.create(config) + [UtsNamespace(config)]
         containerizer = Containerizer(launcher, isolators, Checkpoints(config.containers_path, config.sandboxes_path),
@@ -121,18 +121,27 @@ async def main() -> None:
         time_runc(bundle, 2)
         loop = asyncio.get_running_loop()
 
+        unprofiled = spec.model_copy(update={"container": spec.container.model_copy(update={
+            "linux_info": LinuxInfo(privileged=True)})})
+
         def ours(n: int) -> list[float]:
             return asyncio.run_coroutine_threadsafe(measure_ours(containerizer, spec, n), loop).result()
 
-        ours_s, runc_s = await asyncio.to_thread(interleave, args.runs, ours, lambda n: time_runc(bundle, n))
+        def without_profile(n: int) -> list[float]:
+            return asyncio.run_coroutine_threadsafe(measure_ours(containerizer, unprofiled, n), loop).result()
+
+        ours_s, bare_s, runc_s = await asyncio.to_thread(
+            interleave, args.runs, ours, without_profile, lambda n: time_runc(bundle, n))
         print(f"start-to-exit of /bin/true in the image's rootfs ({','.join(i.name for i in isolators)}):")
         print(f"  reconciler (cached image)  {summary(ours_s)}")
+        print(f"    without the profile      {summary(bare_s)}")
         print(f"  runc run (same rootfs)     {summary(runc_s)}")
         print(ratio_line("  reconciler / runc", ours_s, runc_s, "runc's time", limit=0.5))
+        print(ratio_line("  profile / no profile", ours_s, bare_s, "the time without the security profile"))
     finally:
         helper.close()
         remove_cgroup_root(root)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tempdir(work)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import remove_cgroup_root, interleave, ratio_line, require, runc_bundle, summary, tempdir, time_command, time_runc  # noqa: E402
+from bench.common import remove_cgroup_root, interleave, ratio_line, require, runc_bundle, summary, tempdir, time_command, time_runc, remove_tempdir  # noqa: E402
 from reconciler import isolators as registry  # noqa: E402
 from reconciler.agent import build_launcher  # noqa: E402
 from reconciler.checkpoint import Checkpoints  # noqa: E402
@@ -111,7 +110,7 @@ async def main() -> None:
     finally:
         helper.close()
         remove_cgroup_root(root)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tempdir(work)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import remove_cgroup_root, tempdir  # noqa: E402
+from bench.common import remove_cgroup_root, tempdir, remove_tempdir  # noqa: E402
 from reconciler.agent import Agent  # noqa: E402
 from reconciler.config import AgentConfig  # noqa: E402
 
@@ -80,7 +79,7 @@ async def main() -> None:
               f" ratio cgroups/posix {cgroups_cpu / posix_cpu:.2f}x")
         print(f"collection + rewriting every status file: {cgroups_all * 1000:.1f} ms (cgroups), {posix_all * 1000:.1f} ms (posix)")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tempdir(work)
 
 
 if __name__ == "__main__":

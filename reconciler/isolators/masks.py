@@ -33,10 +33,17 @@ def masking_mounts(at: Callable[[str], str]) -> tuple[list[dict[str, Any]], dict
     """
     mounts: list[dict[str, Any]] = []
     masked, read_only = [], []
+    empty: str | None = None    # the first masked directory's tmpfs, bound over the others (binds are cheaper)
     for path in MASKED_PATHS:
         if os.path.isdir(path):
-            mounts.append({"source": "tmpfs", "target": at(path), "fstype": "tmpfs", "data": "size=0,mode=0555",
-                           "flags": _NOSUID_NODEV_NOEXEC | syscalls.MS_RDONLY})
+            if empty is None:
+                empty = at(path)
+                mounts.append({"source": "tmpfs", "target": empty, "fstype": "tmpfs", "data": "size=0,mode=0555",
+                               "flags": _NOSUID_NODEV_NOEXEC | syscalls.MS_RDONLY})
+            else:
+                # A bind keeps its source's flags: read-only, nosuid, nodev, noexec.
+                mounts.append({"source": empty, "target": at(path), "fstype": None, "data": None,
+                               "flags": syscalls.MS_BIND})
         elif os.path.exists(path):
             mounts.append({"source": "/dev/null", "target": at(path), "fstype": None, "data": None,
                            "flags": syscalls.MS_BIND})

@@ -48,7 +48,7 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "seccomp_profile_name": ("Security", "", "The seccomp profile of every container that names none: a file of `--seccomp_config_dir`, or `unconfined` for none. Unset: the agent's own default profile (docs/security.md)."),
     "allow_privileged": ("Security", "", "Let a manifest ask for `linux_info.privileged: true` (every capability, every device, no seccomp filter, no masked paths). Refused otherwise."),
     "docker_ignore_image_user": ("Security", "", "Mesos's behaviour: an image's `User` is ignored (with a warning) and the command runs as `command.user`, else root. Off: the image's `User` applies as in Docker."),
-    "manifests_strict_modes": ("Security", "", "As sshd's StrictModes: manifests are read only from a directory, and files, owned by root (or the agent's user) and writable by nobody else. `false` relaxes it."),
+    "manifests_strict_modes": ("Security", "", "As sshd's StrictModes: manifests are read only from a directory (and its ancestors) and files owned by root (or the agent's user) and writable by nobody else; a sticky ancestor such as /tmp, and a read-only mount, are accepted. A refused directory destroys nothing. `false` relaxes it (also a flag of `reconciler validate`)."),
     "docker_max_image_size": ("Images", "bytes", "The most an image's layers may expand to, all together (sparse files counted at their full size); a bigger image is refused."),
 }
 

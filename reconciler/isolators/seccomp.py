@@ -9,11 +9,12 @@ names (Mesos filters nothing unless told). Which profile a container gets:
 - else `--seccomp_profile_name`: that file of `--seccomp_config_dir`, or `unconfined` for none;
 - else the agent's own default profile (reconciler/linux/seccomp_default.json; see reconciler.linux.seccomp).
 
-Profiles are in Docker's JSON format (Mesos reads the same format). The flags' profile is checked
-when the agent starts, and a container's when it is prepared, so a broken file fails fast with a
-message naming it. The containerizer compiles the profile for the capabilities the command will
-hold (a Docker profile may allow a call only to holders of a capability), and the command's process
-loads it last before exec.
+Profiles are in Docker's JSON format (Mesos reads the same format). The flags' profile is read and
+compiled when the agent starts, and a container's again when it is prepared (cached while the file
+does not change), so a broken file stops the agent, or fails the launch, with a message naming it.
+The containerizer compiles the profile for the capabilities the command will hold (a Docker profile
+may allow a call only to holders of a capability), and the command's process loads it last before
+exec.
 """
 
 from __future__ import annotations
@@ -36,30 +37,38 @@ if TYPE_CHECKING:
 
 UNCONFINED = "unconfined"
 DEFAULT = "default"
+UNCONFINED_HINT = "or run with --seccomp_profile_name=unconfined"
 
 
 class LinuxSeccompIsolator(Isolator):
     def __init__(self, config: "AgentConfig") -> None:
         super().__init__(config)
         self._profiles: dict[str, str] = {}
-        name = config.seccomp_profile_name
+        directory, name = config.seccomp_config_dir, config.seccomp_profile_name
+        if directory is not None and not os.path.isdir(directory):
+            raise IsolatorSetupError(f"flag --seccomp_config_dir: {directory} is not a directory")
+        # The profile of every container that names none ({"name", "path"} as LaunchInfo.seccomp; None: unconfined).
         self.default: dict[str, Any] | None = {"name": DEFAULT, "path": None}
         if name == UNCONFINED:
             self.default = None
-        elif name is not None:
-            if config.seccomp_config_dir is None:
+            return
+        if name is not None:
+            if directory is None:
                 raise IsolatorSetupError(f"flag --seccomp_profile_name: profile '{name}' needs --seccomp_config_dir, "
                                          "the directory it is a file of")
-            self.default = {"name": name, "path": os.path.join(config.seccomp_config_dir, name)}
-        if config.seccomp_config_dir is not None and not os.path.isdir(config.seccomp_config_dir):
-            raise IsolatorSetupError(f"flag --seccomp_config_dir: {config.seccomp_config_dir} is not a directory")
-        if self.default is not None:
-            flag = "seccomp_profile_name" if name else "isolation"
-            try:
-                seccomp.compile_for(self.default["path"], frozenset())
-            except seccomp.SeccompError as exc:
-                hint = "" if name else " (or run with --seccomp_profile_name=unconfined)"
-                raise IsolatorSetupError(f"flag --{flag}: linux/seccomp: {exc}{hint}") from None
+            self.default = {"name": name, "path": os.path.join(directory, name)}
+            if not os.path.isfile(self.default["path"]):
+                raise IsolatorSetupError(f"flag --seccomp_profile_name: profile '{name}' is not a file of "
+                                         f"--seccomp_config_dir {directory}")
+        try:
+            seccomp.check_libseccomp()
+        except seccomp.SeccompError as exc:
+            raise IsolatorSetupError(f"flag --isolation: linux/seccomp: {exc}, {UNCONFINED_HINT}") from None
+        try:
+            seccomp.compile_for(self.default["path"], frozenset())
+        except seccomp.SeccompError as exc:
+            flag = "--seccomp_profile_name" if name is not None else "--isolation: linux/seccomp"
+            raise IsolatorSetupError(f"flag {flag}: {exc} ({UNCONFINED_HINT})") from None
 
     def _container_profile(self, config: ContainerConfig) -> dict[str, Any] | None:
         container = config.spec.container
@@ -76,17 +85,21 @@ class LinuxSeccompIsolator(Isolator):
 
     def prepare(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
         profile = self._container_profile(config)
-        self._profiles[container_id] = profile["name"] if profile is not None else UNCONFINED
         if profile is None:
+            self._profiles[container_id] = UNCONFINED
             return None
-        if profile["path"] is not None:
-            try:
-                seccomp.load_profile(profile["path"])
-            except seccomp.SeccompError as exc:
-                raise PermanentError(f"Failed to load seccomp profile '{profile['name']}': {exc}") from None
-        return LaunchInfo(seccomp=profile)
+        try:
+            # Cached: after the first launch this costs a stat of the file.
+            seccomp.compile_for(profile["path"], frozenset())
+        except seccomp.SeccompError as exc:
+            source = "--seccomp_profile_name" if profile is self.default else "linux_info.seccomp.profile_name"
+            raise PermanentError(f"Failed to load seccomp profile '{profile['name']}' ({source}): {exc}") from None
+        self._profiles[container_id] = profile["name"]
+        return LaunchInfo(seccomp=dict(profile))
 
     def recover(self, states: list[ContainerState], orphans: set[str]) -> None:
+        # What the manifest and flags say now; a container launched under other flags keeps the filter
+        # it was started with (the kernel's), only its status shows the current choice.
         for state in states:
             try:
                 profile = self._container_profile(state.config)

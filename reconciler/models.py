@@ -606,7 +606,7 @@ class SecurityInfo(BaseModel):
         "--seccomp_config_dir, or 'unconfined'")
     devices: str | None = Field(
         default=None, description="'default' (runc's allowlist: null, zero, full, random, urandom, tty, "
-        "console, pts, ptmx) or 'unrestricted'")
+        "pts, ptmx, net/tun) or 'unrestricted'")
     masked_paths: list[str] | None = Field(
         default=None, description="Paths hidden from the container (its /proc and /sys), as runc masks them")
     read_only_paths: list[str] | None = None

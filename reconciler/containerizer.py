@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 from reconciler import users
 from reconciler.checkpoint import Checkpoints
-from reconciler.isolators.capabilities import last_capability
 from reconciler.isolators.base import (
     CONTAINER_SANDBOX,
     ContainerConfig,
@@ -36,7 +35,7 @@ from reconciler.isolators.base import (
     ProvisionedImage,
 )
 from reconciler.launcher.base import Forked, Launcher
-from reconciler.linux import proc
+from reconciler.linux import proc, syscalls
 from reconciler.linux.mounts import ensure_nosuid_nodev
 from reconciler.models import Resources
 from reconciler.status import iso
@@ -376,7 +375,7 @@ class Containerizer:
             "rlimits": info.rlimits,
             "pre_exec": info.pre_exec,
             "capabilities": info.capabilities,
-            "last_cap": last_capability(),
+            "last_cap": syscalls.last_capability(),
             "user": user.launch_spec() if user is not None else None,
             "user_in_image": in_image,
             "chown_sandbox": os.geteuid() == 0,

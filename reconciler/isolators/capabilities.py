@@ -31,7 +31,6 @@ file capabilities still gain those within the bounding set, as the bounding set 
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -66,23 +65,6 @@ def mesos_set(names: set[str] | list[str]) -> str:
     return "{ " + ", ".join(ordered) + " }" if ordered else "{  }"
 
 
-@functools.cache
-def last_capability() -> int:
-    """The highest capability number this kernel knows (/proc/sys/kernel/cap_last_cap)."""
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        # Older kernels lack the file; probe the bounding set instead (EINVAL past the last one).
-        number = 0
-        while True:
-            try:
-                syscalls.bounding_is_set(number + 1)
-            except OSError:
-                return number
-            number += 1
-
-
 class LinuxCapabilitiesIsolator(Isolator):
     def __init__(self, config: "AgentConfig") -> None:
         super().__init__(config)
@@ -93,7 +75,7 @@ class LinuxCapabilitiesIsolator(Isolator):
             raise IsolatorSetupError(
                 "flag --effective_capabilities: Allowed capabilities are not a subset of the bounding capabilities "
                 f"(effective {mesos_set(effective)}, bounding {mesos_set(bounding)})")
-        self.last_cap = last_capability()
+        self.last_cap = syscalls.last_capability()
         self.kernel_capabilities = {name for name, n in CAPABILITY_NUMBERS.items() if n <= self.last_cap}
         # What the agent holds is all it can pass on (the launch helper and its inits are its children).
         permitted = syscalls.capget().permitted

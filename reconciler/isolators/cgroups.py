@@ -148,25 +148,34 @@ class _CgroupsIsolator(Isolator):
         Known orphans are left to the containerizer, which kills them through the launcher
         (freezer or cgroup.kill) and then calls cleanup.
         """
-        live = {state.config.container_id for state in states}
+        known = {state.config.container_id for state in states} | orphans
         for hierarchy in self.hierarchies:
-            if not hierarchy.exists(self.root):
-                continue
-            for child in hierarchy.children(self.root):
-                if child in live or child in orphans:
-                    continue
-                log.info("Removing unknown orphan cgroup %s", hierarchy.path(self.cgroup(child)))
-                try:
-                    kill_and_remove(hierarchy, self.cgroup(child))
-                except Exception as exc:  # noqa: BLE001 - one stuck orphan must not stop recovery
-                    log.error("Failed to clean up unknown orphan cgroup %s: %s",
-                              hierarchy.path(self.cgroup(child)), exc)
+            remove_unknown_orphans(hierarchy, self.root, known)
 
     def _read(self, hierarchy: Hierarchy, container_id: str, control: str) -> str | None:
         try:
             return hierarchy.read(self.cgroup(container_id), control)
         except FileNotFoundError:
             return None
+
+
+def remove_unknown_orphans(hierarchy: Hierarchy, root: str, known: set[str]) -> None:
+    """Kill and remove the cgroups under `root` that are not `known` (MESOS-2367): no checkpoint owns them.
+
+    Known orphans are left to the containerizer, which kills them through the launcher and then
+    calls the isolators' cleanup. One stuck cgroup does not stop the others.
+    """
+    if not hierarchy.exists(root):
+        return
+    for child in hierarchy.children(root):
+        if child in known:
+            continue
+        cgroup = f"{root}/{child}"
+        log.info("Removing unknown orphan cgroup %s", hierarchy.path(cgroup))
+        try:
+            kill_and_remove(hierarchy, cgroup)
+        except Exception as exc:  # noqa: BLE001 - one stuck orphan must not stop recovery
+            log.error("Failed to clean up unknown orphan cgroup %s: %s", hierarchy.path(cgroup), exc)
 
 
 def kill_and_remove(hierarchy: Hierarchy, cgroup: str) -> None:

@@ -24,6 +24,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, IsolatorSetupError, LaunchInfo
+from reconciler.isolators.cgroups import remove_unknown_orphans
 from reconciler.linux import cgroups, devices
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class LinuxDevicesIsolator(Isolator):
             if not restricted and not state.config.privileged:
                 log.warning("Container %s runs without device rules (it was launched without linux/devices); "
                             "its next launch gets them", container_id)
-        self._remove_unknown_orphans(live | orphans)
+        remove_unknown_orphans(self.hierarchy, self.root, live | orphans)
 
     def _restricted(self, container_id: str) -> bool:
         path = self.hierarchy.path(self.cgroup(container_id))
@@ -108,20 +109,6 @@ class LinuxDevicesIsolator(Isolator):
         except OSError as exc:
             log.warning("Cannot tell which devices container %s may use: %s", container_id, exc)
             return False
-
-    def _remove_unknown_orphans(self, known: set[str]) -> None:
-        """Devices cgroups under our root that no checkpoint and no launcher cgroup owns (MESOS-2367)."""
-        from reconciler.isolators.cgroups import kill_and_remove
-
-        for child in self.hierarchy.children(self.root):
-            if child in known:
-                continue
-            cgroup = self.cgroup(child)
-            log.info("Removing unknown orphan cgroup %s", self.hierarchy.path(cgroup))
-            try:
-                kill_and_remove(self.hierarchy, cgroup)
-            except Exception as exc:  # noqa: BLE001 - one stuck orphan must not stop recovery
-                log.error("Failed to clean up unknown orphan cgroup %s: %s", self.hierarchy.path(cgroup), exc)
 
     def status(self, container_id: str) -> dict[str, Any]:
         mode = self._modes.get(container_id)

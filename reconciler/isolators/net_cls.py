@@ -33,6 +33,7 @@ from reconciler.isolators.base import (
     LaunchInfo,
     ResourceExhaustedError,
 )
+from reconciler.isolators.cgroups import remove_unknown_orphans
 from reconciler.linux import cgroups
 from reconciler.linux.cgroups import CgroupMounts, Hierarchy
 
@@ -304,7 +305,7 @@ class NetClsIsolator(Isolator):
             if container_id in self.infos or not self.hierarchy.exists(self.cgroup(container_id)):
                 continue
             self.infos[container_id] = self._recover_handle(container_id)
-        self._remove_unknown_orphans(live | orphans)
+        remove_unknown_orphans(self.hierarchy, self.root, live | orphans)
 
     def _recover_handle(self, container_id: str) -> _Info:
         try:
@@ -331,24 +332,6 @@ class NetClsIsolator(Isolator):
             return _Info(handle=handle, reserved=False)
         log.info("Recovered the net_cls handle %s of container %s", handle, container_id)
         return _Info(handle=handle, reserved=True)
-
-    def _remove_unknown_orphans(self, known: set[str]) -> None:
-        """net_cls cgroups under our root that no checkpoint and no launcher cgroup owns (MESOS-2367)."""
-        if not self.hierarchy.exists(self.root):
-            return
-        for child in self.hierarchy.children(self.root):
-            if child in known:
-                continue
-            cgroup = self.cgroup(child)
-            log.info("Removing unknown orphan cgroup %s", self.hierarchy.path(cgroup))
-            try:
-                if self.hierarchy.procs(cgroup, recursive=True):
-                    from reconciler.isolators.cgroups import kill_and_remove
-                    kill_and_remove(self.hierarchy, cgroup)
-                else:
-                    self.hierarchy.remove(cgroup)
-            except Exception as exc:  # noqa: BLE001 - one stuck orphan must not stop recovery
-                log.error("Failed to clean up unknown orphan cgroup %s: %s", self.hierarchy.path(cgroup), exc)
 
     def agent_status(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"hierarchy": self.hierarchy.mountpoint, "mounted_by_agent": self.mounted_by_agent,

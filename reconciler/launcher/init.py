@@ -378,7 +378,7 @@ def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr
             _grant_capabilities(caps["effective"])
         if program is not None and no_new_privs:
             failing = "Failed to load the seccomp filter"
-            seccomp_filter.install(program, no_new_privs=True)
+            seccomp_filter.install(program, no_new_privs=False)    # set above already
         # Held here until pid1 runs (it closes the other end): see become_pid1.
         failing = "Failed to wait for the container's init"
         os.read(release, 1)

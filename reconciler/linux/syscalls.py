@@ -10,6 +10,7 @@ single-threaded child (after fork, before exec), never in a process that runs th
 from __future__ import annotations
 
 import ctypes
+import functools
 import errno
 import os
 import platform
@@ -217,3 +218,20 @@ def bounding_drop(cap: int) -> None:
 
 def bounding_is_set(cap: int) -> bool:
     return prctl(PR_CAPBSET_READ, cap) == 1
+
+
+@functools.cache
+def last_capability() -> int:
+    """The highest capability number this kernel knows (/proc/sys/kernel/cap_last_cap)."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        # Older kernels lack the file; probe the bounding set instead (EINVAL past the last one).
+        number = 0
+        while True:
+            try:
+                bounding_is_set(number + 1)
+            except OSError:
+                return number
+            number += 1

@@ -23,7 +23,7 @@ from reconciler.images.errors import ImageError
 from reconciler.isolators.base import ContainerConfig, PermanentError, ResourceExhaustedError
 from reconciler.logs import LogRotator
 from reconciler.models import ContainerSpec
-from reconciler.source import Listing
+from reconciler.source import InvalidDocument, Listing
 from reconciler.status import StatusWriter, iso
 from reconciler.workqueue import WorkQueue
 
@@ -75,7 +75,18 @@ def may_still_declare(name: str, manifest: str, listing: Listing, listed_ok: boo
         return True   # a missing or unreadable directory is not an empty desired state
     if name in listing.invalid:
         return True
-    return manifest in {f.manifest for f in listing.invalid_files}
+    return kept_by(manifest, listing) is not None
+
+
+def kept_by(manifest: str, listing: Listing) -> InvalidDocument | None:
+    """The unreadable file or nameless document that may declare a name nothing else declares.
+
+    No name can be read from it, so it may declare any: a file renamed and then half written, or a
+    document whose name was mistyped. Its own file first (the manifest that last declared the name),
+    then any other; while one is listed, names that no valid document declares are kept."""
+    if not listing.invalid_files:
+        return None
+    return next((f for f in listing.invalid_files if f.manifest == manifest), listing.invalid_files[0])
 
 
 def target_of(name: str, container: Container | None, listing: Listing, listed_ok: bool) -> Target | None:
@@ -390,7 +401,7 @@ class Reconciler:
         container = state.container
         invalid = listing.invalid.get(name) if listing else None
         if invalid is None and listing is not None and container is not None and name not in listing.desired:
-            invalid = next((f for f in listing.invalid_files if f.manifest == container.config.manifest), None)
+            invalid = kept_by(container.config.manifest, listing)
         doc: dict[str, Any] = {
             "apiVersion": "reconciler/v1", "kind": "ContainerStatus", "name": name,
             "container_id": None, "manifest": None, "spec_hash": None, "phase": "Pending",

@@ -167,6 +167,48 @@ def test_rename_then_break_the_renamed_file_keeps_the_container(env):
     assert after["pid"] == before["pid"] and alive(before["pid"])
 
 
+def test_rename_and_break_while_the_agent_is_down_keeps_the_container(env):
+    """Issue 11 #8: the agent never saw the renamed file parse, so the manifest that last declared
+    `web` is gone; but the unparseable file may declare it, and nothing may be destroyed for it."""
+    old, new = env.manifests / "web.yaml", env.manifests / "web-renamed.yaml"
+    env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
+    agent = env.start()
+    before = env.wait_status("web", running)
+    env.stop(agent)
+    os.rename(old, new)
+    new.write_text(new.read_text()[:20])   # a truncated write
+    started_daemon(env)
+    agent_doc = wait_listed(env, lambda a: [f["file"] for f in a["invalid_files"]] == [str(new)])
+    time.sleep(0.5)
+    after = env.status("web")
+    assert after is not None and after["pid"] == before["pid"] and alive(before["pid"]), agent_doc
+    valid = next(c for c in after["conditions"] if c["type"] == "ManifestValid")
+    assert valid["status"] is False and str(new) in valid["message"]
+    # Fixed under its new name: adopted without a restart; then removed: destroyed.
+    env.write_manifest("web", "exec sleep 300", filename=new.name, kill_grace_period="1secs")
+    env.wait_status("web", lambda s: s["manifest"] == str(new) and s["pid"] == before["pid"]
+                    and all(c["status"] for c in s["conditions"] if c["type"] == "ManifestValid"), timeout=5)
+    new.unlink()
+    env.wait_gone("web", timeout=10)
+    assert not alive(before["pid"])
+
+
+def test_an_unparseable_file_beside_holds_every_undeclared_name(env):
+    """A name dropped from its manifest while another file cannot be read is kept until that file reads."""
+    env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
+    started_daemon(env)
+    before = env.wait_status("web", running)
+    broken = env.manifests / "other.yaml"
+    broken.write_text("metadata: {name: [")
+    wait_listed(env, lambda a: [f["file"] for f in a["invalid_files"]] == [str(broken)])
+    (env.manifests / "web.yaml").unlink()
+    wait_listed(env, lambda a: str(env.manifests / "web.yaml") not in a["source"]["files"])
+    time.sleep(0.5)
+    assert env.status("web")["pid"] == before["pid"] and alive(before["pid"])
+    broken.unlink()
+    env.wait_gone("web", timeout=10)
+
+
 def test_editor_temporary_files_are_ignored(env):
     env.write_manifest("web", "exec sleep 300", kill_grace_period="1secs")
     started_daemon(env)

@@ -94,13 +94,15 @@ def test_restart_plan_is_crash_loop_backoff_reset_by_a_long_run():
     assert plan is not None and plan.step == 0 and plan.at == now
 
 
-def test_undeclared_destroyed_but_kept_while_its_manifest_is_broken_or_the_listing_failed():
+def test_undeclared_destroyed_but_kept_while_any_file_is_unreadable_or_the_listing_failed():
     s = spec()
     c = container(s)
     assert target_of("a", c, listing(), listed_ok=True) is None
     broken_file = InvalidDocument(manifest="m/a.yaml", document=0, name=None, message="m/a.yaml: bad")
     kept = target_of("a", c, listing(invalid_files=[broken_file]), listed_ok=True)
     assert kept is not None and kept.spec_hash == c.config.spec_hash
+    another = InvalidDocument(manifest="m/renamed.yaml", document=0, name=None, message="m/renamed.yaml: bad")
+    assert target_of("a", c, listing(invalid_files=[another]), listed_ok=True) is not None
     invalid = InvalidDocument(manifest="m/a.yaml", document=0, name="a", message="m/a.yaml: bad field")
     assert target_of("a", c, listing(invalid={"a": invalid}), listed_ok=True) is not None
     assert target_of("a", c, listing(ok=False), listed_ok=True) is not None

@@ -55,6 +55,10 @@ class State(str, enum.Enum):
     TERMINATED = "TERMINATED"
 
 
+# Termination.reason of a container whose command never ran: it is launched again, whatever its policy.
+NOT_STARTED = "NotStarted"
+
+
 @dataclass
 class Termination:
     """Mesos ContainerTermination, plus when it ended."""
@@ -508,6 +512,11 @@ class Containerizer:
                                 limited_resources=limitation.resources)
         final = final or Termination()
         status = self.checkpoints.read_status(container.id)
+        if status is not None and status.get("not_started"):
+            # The agent died between the fork and the go-ahead: nothing of the command ran.
+            final.reason, final.message = NOT_STARTED, "the agent stopped before the command started"
+            final.finished_at = status.get("finished_at") or time.time()
+            return final
         if status is None:
             # Mesos reap(): no status written means the init itself was killed.
             final.exit_signal = signal.SIGKILL if container.started_at is not None else None

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from reconciler.containerizer import Container, Containerizer, State, resource_limits
+from reconciler.containerizer import NOT_STARTED, Container, Containerizer, State, resource_limits
 from reconciler.images.errors import ImageError
 from reconciler.isolators.base import ContainerConfig, PermanentError, ResourceExhaustedError
 from reconciler.logs import LogRotator
@@ -122,6 +122,8 @@ def restart_plan(container: Container, policy: str) -> RestartPlan | None:
     """When an exited container is launched again, or None when its restart policy keeps it down."""
     termination = container.termination
     assert termination is not None
+    if termination.reason == NOT_STARTED:
+        return RestartPlan(at=termination.finished_at, step=container.config.backoff_step)
     if policy == "Never" or (policy == "OnFailure" and termination.succeeded):
         return None
     ran = termination.finished_at - (container.started_at or termination.finished_at)
@@ -293,8 +295,10 @@ class Reconciler:
         if now < ready_at:
             self.queue.add_after(name, ready_at - now)
             return
-        await self._launch(name, state, target, restarts=container.config.restarts + 1, backoff_step=step + 1,
-                           previous=container)
+        restarts, step = container.config.restarts + 1, step + 1
+        if container.termination is not None and container.termination.reason == NOT_STARTED:
+            restarts, step = container.config.restarts, container.config.backoff_step   # its command never ran
+        await self._launch(name, state, target, restarts=restarts, backoff_step=step, previous=container)
 
     async def _launch(self, name: str, state: NameState, target: Target, restarts: int, backoff_step: int,
                       previous: Container | None = None) -> None:

@@ -304,3 +304,35 @@ def test_stale_status_file_of_an_unknown_name_is_removed(linux_env):
     assert env.once().returncode == 0
     assert env.status("ghost") is None
     assert env.status("web")["phase"] == "Running"
+
+
+# The agent killed between the fork of a container's init and its go-ahead (issue 11 #7): as a
+# SIGKILL there would, the patched agent dies with the init forked, isolated and checkpointed.
+_DIE_BEFORE_GO = """
+import os, sys
+from reconciler.launcher import base
+def die(self):
+    os.write(2, b"dying before the go-ahead\\n")
+    os._exit(9)
+base.Forked.go = die
+from reconciler.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("policy", ["Never", "OnFailure"])
+def test_a_job_whose_command_never_started_is_launched_again(env, policy):
+    runs = env.tmp / "runs"
+    env.write_manifest("job", f"echo ran >> {runs}; exit 0", restart_policy=policy)
+    dying = subprocess.run(["python3", "-c", _DIE_BEFORE_GO, "run", *env.flags()], capture_output=True,
+                           text=True, timeout=30, cwd=env.tmp)
+    assert dying.returncode == 9 and "dying before the go-ahead" in dying.stderr, dying.stderr
+    assert not runs.exists()
+    agent = env.start()
+    done = env.wait_status("job", lambda s: s["phase"] in ("Failed", "Succeeded"), timeout=10)
+    assert done["phase"] == "Succeeded" and done["exit_code"] == 0 and done["exit_signal"] is None, done
+    assert runs.read_text() == "ran\n", "the command ran other than exactly once"
+    assert done["restarts"] == 0
+    time.sleep(0.5)
+    assert runs.read_text() == "ran\n"
+    env.stop(agent)

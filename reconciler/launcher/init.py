@@ -149,8 +149,11 @@ def run(spec: dict, go_fd: int, status_fd: int, pid1_fd: int) -> int:
     except Exception as exc:  # noqa: BLE001
         setup_error = exc
 
-    # The agent sends one byte after isolate(); EOF means it gave up on this launch.
+    # The agent sends one byte after isolate(); EOF means it gave up on this launch (or died first).
     if os.read(go_fd, 1) != b"\x01":
+        # Said in the status, so an agent recovering this container knows none of its command ran
+        # and launches it again, whatever its restart policy.
+        write_status(status_fd, {"not_started": True, "finished_at": time.time()})
         return 0
     os.close(go_fd)
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import posixpath
 import re
+import reprlib
 import resource
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Callable, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -32,12 +34,47 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from reconciler.images.errors import InvalidReference
+from reconciler.images.reference import parse_reference
 from reconciler.units import format_duration, parse_duration, parse_megabytes
 
 API_VERSION = "reconciler/v1"
 
 _MANIFEST_CONFIG = ConfigDict(extra="forbid", frozen=True)
 _STATUS_CONFIG = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds: what the kernel can be given. A value past them can never launch, so it is an error of
+# the manifest rather than a launch retried for ever.
+# --------------------------------------------------------------------------------------------
+
+MAX_MEGABYTES = 2 ** 43          # 8 EiB: a memory or disk limit in bytes must fit the kernel's 64 bits
+MAX_DURATION = 365 * 86400.0     # a kill grace period of a year is already a container that never stops
+MAX_CPUS = 1_000_000             # the CFS quota of that many CPUs still fits the kernel's bound
+MAX_RLIMIT = 2 ** 63 - 1         # rlim_t; leave soft and hard out for unlimited
+# execve(2): one argument or environment string is at most MAX_ARG_STRLEN (32 pages) with its NUL;
+# all of them together at most ARG_MAX, a quarter of the stack limit (2 MiB with the usual 8 MiB):
+# half of that is left for the environment the agent and the isolators add.
+MAX_EXEC_STRING = 32 * 4096 - 1
+MAX_EXEC_BYTES = 1024 * 1024
+MAX_ITEMS = 65_536               # arguments, environment variables
+MAX_VOLUMES = 1024
+
+_brief_repr = reprlib.Repr()
+_brief_repr.maxstring = _brief_repr.maxother = 80
+_brief_repr.maxlist = _brief_repr.maxdict = _brief_repr.maxtuple = _brief_repr.maxset = 4
+_brief_repr.maxlevel = 2
+
+
+def brief(value: Any) -> str:
+    """repr() of a value a message quotes, cut short: a message is a line, whatever the input holds."""
+    return _brief_repr.repr(value)
+
+
+def _cut(text: str) -> str:
+    """A path quoted without quotes, cut short as brief() does."""
+    return text if len(text) <= 80 else text[:38] + "..." + text[-39:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,14 +85,51 @@ def _to_seconds(value: Any) -> Any:
     # units.parse_duration trusts its caller's type; anything else must become a ValueError so
     # pydantic reports it against the field instead of crashing the listing.
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"expected a duration such as 10secs or 500ms, or a number of seconds, got {value!r}")
-    return parse_duration(value)
+        raise ValueError(f"expected a duration such as 10secs or 500ms, or a number of seconds, got {brief(value)}")
+    return _at_most(_number(parse_duration, value), MAX_DURATION, f"{int(MAX_DURATION // 86400)}days")
 
 
 def _to_megabytes(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"expected megabytes as a number, or a string such as 128Mi or 1Gi, got {value!r}")
-    return parse_megabytes(value)
+        raise ValueError(f"expected megabytes as a number, or a string such as 128Mi or 1Gi, got {brief(value)}")
+    return _at_most(_number(parse_megabytes, value), MAX_MEGABYTES, f"{MAX_MEGABYTES} MB (8 EiB)")
+
+
+def _number(parse: Callable[[Any], float], value: str | int | float) -> float:
+    """parse(value) as a float; infinite when it is past a float's range, never an OverflowError."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value}")
+    try:
+        number = float(parse(value))
+    except OverflowError:
+        return math.inf   # an integer of 309 digits
+    if math.isnan(number):
+        raise ValueError("expected a finite number, got nan")
+    return number
+
+
+def _at_most(number: float, maximum: float, spelled: str) -> float:
+    if number > maximum:
+        raise ValueError(f"too large: at most {spelled}")
+    return number
+
+
+def _at_most_number(maximum: int) -> Any:
+    """A check before pydantic's own: an integer past a float's range is an OverflowError there,
+    which escapes validation, and a bound gives a clearer message than pydantic's."""
+    def check(value: Any) -> Any:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)   # pydantic's lax mode takes "1e308" (YAML 1.1 reads it as a string)
+            except ValueError:
+                return value
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {number}")
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and number > maximum:
+            raise ValueError(f"too large: at most {maximum}")
+        return value
+    return BeforeValidator(check)
 
 
 Duration = Annotated[
@@ -66,10 +140,10 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str),
     WithJsonSchema({
         "anyOf": [
-            {"type": "number", "minimum": 0},
+            {"type": "number", "minimum": 0, "maximum": MAX_DURATION},
             {"type": "string", "pattern": r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*[a-zA-Z]+\s*$"},
         ],
-        "description": "Seconds, or a Mesos duration: 500ms, 10secs, 1mins, 2hrs",
+        "description": "Seconds, or a Mesos duration: 500ms, 10secs, 1mins, 2hrs; at most 365days",
     }, mode="validation"),
 ]
 
@@ -79,20 +153,26 @@ Megabytes = Annotated[
     Field(gt=0, allow_inf_nan=False),
     WithJsonSchema({
         "anyOf": [
-            {"type": "number", "exclusiveMinimum": 0},
+            {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_MEGABYTES},
             {"type": "string", "pattern": r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*([KMGTkmgt][iI])?\s*$"},
         ],
-        "description": "Megabytes (Mesos units), or a binary quantity such as 128Mi or 1Gi",
+        "description": "Megabytes (Mesos units), or a binary quantity such as 128Mi or 1Gi; at most 8 EiB",
     }, mode="validation"),
 ]
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?$")
+# Matched whole (fullmatch): "web\n" is no name, though `$` matches before a final newline.
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
+# The same rules in the JSON Schema. Its end is "followed by nothing", not `$`: validators written
+# in Python (jsonschema) search with `re`, where `$` also matches before a final newline.
+END_OF_TEXT = r"(?![\s\S])"
+DNS1123_LABEL_PATTERN = "^" + _DNS1123_LABEL.pattern + END_OF_TEXT
+HOSTNAME_PATTERN = "^" + _HOSTNAME_LABEL.pattern + r"(\." + _HOSTNAME_LABEL.pattern + ")*" + END_OF_TEXT
 
 
 def is_dns1123_label(name: str) -> bool:
     """Whether `name` may name a container; it also becomes a status file name, so it must be path-safe."""
-    return len(name) <= 63 and bool(_DNS1123_LABEL.match(name))
+    return len(name) <= 63 and bool(_DNS1123_LABEL.fullmatch(name))
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,17 +184,18 @@ class Metadata(BaseModel):
 
     model_config = _MANIFEST_CONFIG
 
-    name: str = Field(description="DNS-1123 label: lowercase letters, digits and '-', at most 63 characters")
+    name: str = Field(description="DNS-1123 label: lowercase letters, digits and '-', at most 63 characters",
+                      json_schema_extra={"pattern": DNS1123_LABEL_PATTERN, "maxLength": 63})
     labels: dict[str, str] = {}
 
     @field_validator("name")
     @classmethod
     def _name_is_dns1123_label(cls, name: str) -> str:
         if len(name) > 63:
-            raise ValueError(f"name {name!r} is longer than 63 characters")
-        if not _DNS1123_LABEL.match(name):
+            raise ValueError(f"name {brief(name)} is longer than 63 characters")
+        if not _DNS1123_LABEL.fullmatch(name):
             raise ValueError(
-                f"name {name!r} is not a DNS-1123 label: use lowercase letters, digits and '-', "
+                f"name {brief(name)} is not a DNS-1123 label: use lowercase letters, digits and '-', "
                 "starting and ending with a letter or digit (e.g. 'web', 'batch-job-2')"
             )
         return name
@@ -129,7 +210,7 @@ class Resources(BaseModel):
 
     model_config = _MANIFEST_CONFIG
 
-    cpus: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    cpus: Annotated[float, Field(gt=0, le=MAX_CPUS, allow_inf_nan=False), _at_most_number(MAX_CPUS)] | None = None
     mem: Megabytes | None = None
     disk: Megabytes | None = None
 
@@ -137,7 +218,7 @@ class Resources(BaseModel):
 class EnvironmentVariable(BaseModel):
     model_config = _MANIFEST_CONFIG
 
-    name: str
+    name: str = Field(json_schema_extra={"minLength": 1, "pattern": "^[^=\u0000]+" + END_OF_TEXT})
     type: Literal["VALUE"] = "VALUE"
     value: str
 
@@ -145,7 +226,7 @@ class EnvironmentVariable(BaseModel):
     @classmethod
     def _only_value(cls, value: Any) -> Any:
         if value != "VALUE":
-            raise ValueError(f"only VALUE environment variables are supported, got {value!r}")
+            raise ValueError(f"only VALUE environment variables are supported, got {brief(value)}")
         return value
 
     @field_validator("name")
@@ -153,25 +234,29 @@ class EnvironmentVariable(BaseModel):
     def _name_is_settable(cls, name: str) -> str:
         # execve cannot express these: an '=' would split the name, a NUL would truncate it.
         if not name or "=" in name or "\0" in name:
-            raise ValueError(f"invalid environment variable name {name!r}: must be non-empty, without '=' or NUL")
+            raise ValueError(f"invalid environment variable name {brief(name)}: must be non-empty, without '=' or NUL")
         return name
 
 
 class Environment(BaseModel):
     model_config = _MANIFEST_CONFIG
 
-    variables: list[EnvironmentVariable] = []
+    variables: list[EnvironmentVariable] = Field(default=[], max_length=MAX_ITEMS)
 
 
 class CommandInfo(BaseModel):
     """Mesos CommandInfo. shell=true runs `value` with /bin/sh -c (arguments are ignored, as in Mesos);
     shell=false executes `value` with `arguments` as its argv (argv[0] included)."""
 
-    model_config = _MANIFEST_CONFIG
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        # What _value_is_given says, for editors: a shell command needs a value with something in it.
+        "if": {"not": {"properties": {"shell": {"const": False}}, "required": ["shell"]}},
+        "then": {"required": ["value"], "properties": {"value": {"type": "string", "pattern": "\\S"}}},
+    })
 
     shell: bool = True
     value: str | None = None
-    arguments: list[str] = []
+    arguments: list[str] = Field(default=[], max_length=MAX_ITEMS)
     environment: Environment | None = None
     user: str | None = None
 
@@ -180,6 +265,29 @@ class CommandInfo(BaseModel):
         if self.shell and not (self.value and self.value.strip()):
             raise ValueError("Shell command is not specified: set command.value")
         # shell=false without a value is checked by ContainerSpec: an image's Entrypoint/Cmd may supply it.
+        return self
+
+    @model_validator(mode="after")
+    def _fits_execve(self) -> CommandInfo:
+        # What execve(2) would refuse with E2BIG or EINVAL (a NUL cuts a string short): refused here,
+        # where the operator sees it, rather than a launch failing for ever.
+        strings = [("value", self.value or "")]
+        strings += [(f"arguments[{i}]", argument) for i, argument in enumerate(self.arguments)]
+        if self.environment is not None:
+            strings += [(f"environment.variables[{i}]", f"{v.name}={v.value}")
+                        for i, v in enumerate(self.environment.variables)]
+        total = 0
+        for where, text in strings:
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if "\0" in text:
+                raise ValueError(f"{where} contains a NUL character, which no command line can hold")
+            if size > MAX_EXEC_STRING:
+                raise ValueError(f"{where} is {size} bytes; the kernel takes at most {MAX_EXEC_STRING} in one "
+                                 "argument or environment variable (MAX_ARG_STRLEN)")
+            total += size + 1 + 8   # its NUL, and its pointer in argv or envp
+        if total > MAX_EXEC_BYTES:
+            raise ValueError(f"the command line and environment are {total} bytes; at most {MAX_EXEC_BYTES} "
+                             "(half of the kernel's usual ARG_MAX, the rest is the agent's environment)")
         return self
 
     @field_validator("user")
@@ -194,10 +302,27 @@ class CommandInfo(BaseModel):
 # Manifest: ContainerInfo
 # --------------------------------------------------------------------------------------------
 
+# reconciler.images.reference's grammar, for editors: registry host first only when it looks like one.
+_COMPONENT_PATTERN = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST_PATTERN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?/)?"
+DOCKER_REFERENCE_PATTERN = (f"^{_HOST_PATTERN}{_COMPONENT_PATTERN}(?:/{_COMPONENT_PATTERN})*"
+                            r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?" + END_OF_TEXT)
+
+
 class DockerImage(BaseModel):
     model_config = _MANIFEST_CONFIG
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="A Docker image reference: [registry/]repository[:tag][@digest]",
+                      json_schema_extra={"pattern": DOCKER_REFERENCE_PATTERN})
+
+    @field_validator("name")
+    @classmethod
+    def _is_a_reference(cls, name: str) -> str:
+        try:
+            parse_reference(name)
+        except InvalidReference as exc:
+            raise ValueError(str(exc).replace(f"'{name}'", brief(name))) from None
+        return name
 
 
 class Image(BaseModel):
@@ -222,17 +347,19 @@ class Volume(BaseModel):
 
     model_config = _MANIFEST_CONFIG
 
-    container_path: str
-    host_path: str | None = None
+    container_path: str = Field(json_schema_extra={
+        "pattern": r"^/", "not": {"pattern": r"(^|/)\.\.(/|$)|^/+$"}})
+    host_path: str | None = Field(default=None, json_schema_extra={
+        "minLength": 1, "not": {"pattern": r"^[^/](.*/)?\.\.(/|$)|^\.\.(/|$)"}})
     mode: Literal["RW", "RO"] = "RW"
 
     @field_validator("container_path")
     @classmethod
     def _container_path_is_absolute(cls, path: str) -> str:
         if not path.startswith("/"):
-            raise ValueError(f"container_path {path!r} must be an absolute path")
+            raise ValueError(f"container_path {brief(path)} must be an absolute path")
         if _has_dotdot(path):
-            raise ValueError(f"container_path {path!r} must not contain a '..' component")
+            raise ValueError(f"container_path {brief(path)} must not contain a '..' component")
         if posixpath.normpath(path) in ("/", "//"):
             raise ValueError("container_path must not be '/': a volume cannot replace the root filesystem")
         return path
@@ -246,7 +373,7 @@ class Volume(BaseModel):
             raise ValueError("host_path must not be empty; leave it out instead")
         # A relative host_path is resolved inside the sandbox; '..' would reach outside it.
         if not path.startswith("/") and _has_dotdot(path):
-            raise ValueError(f"relative host_path {path!r} must not contain a '..' component (it is a path in the sandbox)")
+            raise ValueError(f"relative host_path {brief(path)} must not contain a '..' component (it is a path in the sandbox)")
         return path
 
 
@@ -268,8 +395,8 @@ def _check_capability(value: Any) -> Any:
     # A 41-name enum error is unreadable; say what is wrong, and catch the common CAP_ prefix.
     if isinstance(value, str) and value not in CAPABILITY_NUMBERS:
         if value.startswith("CAP_") and value[4:] in CAPABILITY_NUMBERS:
-            raise ValueError(f"unknown capability {value!r}: Mesos names have no CAP_ prefix, use {value[4:]!r}")
-        raise ValueError(f"unknown capability {value!r}: expected a Linux capability name such as NET_BIND_SERVICE")
+            raise ValueError(f"unknown capability {brief(value)}: Mesos names have no CAP_ prefix, use {value[4:]!r}")
+        raise ValueError(f"unknown capability {brief(value)}: expected a Linux capability name such as NET_BIND_SERVICE")
     return value
 
 
@@ -295,7 +422,7 @@ class SeccompInfo(BaseModel):
     @classmethod
     def _plain_file_name(cls, name: str | None) -> str | None:
         if name is not None and (not name or "/" in name or name in (".", "..") or "\0" in name):
-            raise ValueError(f"profile_name {name!r} must be a file name in --seccomp_config_dir (no '/')")
+            raise ValueError(f"profile_name {brief(name)} must be a file name in --seccomp_config_dir (no '/')")
         return name
 
     @model_validator(mode="after")
@@ -318,7 +445,8 @@ class LinuxInfo(BaseModel):
     effective_capabilities: CapabilityInfo | None = None
     bounding_capabilities: CapabilityInfo | None = None
     ipc_mode: Literal["PRIVATE", "SHARE_PARENT"] | None = None
-    shm_size: int | None = Field(default=None, gt=0, description="MB of /dev/shm; only with ipc_mode PRIVATE")
+    shm_size: Annotated[int, Field(gt=0, le=MAX_MEGABYTES), _at_most_number(MAX_MEGABYTES)] | None = Field(
+        default=None, description="MB of /dev/shm; only with ipc_mode PRIVATE")
 
     @field_validator("effective_capabilities")
     @classmethod
@@ -369,9 +497,13 @@ RLIMIT_NUMBERS: dict[str, int] = {name: _rlimit_number(name) for name in get_arg
 def _check_rlimit_type(value: Any) -> Any:
     if isinstance(value, str) and value not in RLIMIT_NUMBERS:
         if value.startswith("RLIMIT_") and "RLMT_" + value[7:] in RLIMIT_NUMBERS:
-            raise ValueError(f"unknown rlimit type {value!r}: Mesos spells it {'RLMT_' + value[7:]!r}")
-        raise ValueError(f"unknown rlimit type {value!r}: expected one of {', '.join(RLIMIT_NUMBERS)}")
+            raise ValueError(f"unknown rlimit type {brief(value)}: Mesos spells it {'RLMT_' + value[7:]!r}")
+        raise ValueError(f"unknown rlimit type {brief(value)}: expected one of {', '.join(RLIMIT_NUMBERS)}")
     return value
+
+
+# Field first: its bounds then reach the JSON Schema (after a validator pydantic keeps them as its own keys).
+RLimitValue = Annotated[int, Field(ge=0, le=MAX_RLIMIT), _at_most_number(MAX_RLIMIT)]
 
 
 class RLimit(BaseModel):
@@ -380,8 +512,8 @@ class RLimit(BaseModel):
     model_config = _MANIFEST_CONFIG
 
     type: Annotated[RLimitName, BeforeValidator(_check_rlimit_type)]
-    soft: int | None = Field(default=None, ge=0)
-    hard: int | None = Field(default=None, ge=0)
+    soft: RLimitValue | None = None
+    hard: RLimitValue | None = None
 
     @model_validator(mode="after")
     def _soft_and_hard_together(self) -> RLimit:
@@ -414,9 +546,9 @@ class ContainerInfo(BaseModel):
     model_config = _MANIFEST_CONFIG
 
     type: Literal["MESOS"] = "MESOS"
-    hostname: str | None = None
+    hostname: str | None = Field(default=None, json_schema_extra={"maxLength": 253, "pattern": HOSTNAME_PATTERN})
     mesos: MesosInfo | None = None
-    volumes: list[Volume] = []
+    volumes: list[Volume] = Field(default=[], max_length=MAX_VOLUMES)
     linux_info: LinuxInfo | None = None
     rlimit_info: RLimitInfo | None = None
 
@@ -424,7 +556,7 @@ class ContainerInfo(BaseModel):
     @classmethod
     def _only_mesos(cls, value: Any) -> Any:
         if value != "MESOS":
-            raise ValueError(f"only MESOS containers are supported, got {value!r}")
+            raise ValueError(f"only MESOS containers are supported, got {brief(value)}")
         return value
 
     @field_validator("hostname")
@@ -433,9 +565,9 @@ class ContainerInfo(BaseModel):
         if hostname is None:
             return None
         labels = hostname.split(".")
-        if len(hostname) > 253 or not all(len(label) <= 63 and _HOSTNAME_LABEL.match(label) for label in labels):
+        if len(hostname) > 253 or not all(len(label) <= 63 and _HOSTNAME_LABEL.fullmatch(label) for label in labels):
             raise ValueError(
-                f"hostname {hostname!r} is not a valid hostname: dot-separated labels of letters, digits and '-', "
+                f"hostname {brief(hostname)} is not a valid hostname: dot-separated labels of letters, digits and '-', "
                 "each at most 63 characters and not starting or ending with '-'"
             )
         return hostname
@@ -445,15 +577,20 @@ class ContainerInfo(BaseModel):
     def _volumes_do_not_overlap(cls, volumes: list[Volume]) -> list[Volume]:
         # Mounts are applied in list order, so a volume inside another one would be hidden or
         # shown depending on that order; that is never what the operator meant.
+        # Each path against its own ancestors: linear in the volumes, not quadratic.
         paths = [posixpath.normpath(v.container_path) for v in volumes]
+        first: dict[str, int] = {}
+        for i, path in enumerate(paths):
+            if path in first:
+                raise ValueError(f"volumes[{i}] and volumes[{first[path]}] both mount at {_cut(path)}")
+            first[path] = i
         for i, inner in enumerate(paths):
-            for j, outer in enumerate(paths):
-                if i == j:
-                    continue
-                if inner == outer and i > j:
-                    raise ValueError(f"volumes[{i}] and volumes[{j}] both mount at {inner}")
-                if inner.startswith(outer.rstrip("/") + "/"):
-                    raise ValueError(f"volumes[{i}] ({inner}) is nested under volumes[{j}] ({outer})")
+            ancestor = posixpath.dirname(inner)
+            while ancestor not in ("/", "//", ""):
+                if ancestor in first:
+                    j = first[ancestor]
+                    raise ValueError(f"volumes[{i}] ({_cut(inner)}) is nested under volumes[{j}] ({_cut(ancestor)})")
+                ancestor = posixpath.dirname(ancestor)
         return volumes
 
 

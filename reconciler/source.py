@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from reconciler.linux.mountinfo import read_mountinfo
 from reconciler.models import (
     ContainerInfo,
     ContainerSpec,
@@ -43,7 +44,15 @@ from reconciler.models import (
     spec_hash_without_resources,
 )
 
-MAX_MANIFEST_BYTES = 10 * 1024 * 1024
+# What one file may hold, as a Kubernetes ConfigMap (1 MiB); a manifest is a few hundred bytes.
+MAX_MANIFEST_BYTES = 1024 * 1024
+# Values (scalars, lists, mappings) of one document, YAML aliases expanded: past this a file is a
+# "billion laughs" or a generated list no container runs, and validating it would cost the agent
+# hundreds of megabytes. A manifest has about a hundred.
+MAX_DOCUMENT_VALUES = 100_000
+# An error message names a field and says what is wrong in a line, whatever the file holds.
+MAX_ERROR_CHARS = 300
+MAX_ERRORS_PER_DOCUMENT = 20
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 # Editors', package managers' and downloaders' leftovers. Most would fail the suffix allow-list
@@ -465,25 +474,10 @@ class _Mount:
 
 def _mounts() -> list[_Mount]:
     try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
+        entries = read_mountinfo()
     except OSError:
         return []
-    mounts = []
-    for line in lines:
-        fields = line.split()
-        try:
-            separator = fields.index("-")
-        except ValueError:
-            continue
-        options, super_options = fields[5].split(","), fields[separator + 3].split(",")
-        mounts.append(_Mount(device=fields[2], root=_unescape(fields[3]), point=_unescape(fields[4]),
-                             writable="rw" in options and "ro" not in super_options))
-    return mounts
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    return [_Mount(device=e.device, root=e.root, point=e.mount_point, writable=e.writable) for e in entries]
 
 
 def _owner_and_mode(st: os.stat_result) -> str:
@@ -525,6 +519,10 @@ class _UnreadableFile(Exception):
     pass
 
 
+_SIZE_LIMIT = f"{MAX_MANIFEST_BYTES // 1024} KiB" if MAX_MANIFEST_BYTES < 1024 * 1024 else \
+    f"{MAX_MANIFEST_BYTES // (1024 * 1024)} MiB"
+
+
 def _read_manifest_file(path: str, trust: _Trust | None = None) -> tuple[_StatKey, bytes]:
     try:
         # O_NONBLOCK: a FIFO named x.yaml must not hang the listing in open().
@@ -541,11 +539,11 @@ def _read_manifest_file(path: str, trust: _Trust | None = None) -> tuple[_StatKe
             if refused is not None:
                 raise _UnreadableFile(f"refused: {refused}")
         if st.st_size > MAX_MANIFEST_BYTES:
-            raise _UnreadableFile(f"file is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB limit for a manifest")
+            raise _UnreadableFile(f"file is {st.st_size} bytes, over the {_SIZE_LIMIT} limit for a manifest")
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read(MAX_MANIFEST_BYTES + 1)
         if len(data) > MAX_MANIFEST_BYTES:  # it grew between fstat and read
-            raise _UnreadableFile(f"file is over the {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB limit for a manifest")
+            raise _UnreadableFile(f"file is over the {_SIZE_LIMIT} limit for a manifest")
         return _stat_key(st), data
     except OSError as exc:
         raise _UnreadableFile(f"cannot read: {exc.strerror}") from None
@@ -579,9 +577,13 @@ def _validate_document(
     try:
         manifest = Manifest.model_validate(document)
     except ValidationError as exc:
-        errors = tuple(_format_error(error, Manifest, quote_input=False) + positions.of(index, error["loc"], error["type"])
-                       for error in exc.errors(include_url=False))
-        return InvalidDocument(path, index, _readable_name(document), f"{path}: document {index}: {'; '.join(errors)}", errors)
+        details = exc.errors(include_url=False)
+        errors = [_bounded(_format_error(error, Manifest, quote_input=False)) + positions.of(index, error["loc"], error["type"])
+                  for error in details[:MAX_ERRORS_PER_DOCUMENT]]
+        if len(details) > MAX_ERRORS_PER_DOCUMENT:
+            errors.append(f"and {len(details) - MAX_ERRORS_PER_DOCUMENT} more errors")
+        return InvalidDocument(path, index, _readable_name(document), f"{path}: document {index}: {'; '.join(errors)}",
+                               tuple(errors))
 
     spec = manifest.spec
     if spec.container is None and default_container_info is not None:
@@ -592,6 +594,10 @@ def _validate_document(
         name=manifest.metadata.name, manifest=path, document=index, labels=dict(manifest.metadata.labels),
         spec=spec, spec_hash=spec_hash(spec), resources_free_hash=spec_hash_without_resources(spec),
     )
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS - 1] + "…"
 
 
 def _readable_name(document: dict[Any, Any]) -> str | None:
@@ -677,7 +683,10 @@ def _load_documents(data: bytes, *, json_file: bool) -> list[Any]:
     """
     if json_file:
         try:
-            return [json.loads(data, object_pairs_hook=_reject_duplicate_json_keys)]
+            document = json.loads(data, object_pairs_hook=_reject_duplicate_json_keys)
+            if _count_values(document) > MAX_DOCUMENT_VALUES:
+                raise _SyntaxError(_too_many_values())
+            return [document]
         except json.JSONDecodeError as exc:
             raise _SyntaxError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
         except UnicodeDecodeError as exc:
@@ -690,6 +699,7 @@ def _load_documents(data: bytes, *, json_file: bool) -> list[Any]:
             raise _SyntaxError("invalid JSON: a number out of range") from None
     documents: list[Any] = []
     try:
+        _check_expansion(data)
         # All of them before any is used: load_all is lazy, and a syntax error in a later document
         # makes the whole file suspect (it may be half-written), so no document of it is used.
         for document in yaml.load_all(data, Loader=_ManifestLoader):
@@ -706,9 +716,74 @@ def _load_documents(data: bytes, *, json_file: bool) -> list[Any]:
         raise _SyntaxError(f"not UTF-8 text: {exc.reason} at byte {exc.position}") from None
     except RecursionError:
         raise _SyntaxError("nested too deeply to be a manifest", document=len(documents)) from None
+    except _SyntaxError:
+        raise
     except Exception:  # noqa: BLE001 - a constructor's own failure, whatever its type, quotes the value
         raise _SyntaxError("invalid YAML: a value with an explicit tag (such as !!int or !!timestamp) is not "
                            "of that type", document=len(documents)) from None
+
+
+def _too_many_values() -> str:
+    return (f"more than {MAX_DOCUMENT_VALUES} values in one document (YAML aliases expanded): "
+            "a manifest has about a hundred")
+
+
+def _check_expansion(data: bytes) -> None:
+    """Refuse a document whose values, YAML aliases expanded, are more than MAX_DOCUMENT_VALUES.
+
+    Counted on libyaml's events, before anything is built: no more memory than the nesting depth,
+    and it stops at the first value past the limit. An alias counts the values of its anchor
+    (anchors are per document), so a 500-byte "billion laughs" is refused as soon as it is seen.
+    A syntax error is left to the loader, which says which document it is in.
+    """
+    try:
+        past = _past_value_limit(data)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return
+    if past is not None:
+        document, line = past
+        raise _SyntaxError(f"{_too_many_values()}, past line {line}", document=document)
+
+
+def _past_value_limit(data: bytes) -> tuple[int, int] | None:
+    """(document index, line) where the count of values passes MAX_DOCUMENT_VALUES, or None."""
+    document, count = -1, 0
+    sizes: dict[str, int] = {}                      # anchor -> values it stands for
+    open_nodes: list[tuple[str | None, int]] = []   # (anchor, count before the collection)
+    for event in yaml.parse(data, Loader=yaml.CSafeLoader):
+        if isinstance(event, yaml.DocumentStartEvent):
+            document, count = document + 1, 0
+            sizes.clear()
+        elif isinstance(event, yaml.AliasEvent):
+            # None: undefined, or inside its own anchor; the loader refuses both.
+            count += sizes.get(event.anchor, 0)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            open_nodes.append((event.anchor, count))
+            count += 1
+        elif isinstance(event, yaml.ScalarEvent):
+            count += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = open_nodes.pop()
+            if anchor is not None:
+                sizes[anchor] = count - before
+        if count > MAX_DOCUMENT_VALUES:
+            return max(document, 0), event.start_mark.line + 1
+    return None
+
+
+def _count_values(value: Any) -> int:
+    count = 0
+    stack = [value]
+    while stack and count <= MAX_DOCUMENT_VALUES:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 # --------------------------------------------------------------------------------------------
@@ -867,13 +942,23 @@ def _taken_from(inner: str, strings: set[str]) -> bool:
 
 
 def _strings_in(value: Any, limit: int = 2000) -> set[str]:
+    """Up to `limit` strings of a value. YAML aliases make lists and mappings that contain
+    themselves (`&a [*a]`): each is visited once, and the walk is bounded whatever the shape."""
     found: set[str] = set()
+    seen: set[int] = set()
     stack = [value]
-    while stack and len(found) < limit:
+    visits = 0
+    while stack and len(found) < limit and visits < MAX_DOCUMENT_VALUES:
         item = stack.pop()
+        visits += 1
+        if isinstance(item, (dict, list, tuple, set)):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
         if isinstance(item, str):
             if item:
                 found.add(item)
+                found.add(repr(item)[1:-1])   # as a validator quotes it: 'web\n'
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())

@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from reconciler.linux import cgroups, proc
+from reconciler.linux.mountinfo import read_mountinfo
 
 IS_ROOT = os.geteuid() == 0
 REPO = Path(__file__).resolve().parent.parent
@@ -142,8 +143,8 @@ def unmount_agent_dirs(work_dir: Path) -> None:
     if not IS_ROOT:
         return
     real = os.path.realpath(work_dir)
-    for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
-        mountpoint = line.split()[4].replace("\\040", " ")
+    for entry in reversed(read_mountinfo()):
+        mountpoint = entry.mount_point
         if mountpoint == real or mountpoint.startswith(real + "/"):
             subprocess.run(["umount", "-l", mountpoint], capture_output=True)
 
@@ -245,7 +246,7 @@ def outside_tmp_env(agent_env: AgentEnv) -> Any:
                 agent.wait()
         kill_checkpointed_containers(agent_env.work_dir)
         unmount_agent_dirs(agent_env.work_dir)
-        left = str(outside) in Path("/proc/self/mountinfo").read_text()
+        left = any(entry.mount_point.startswith(str(outside)) for entry in read_mountinfo())
         if not left:
             shutil.rmtree(outside, ignore_errors=True)
         assert not left, f"mounts left under {outside}"

@@ -194,3 +194,16 @@ def test_process_table_reports_tree_and_usage_of_a_busy_child(children: list[sub
         if grandchild_identity is not None and grandchild_identity.is_alive():
             os.kill(grandchild, signal.SIGKILL)
         child.stdout.close()
+
+
+def test_mountinfo_is_read_whatever_bytes_a_mount_point_holds() -> None:
+    """A host user may mount anything at any name: a path that is not UTF-8, or holds a space or a
+    newline, is read as os.fsdecode reads file names, never refused (it stopped the listing)."""
+    from reconciler.linux.mountinfo import parse_mountinfo
+    line = (b"48 27 254:0 /a\\040b /srv/rack:\xff/x\\012y rw,nosuid,nodev,relatime shared:1 - ext4 /dev/vda "
+            b"rw,discard\n36 25 0:32 / /sys/fs/cgroup/memory ro,nosuid - cgroup cgroup rw,memory\n")
+    first, second = parse_mountinfo(line)
+    assert first.root == "/a b" and first.mount_point == os.fsdecode(b"/srv/rack:\xff/x\ny")
+    assert first.device == "254:0" and first.fstype == "ext4" and first.source == "/dev/vda"
+    assert first.options == {"rw", "nosuid", "nodev", "relatime"} and first.super_options == {"rw", "discard"}
+    assert first.writable and not second.writable and second.super_options == {"rw", "memory"}

@@ -216,7 +216,7 @@ def test_kill_grace_period_accepts_mesos_durations_and_writes_them_back(given: A
     (-1, "duration must not be negative: -1"),
     (True, "expected a duration such as 10secs or 500ms, or a number of seconds, got True"),
     ([10], "expected a duration such as 10secs or 500ms, or a number of seconds, got [10]"),
-    (float("inf"), "Input should be a finite number, got inf"),
+    (float("inf"), "expected a finite number, got inf"),
 ])
 def test_bad_durations_are_rejected(given: Any, message: str) -> None:
     assert errors(manifest(kill_grace_period=given)) == [f"spec.kill_grace_period: {message}"]
@@ -250,7 +250,7 @@ def test_cpus_must_be_positive_and_finite() -> None:
     assert errors(manifest(resources={"cpus": 0})) == ["spec.resources.cpus: Input should be greater than 0, got 0"]
     assert errors(manifest(resources={"cpus": "lots"})) == ["spec.resources.cpus: expected a number, got 'lots'"]
     assert errors(manifest(resources={"cpus": float("nan")})) == [
-        "spec.resources.cpus: Input should be a finite number, got nan"]
+        "spec.resources.cpus: expected a finite number, got nan"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -354,7 +354,7 @@ def test_text_that_is_not_utf8_is_an_invalid_file(tmp_path: Path) -> None:
     assert error.message == f"{tmp_path / 'web.yaml'}: document 0: not UTF-8 text: invalid leading UTF-8 octet at byte 12"
 
 
-def test_files_over_10_mib_are_invalid_files(tmp_path: Path) -> None:
+def test_files_over_1_mib_are_invalid_files(tmp_path: Path) -> None:
     big = tmp_path / "big.yaml"
     with open(big, "wb") as f:
         f.truncate(MAX_MANIFEST_BYTES + 1)  # sparse: costs no disk
@@ -362,7 +362,7 @@ def test_files_over_10_mib_are_invalid_files(tmp_path: Path) -> None:
     listing = listing_of(tmp_path)
     assert list(listing.desired) == ["web"]
     assert [e.message for e in listing.invalid_files] == [
-        f"{big}: file is {MAX_MANIFEST_BYTES + 1} bytes, over the 10 MiB limit for a manifest"]
+        f"{big}: file is {MAX_MANIFEST_BYTES + 1} bytes, over the 1 MiB limit for a manifest"]
 
 
 def test_a_fifo_does_not_hang_the_listing(tmp_path: Path) -> None:

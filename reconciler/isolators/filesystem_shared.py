@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 from typing import TYPE_CHECKING
 
 from reconciler.isolators.base import ContainerConfig, Isolator, IsolatorSetupError, LaunchInfo, PermanentError
 from reconciler.linux import syscalls
+from reconciler.linux.mountinfo import read_mountinfo
 from reconciler.linux.mounts import remount_flags
 
 if TYPE_CHECKING:
@@ -68,20 +68,11 @@ def submounts(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     """Mount points strictly below `path`, outermost first (each listed once)."""
     real = os.path.realpath(path)
     found: list[str] = []
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split(" ", 5)
-            if len(fields) < 5:
-                continue
-            mountpoint = _unescape(fields[4])
-            if mountpoint != real and _under(mountpoint, real) and mountpoint not in found:
-                found.append(mountpoint)
+    for entry in read_mountinfo(mountinfo):
+        mountpoint = entry.mount_point
+        if mountpoint != real and _under(mountpoint, real) and mountpoint not in found:
+            found.append(mountpoint)
     return sorted(found, key=lambda p: len(_components(p)))
-
-
-def _unescape(text: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as \ooo.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
 class SharedFilesystemIsolator(Isolator):

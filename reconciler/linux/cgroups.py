@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass, field
 
 from reconciler.linux import proc, syscalls
+from reconciler.linux.mountinfo import read_mountinfo
 
 # v1 controller names, for telling controllers from mount options in mountinfo. /proc/cgroups
 # adds any this kernel has that the list lacks.
@@ -325,20 +325,14 @@ def find_mounts(mountinfo: str = "/proc/self/mountinfo") -> CgroupMounts:
     known = _KNOWN_V1_CONTROLLERS | _kernel_controllers()
     v1: dict[str, Hierarchy] = {}
     v2: Hierarchy | None = None
-    with open(mountinfo) as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        # "id parent major:minor root mountpoint opts [optional...] - fstype source superopts"
-        before, _, after = line.partition(" - ")
-        fields = before.split()
-        fstype, _source, superopts = (after.split() + ["", ""])[:3]
-        root, mountpoint = _unescape(fields[3]), _unescape(fields[4])
+    for entry in read_mountinfo(mountinfo):
+        fstype, root, mountpoint = entry.fstype, entry.root, entry.mount_point
         if fstype == "cgroup2":
             # A host may show cgroup2 more than once (bind mounts); /sys/fs/cgroup wins.
             if v2 is None or mountpoint == "/sys/fs/cgroup":
                 v2 = Hierarchy(2, mountpoint, frozenset(), root)
         elif fstype == "cgroup":
-            options = superopts.split(",")
+            options = entry.super_options
             controllers = frozenset(o for o in options if o in known or o.startswith("name="))
             hierarchy = Hierarchy(1, mountpoint, controllers, root)
             for controller in controllers:
@@ -417,7 +411,3 @@ def _kernel_controllers(enabled_only: bool = False) -> frozenset[str]:
         return frozenset()
     return frozenset(row[0] for row in rows if len(row) >= 4 and (not enabled_only or row[3] == "1"))
 
-
-def _unescape(text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo (octal).
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)

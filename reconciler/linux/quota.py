@@ -22,9 +22,10 @@ import errno
 import fcntl
 import gzip
 import os
-import re
 import stat as stat_module
 from dataclasses import dataclass
+
+from reconciler.linux.mountinfo import read_mountinfo
 
 # --- ioctl numbers ---------------------------------------------------------------------------
 
@@ -372,24 +373,13 @@ def mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> Mount | None
     device = os.stat(real).st_dev
     wanted = f"{os.major(device)}:{os.minor(device)}"
     best: Mount | None = None
-    with open(mountinfo) as f:
-        for line in f:
-            before, _, after = line.partition(" - ")
-            fields = before.split()
-            if len(fields) < 6 or fields[2] != wanted:
-                continue
-            mountpoint = _unescape(fields[4])
-            if not (real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/")):
-                continue
-            fstype, source, superopts = (after.split() + ["", "", ""])[:3]
-            options = frozenset(fields[5].split(",")) | frozenset(superopts.split(","))
-            if best is None or len(mountpoint) >= len(best.mountpoint):
-                best = Mount(mountpoint, fstype, _unescape(source), options)
+    for entry in read_mountinfo(mountinfo):
+        mountpoint = entry.mount_point
+        if entry.device != wanted or not (real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/")):
+            continue
+        if best is None or len(mountpoint) >= len(best.mountpoint):
+            best = Mount(mountpoint, entry.fstype, entry.source, entry.options | entry.super_options)
     return best
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
 PROJECT_QUOTA_OPTIONS = frozenset({"prjquota", "pquota", "pqnoenforce", "pqnoquota"})

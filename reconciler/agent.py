@@ -19,7 +19,7 @@ from reconciler import __version__
 from reconciler import isolators as isolator_registry
 from reconciler.checkpoint import Checkpoints
 from reconciler.config import AgentConfig
-from reconciler.containerizer import Containerizer
+from reconciler.containerizer import Container, Containerizer, State
 from reconciler.http import HttpFace
 from reconciler.isolators.base import IsolatorSetupError
 from reconciler.launcher.base import LaunchHelper, Launcher, missing_pid1
@@ -155,19 +155,66 @@ class Agent:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.reconciler.queue.stop()
+        await self._stop_watching()
         if self._settling is not None:
             self._settling.cancel()
         self.close()
 
     async def once(self) -> bool:
+        """One pass, then return whether every manifest converged; containers keep running.
+
+        What it leaves on disk is what is true when it returns. It settles (see _settle_for_exit), and
+        only then stops watching: asyncio tears the loop down after `once` (cancelling tasks, shutting its
+        executor down) and runs it while doing so, so an exit noticed then would start a destroy that
+        fails on the shut-down executor and leaves its status half-way."""
         await self.start()
-        await self._drain()
-        self.reconciler.refresh_statistics()
-        converged = self.reconciler.converged()
-        self.write_agent_status()
+        converged = await self._settle_for_exit()
+        await self._stop_watching()
+        if self.reconciler.log_rotator is not None:
+            await self.reconciler.log_rotator.wait()    # the rotation the last statistics pass started
         self.close()
         return converged
+
+    async def _settle_for_exit(self) -> bool:
+        """Until the status files say what is true, then whether every manifest converged.
+
+        Every exit handled, destroy finished and reconcile done; every sandbox measured (a disk limit it
+        enforces ends a container: settled like any exit); then the last files are written (statistics,
+        _agent.json) and every running container is checked once more, after that write: a command that
+        ended meanwhile is handled and the files written again. No await between the last write and
+        the answer: nothing can change in between."""
+        while True:
+            await self._drain()
+            if await self._measure_now():
+                continue
+            self.reconciler.refresh_statistics()
+            self.write_agent_status()
+            ended = self._ended_unnoticed()
+            if not ended:
+                return self.reconciler.converged()
+            await asyncio.gather(*(self.containerizer.destroy(c.id) for c in ended))
+
+    async def _measure_now(self) -> bool:
+        """Sandboxes with no figure yet are measured now (`once` ends before any periodic measurement);
+        True when one was."""
+        measured = 0
+        for isolator in self.isolators:
+            measured += await isolator.measure_unmeasured()
+        return measured > 0
+
+    def _ended_unnoticed(self) -> list[Container]:
+        """Containers still Running whose command ended: their init recorded how (it exits right after), or is
+        gone. Its exit notice may not have been read yet, or may be arriving just now."""
+        return [c for c in self.containerizer.containers.values() if c.state == State.RUNNING and (
+            self.checkpoints.read_status(c.id) is not None or c.identity is None or not c.identity.is_alive())]
+
+    async def _stop_watching(self) -> None:
+        """Nothing starts after the agent's last word: no exit notice or measurement is handled any more
+        (the containers keep running; the next agent recovers them), no restart or retry timer fires."""
+        self.containerizer.stop_watching()
+        for isolator in self.isolators:
+            isolator.close()
+        await self.reconciler.queue.stop()
 
     async def _drain(self) -> None:
         """Until no destroy is under way and the loop is idle: `once` must not leave a phase half-way.

@@ -145,6 +145,7 @@ class Containerizer:
         self.containers: dict[str, Container] = {}
         self.boot_id = proc.boot_id()
         self.destroy_errors = 0
+        self.watching = True     # False once the agent stops: exits and limits are the next agent's business
         self._event_loop: asyncio.AbstractEventLoop | None = None
         for isolator in isolators:
             isolator.status_changed = self._isolator_status_changed
@@ -420,8 +421,16 @@ class Containerizer:
 
     def _on_init_exit(self, container: Container) -> None:
         self._forget_pidfd(container)
-        if container.destroy_task is None:
+        if container.destroy_task is None and self.watching:
             self._start_destroy(container, grace=0.0, termination=None)
+
+    def stop_watching(self) -> None:
+        """The agent stops and its containers keep running: no exit or limit starts a destroy any more
+        (asyncio runs the loop while tearing it down, its executor shut down), and every exit watch is
+        closed. The next agent recovers the containers and learns from their checkpoints how any ended."""
+        self.watching = False
+        for container in self.containers.values():
+            self._forget_pidfd(container)
 
     def _forget_pidfd(self, container: Container) -> None:
         if container.pidfd is not None:
@@ -433,7 +442,7 @@ class Containerizer:
 
     def _limitation_callback(self, container: Container) -> Callable[[Limitation], None]:
         def limited(limitation: Limitation) -> None:
-            if container.state == State.TERMINATED:
+            if container.state == State.TERMINATED or not self.watching:
                 return
             if container.destroy_task is not None:
                 # Its end was noticed first (an OOM victim's exit can beat the OOM notice): the

@@ -837,9 +837,11 @@ def state_entry(doc: dict[str, Any]) -> bytes:
 
 
 def statistics_entry(doc: dict[str, Any]) -> bytes | None:
-    """Mesos's /monitor/statistics entry (a ResourceUsage.Executor), for containers that run."""
+    """Mesos's /monitor/statistics entry (a ResourceUsage.Executor), for containers that run: every document
+    with a `statistics` block (the loop gives one to each live container), even an empty one (no limits,
+    nothing measured yet), so that a container is listed from its first moment."""
     statistics = doc.get("statistics")
-    if not statistics or not doc.get("container_id") or doc.get("phase") not in ("Running", "Pending", "Terminating"):
+    if statistics is None or not doc.get("container_id") or doc.get("phase") not in ("Running", "Pending", "Terminating"):
         return None
     if "timestamp" not in statistics:
         statistics = dict(statistics, timestamp=time.time())   # only the limits are known yet

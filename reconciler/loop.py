@@ -183,6 +183,7 @@ class Reconciler:
             if state.container is not None:
                 stale.append(state.container)
             state.container = container
+            state.statistics = self._first_statistics(container)
         return stale
 
     def set_listing(self, listing: Listing) -> None:
@@ -345,7 +346,7 @@ class Reconciler:
             return
         state.failure = None
         state.update_refused = None
-        state.statistics = None
+        state.statistics = self._first_statistics(container)
         state.container = container
         if previous is not None:
             self.containerizer.remove(previous.id)
@@ -508,6 +509,18 @@ class Reconciler:
             state.conditions[kind] = condition
             out.append(condition)
         return out
+
+    def _first_statistics(self, container: Container) -> dict[str, Any] | None:
+        """A first usage reading of a container that just started or was recovered, so that its status and
+        /monitor/statistics show it from its first moment rather than from the next statistics pass (up to
+        --resync_interval later). Cheap enough for the loop: a few cgroup files, or the /proc table the
+        posix isolators share; disk figures are the last measured ones, never a walk."""
+        if container.state != State.RUNNING:
+            return None
+        try:
+            return self.containerizer.usage(container.id)
+        except KeyError:
+            return None
 
     def refresh_statistics(self) -> None:
         """One usage pass over every running container (the figures in each status file), and a log

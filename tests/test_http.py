@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.http import Health, HttpServer, response
 from reconciler.metrics import AgentMetrics, container_lines
-from tests.conftest import running
+from tests.conftest import running, wait_agent
 from tests.test_isolator_net_cls import net_cls_mount_left_as_found  # noqa: F401 - autouse: leaves the host's mounts as found
 
 SPEC = {"kill_grace_period": "1secs", "resources": {"cpus": 0.1, "mem": 32}}
@@ -130,7 +130,10 @@ def test_every_endpoint_with_net_cls_cgroups_and_disk(agent_env: Any) -> None:
     # /monitor/statistics: Mesos's array of {executor_id, executor_name, framework_id, source, statistics}.
     def with_usage() -> Any:
         entries = get_json(port, "/monitor/statistics")
-        return entries if all("cpus_user_time_secs" in e["statistics"] for e in entries) and len(entries) == 2 else None
+        # Listed from the first moment (a reading at launch, before the command ran: rss may be 0);
+        # here, until a reading after the commands started.
+        return entries if all(e["statistics"].get("mem_rss_bytes", 0) > 0 for e in entries) and len(entries) == 2 \
+            else None
     entries = {e["executor_id"]: e for e in eventually(with_usage, what="statistics with usage")}
     assert set(entries) == {"web", "api"}
     for name, entry in entries.items():
@@ -192,6 +195,39 @@ def test_every_endpoint_with_net_cls_cgroups_and_disk(agent_env: Any) -> None:
         ("reconciler_net_cls_handles", (("primary", "0x0042"), ("state", "used")))] == 1 and f)
     assert ("reconciler_container_restarts_total", (("container", "api"),)) not in \
         families["reconciler_container_restarts"].values
+    env.stop(agent)
+
+
+@pytest.mark.root
+def test_monitor_statistics_lists_a_container_from_its_first_moment(agent_env: Any) -> None:
+    # Issue 11: /monitor/statistics stayed [] until the first statistics pass (--resync_interval) after a
+    # launch. A container is listed as soon as it runs, with its limits and a first usage reading.
+    env = agent_env
+    env.launcher, env.isolation = "linux", "cgroups/cpu,cgroups/mem"
+    port = free_port()
+    agent = env.start(f"--http_address=127.0.0.1:{port}", resync_interval="1hrs")
+    wait_agent(env, agent)
+    assert get_json(port, "/monitor/statistics") == []
+    env.write_manifest("plain", "exec sleep 300", kill_grace_period="1secs")     # no resources: no limits to show
+    write(env, "limited")                                                         # cpus 0.1, mem 32
+    for name in ("plain", "limited"):
+        status = env.wait_status(name, running, timeout=30)
+        seen_running = time.monotonic()
+
+        def listed() -> Any:
+            return next((e for e in get_json(port, "/monitor/statistics") if e["container_id"] == status["container_id"]),
+                        None)
+        entry = eventually(listed, timeout=1.0, what=f"{name} in /monitor/statistics within 1 s of Running")
+        assert time.monotonic() - seen_running < 1.0
+        assert entry["executor_id"] == name and entry["source"] == str(env.manifests / f"{name}.yaml")
+        stats = entry["statistics"]
+        for field in ("timestamp", "cpus_user_time_secs", "cpus_system_time_secs", "mem_total_bytes"):
+            assert field in stats, (name, field, stats)
+        assert abs(stats["timestamp"] - time.time()) < 60
+        if name == "limited":
+            assert stats["cpus_limit"] == 0.1 and stats["mem_limit_bytes"] == 32 * 1024 * 1024, stats
+        else:
+            assert "cpus_limit" not in stats and "mem_limit_bytes" not in stats, stats
     env.stop(agent)
 
 

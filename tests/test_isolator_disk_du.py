@@ -39,6 +39,7 @@ from reconciler.isolators.disk_du import (
     measure,
 )
 from reconciler.models import ContainerSpec, Resources
+from tests.conftest import alive
 
 IS_ROOT = os.geteuid() == 0
 KB, MB = 1024, 1024 * 1024
@@ -438,6 +439,32 @@ def test_without_enforcement_or_without_a_disk_resource_nothing_is_limited(tmp_p
     isolator.close()
 
 
+def test_measure_unmeasured_gives_each_new_sandbox_a_figure_at_once_and_enforces(tmp_path: Path) -> None:
+    # What `reconciler once` asks for: it ends long before the measuring process's first figure.
+    isolator = DiskDuIsolator(AgentConfig(launcher="posix", isolation=[], container_disk_watch_interval="1hrs",
+                                          enforce_container_disk_quota=True))
+    write(tmp_path / "hog" / "data", 2 * MB)
+    (tmp_path / "small").mkdir()
+    isolator.prepare("hog", config("hog", str(tmp_path / "hog"), disk=1))
+    isolator.prepare("small", config("small", str(tmp_path / "small"), disk=16))
+    isolator.prepare("unwatched", config("unwatched", str(tmp_path / "small")))
+    limitations: list[Limitation] = []
+
+    async def scenario() -> tuple[int, int]:
+        for cid in ("hog", "small"):
+            isolator.watch(cid, limitations.append, asyncio.get_running_loop())
+        return await isolator.measure_unmeasured(), await isolator.measure_unmeasured()
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), timeout=30)) == (2, 0)    # each once, then nothing new
+    finally:
+        isolator.close()
+    assert [(lim.reason, lim.resources) for lim in limitations] == [("DiskLimitation", {"disk": 1.0})]
+    hog, small = isolator.status("hog")["disk"], isolator.status("small")["disk"]
+    assert hog["used_bytes"] == du_bytes(tmp_path / "hog") and hog["enforced"] is True
+    assert small["used_bytes"] == du_bytes(tmp_path / "small") and small["limit_bytes"] == 16 * MB
+    assert isolator.status("unwatched") == {}       # not watched: not a running container's sandbox
+
+
 # --- the agent, as root -------------------------------------------------------------------------------
 
 WRITE_2MB = "dd if=/dev/zero of=file bs=1048576 count=2 2>/dev/null && exec sleep 1000"
@@ -490,3 +517,43 @@ def test_without_enforcement_usage_is_reported_and_the_container_keeps_running(a
     assert again["container_id"] == status["container_id"] and again["disk"]["used_bytes"] > MB
     agent_env.stop(agent)
     assert "disk/du" in agent_env.agent_status()["isolator_status"]
+
+
+@root_only
+def test_once_measures_publishes_and_enforces_disk_usage(agent_env: Any) -> None:
+    # `once` ends long before the first periodic measurement: it measures every sandbox itself, publishes
+    # the disk block, and enforces the quota as the daemon does.
+    env = agent_env
+    env.write_manifest("hog", "until [ -e go ]; do sleep 0.02; done; " + WRITE_2MB, restart_policy="Never",
+                       resources={"disk": 1}, kill_grace_period="1secs")
+    env.write_manifest("small", "exec sleep 1000", resources={"disk": 16}, kill_grace_period="1secs")
+    flags = {"isolation": "disk/du,posix/cpu,posix/mem", "container_disk_watch_interval": "1hrs"}
+    first = env.once("--enforce_container_disk_quota", **flags)
+    assert first.returncode == 0, first.stderr
+    for name, limit in (("hog", MB), ("small", 16 * MB)):
+        status = env.status(name)
+        assert status["phase"] == "Running", status
+        disk = status["disk"]
+        assert disk["limit_bytes"] == limit and disk["enforced"] is True, disk
+        assert 0 < disk["used_bytes"] < MB, disk
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", disk["checked_at"]), disk
+        assert status["statistics"]["disk_used_bytes"] == disk["used_bytes"]
+
+    hog = env.status("hog")
+    (env.sandbox(hog) / "go").touch()
+    written = env.sandbox(hog) / "file"
+    deadline = time.monotonic() + 10
+    while not (written.exists() and written.stat().st_blocks * 512 >= 2 * MB):
+        assert time.monotonic() < deadline, "the container never wrote its 2 MB"
+        time.sleep(0.02)
+    second = env.once("--enforce_container_disk_quota", **flags)
+    assert second.returncode == 1, second.stderr        # hog ended Failed: not converged
+    ended = env.status("hog")
+    assert ended["container_id"] == hog["container_id"] and ended["phase"] == "Failed", ended
+    assert ended["reason"] == "DiskLimitation"
+    assert re.fullmatch(r"Disk usage \(\d+KB\) exceeds quota \(1MB\)", ended["message"]), ended["message"]
+    assert ended["exit_signal"] == 9
+    assert not alive(hog["pid"])
+    small = env.status("small")
+    assert small["phase"] == "Running" and small["disk"]["used_bytes"] < MB
+    assert "Traceback" not in first.stderr + second.stderr

@@ -200,3 +200,11 @@ class Isolator:
     def agent_status(self) -> dict[str, Any]:
         """What the isolator adds to _agent.json (e.g. handles used and free)."""
         return {}
+
+    async def measure_unmeasured(self) -> int:
+        """Measure now, for `once`, what this isolator otherwise measures on its own timer (disk/du);
+        returns how many containers it measured, and applies the result as a timed measurement would."""
+        return 0
+
+    def close(self) -> None:
+        """The agent stops (its containers keep running): stop the isolator's own timers and helpers."""

@@ -28,6 +28,10 @@ from the schedule and cancels a walk of its sandbox under way (checked between d
 
 Unlike Mesos, every sandbox is measured, not only those of containers with a `disk` resource:
 usage is worth seeing without a limit. Nothing is reported until the first measurement ends.
+
+`reconciler once` ends long before the measuring process's first figure: it has every sandbox without a
+figure measured at once (`measure_unmeasured`: one full walk each, in a thread of the agent), so that
+the one-shot pass publishes the `disk` block and enforces the limit as the daemon does.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, LaunchInfo, Limitation, LimitationCallback
+from reconciler.linux.mountinfo import parse_mountinfo
 from reconciler.status import iso
 from reconciler.units import megabytes_to_bytes
 
@@ -268,13 +273,7 @@ class MountTable:
 
     def _read(self) -> None:
         self._file.seek(0)
-        data = self._file.read().decode("utf-8", "surrogateescape")
-        points = []
-        for line in data.splitlines():
-            fields = line.split(" ", 5)
-            if len(fields) >= 5:
-                points.append(_unescape(fields[4]))
-        self._mountpoints = points
+        self._mountpoints = [entry.mount_point for entry in parse_mountinfo(self._file.read())]
         self._below = {}
 
     def below(self, directory: str) -> list[str]:
@@ -291,12 +290,6 @@ class MountTable:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _unescape(text: str) -> str:
-    if "\\" not in text:
-        return text
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
 # --- the incremental measurement -------------------------------------------------------------------
@@ -935,6 +928,32 @@ class _MeasuringProcess:
             self.process.wait()
 
 
+# --- measuring now (`reconciler once`) --------------------------------------------------------------
+
+def measure_sandboxes(sandboxes: list[str]) -> list[tuple[DiskUsage, float] | None]:
+    """Each sandbox's usage now, by a full walk (GNU du, as Mesos measures), with the moment it ended; None for
+    a sandbox that is gone or could not be measured. Blocking: run it in a thread."""
+    try:
+        mounts: MountTable | None = MountTable()
+    except OSError:
+        mounts = None            # volumes are then excluded only when they are on another device
+    figures: list[tuple[DiskUsage, float] | None] = []
+    try:
+        for sandbox in sandboxes:
+            try:
+                usage = du_measure(sandbox, mounts.below(sandbox) if mounts is not None else [])
+            except FileNotFoundError:
+                usage = None
+            except OSError as exc:
+                log.warning("Failed to measure the disk usage of %s: %s", sandbox, exc)
+                usage = None
+            figures.append(None if usage is None else (usage, time.time()))
+    finally:
+        if mounts is not None:
+            mounts.close()
+    return figures
+
+
 # --- the isolator -------------------------------------------------------------------------------
 
 class DiskDuIsolator(Isolator):
@@ -1026,6 +1045,26 @@ class DiskDuIsolator(Isolator):
         log.info("Container %s: %s", tracked.container_id, message)
         if tracked.on_limitation is not None:
             tracked.on_limitation(limitation)
+
+    async def measure_unmeasured(self) -> int:
+        """Measure now every watched sandbox that has no figure yet, and judge it against its limit as a
+        periodic measurement would (status block, DiskLimitation); returns how many got a figure.
+
+        For `reconciler once`, which ends long before the measuring process's first figure (a second
+        after the watch at the soonest). In a thread: the loop keeps handling exits meanwhile."""
+        due = [t for t in self.tracked.values() if t.scheduled and t.checked_at is None]
+        if not due:
+            return 0
+        figures = await asyncio.to_thread(measure_sandboxes, [t.sandbox for t in due])
+        measured = 0
+        for tracked, figure in zip(due, figures):
+            if figure is None or self.tracked.get(tracked.container_id) is not tracked:
+                continue                 # gone, or cleaned up while it was measured
+            usage, at = figure
+            self.measurements += 1
+            self._measured(tracked, usage, at)
+            measured += 1
+        return measured
 
     def usage(self, container_id: str) -> dict[str, float | int]:
         tracked = self.tracked.get(container_id)

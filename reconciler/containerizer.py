@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from reconciler import users
 from reconciler.checkpoint import Checkpoints
+from reconciler.fsutil import remove_stale_temps
 from reconciler.isolators.base import (
     CONTAINER_SANDBOX,
     ContainerConfig,
@@ -178,6 +179,7 @@ class Containerizer:
         to_destroy: list[Container] = []
         orphans: set[str] = set()
         for cid in self.checkpoints.ids():
+            remove_stale_temps(self.checkpoints.dir(cid))   # an agent killed between a write and its rename
             config = self._read_config_or_none(cid)
             if config is None:
                 orphans.add(cid)

@@ -20,8 +20,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import stat
+import time
 from typing import Any
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -115,6 +117,32 @@ def create_temp(dir_fd: int, name: str, mode: int = 0o600) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise OSError(errno.EEXIST, f"cannot create a temp file for {name}: every random name was taken")
+
+
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+STALE_TEMP_SECS = 60.0   # no write of ours takes a minute between create_temp and its rename
+
+
+def remove_stale_temps(directory: str, older_than: float = STALE_TEMP_SECS) -> int:
+    """Remove what create_temp left in `directory` when its process was killed before the rename.
+    Only its own names, only regular files, and only old ones: another process may be writing now."""
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not _TEMP_NAME.fullmatch(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def fsync_dir(path: str | int) -> None:

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from reconciler.fsutil import atomic_write, read_json
+from reconciler.fsutil import atomic_write, read_json, remove_stale_temps
 
 AGENT_FILE = "_agent.json"
 
@@ -44,6 +44,7 @@ class StatusWriter:
 
     def ensure_dir(self) -> None:
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
+        remove_stale_temps(self.directory)   # an agent killed mid-write leaves its temp file
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, f"{name}.json")

@@ -336,3 +336,32 @@ def test_a_job_whose_command_never_started_is_launched_again(env, policy):
     time.sleep(0.5)
     assert runs.read_text() == "ran\n"
     env.stop(agent)
+
+
+def test_a_killed_agent_leaves_no_traceback_and_the_next_one_sweeps_its_temp_files(env):
+    """Issue 11 #12: the launch helper of a killed agent printed ConnectionResetError and BrokenPipeError
+    tracebacks; a killed agent's `.NAME.json.<random>.tmp` files stayed in the status dir for ever."""
+    for i in range(12):
+        env.write_manifest(f"job-{i}", "exec sleep 300", kill_grace_period="1secs")
+    outputs = []
+    for delay in (0.05, 0.15, 0.3, 0.6):   # killed at different points of the first launches
+        agent = env.start()
+        time.sleep(delay)
+        agent.kill()
+        out, _ = agent.communicate(timeout=20)   # until the helper, which shares the pipe, is gone too
+        outputs.append(out)
+    assert not [out for out in outputs if "Traceback" in out or "Error:" in out], outputs
+    env.status_dir.mkdir(parents=True, exist_ok=True)
+    stale = env.status_dir / f".job-0.json.{'0' * 32}.tmp"
+    fresh = env.status_dir / f".job-1.json.{'1' * 32}.tmp"
+    stale.write_text("{")
+    fresh.write_text("{")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    agent = env.start()
+    wait_agent(env, agent)
+    for i in range(12):
+        env.wait_status(f"job-{i}", running, timeout=30)
+    assert not stale.exists(), "a temp file a killed agent left is still there"
+    assert fresh.exists(), "a temp file someone may be writing now was removed"
+    fresh.unlink()
+    env.stop(agent)

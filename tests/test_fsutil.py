@@ -153,3 +153,22 @@ def _raises(function, *args):  # noqa: ANN001, ANN202
     except Exception as exc:  # noqa: BLE001
         return exc
     return None
+
+
+def test_remove_stale_temps_takes_only_old_temp_files_of_ours(tmp_path) -> None:
+    import time as _time
+    from reconciler.fsutil import atomic_write, remove_stale_temps
+    old = _time.time() - 3600
+    ours = tmp_path / f".web.json.{'a' * 32}.tmp"
+    young = tmp_path / f".api.json.{'b' * 32}.tmp"
+    other = tmp_path / ".web.json.notours.tmp"
+    directory = tmp_path / f".dir.json.{'c' * 32}.tmp"
+    for path in (ours, young, other):
+        path.write_text("{")
+    directory.mkdir()
+    for path in (ours, other, directory):
+        os.utime(path, (old, old))
+    atomic_write(str(tmp_path / "web.json"), b"{}")
+    assert remove_stale_temps(str(tmp_path)) == 1
+    assert not ours.exists() and young.exists() and other.exists() and directory.is_dir()
+    assert (tmp_path / "web.json").read_bytes() == b"{}"

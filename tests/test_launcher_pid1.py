@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import signal
 import stat
 import time
@@ -104,3 +105,25 @@ def test_the_installed_pid1_is_static(env: Any) -> None:
         head = f.read(4096)
     assert head[:4] == b"\x7fELF"
     assert b"/lib64/ld-linux" not in head and b"ld-linux-aarch64" not in head   # no program interpreter
+
+
+@pytest.mark.parametrize("wait_for_the_answer", [True, False])
+def test_the_launch_helper_of_a_killed_agent_ends_quietly(capfd, wait_for_the_answer) -> None:
+    """Issue 11 #12: an agent killed with an answer unread (ECONNRESET at the helper's next recv) or
+    before its answer (EPIPE at the helper's send) made the helper print a traceback into the log."""
+    from reconciler.launcher.base import LaunchHelper
+    helper = LaunchHelper()
+    helper.start()
+    process = helper._proc
+    assert process is not None and helper._sock is not None
+    helper._sock.send(b'{"op": "ping"}')
+    if wait_for_the_answer:
+        deadline = time.monotonic() + 5
+        while not select.select([helper._sock], [], [], 0.05)[0]:
+            assert time.monotonic() < deadline
+    helper._sock.close()   # as the kernel closes a killed agent's socket
+    helper._sock = None
+    assert process.wait(timeout=10) == 0
+    helper._proc = None
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err

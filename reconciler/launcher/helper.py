@@ -149,15 +149,20 @@ def serve(fd: int, pid1_path: str) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps inits: exits reach the agent by pidfd
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a ^C at the agent's terminal must not reach here
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the agent stops us by closing the socket
-    while True:
-        data = sock.recv(MAX_MESSAGE)
-        if not data:
-            return
-        request = json.loads(data)
-        if request.get("op") == "launch":
-            launch(sock, request, pid1_fd)
-        elif request.get("op") == "ping":
-            sock.send(b'{"pong": true}')
+    try:
+        while True:
+            data = sock.recv(MAX_MESSAGE)
+            if not data:
+                return
+            request = json.loads(data)
+            if request.get("op") == "launch":
+                launch(sock, request, pid1_fd)
+            elif request.get("op") == "ping":
+                sock.send(b'{"pong": true}')
+    except ConnectionError:
+        # The agent was killed (ECONNRESET, EPIPE): no one to answer. An init forked for it sees its
+        # go-ahead pipe close and ends, saying its command never started; the others run on.
+        return
 
 
 if __name__ == "__main__":

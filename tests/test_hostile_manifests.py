@@ -300,3 +300,51 @@ def test_the_schema_still_accepts_good_manifests() -> None:
     for document in good:
         Manifest.model_validate(document)
         assert list(validator.iter_errors(document)) == [], document
+
+
+# --------------------------------------------------------------------------------------------
+# The agent with all of them in its directory
+# --------------------------------------------------------------------------------------------
+
+def hostile_directory(directory: Path) -> None:
+    """Every hostile input of the report in one manifest directory."""
+    for name, text in HOSTILE.items():
+        (directory / name).write_text(text)
+    (directory / "many-args.yaml").write_text(arguments_list(500_000))
+    (directory / "ten-mb.yaml").write_text(manifest("ten-mb") + "# " + "x" * (10 * 1024 * 1024) + "\n")
+    (directory / "loop.yaml").write_text(manifest("loop", "  resources: {mem: &a [*a]}\n"))
+    (directory / "deep.json").write_text("[" * 100_000)
+    (directory / "bomb-json.json").write_text('{"a": [' + ",".join(['"lol"'] * 200_000) + "]}")
+
+
+@pytest.mark.root
+def test_the_agent_stays_small_and_quick_beside_every_hostile_manifest(agent_env) -> None:
+    """Issue 11's bounded-memory check: RSS under 200 MB with every hostile input listed, across
+    relistings, and a good manifest dropped beside them Running within 1 s."""
+    psutil = pytest.importorskip("psutil")
+    env = agent_env
+    hostile_directory(env.manifests)
+    agent = env.start(resync_interval="1secs")
+    deadline = time.monotonic() + 30
+    while (env.agent_status() or {}).get("pid") != agent.pid:
+        assert agent.poll() is None, agent.communicate()[0]
+        assert time.monotonic() < deadline, "the agent never published _agent.json"
+        time.sleep(0.05)
+    process = psutil.Process(agent.pid)
+    peak = 0
+    for _ in range(30):   # 3 s: three resyncs, each a full listing
+        peak = max(peak, process.memory_info().rss)
+        time.sleep(0.1)
+    agent_doc = env.agent_status()
+    invalid = {Path(entry["file"]).name for entry in agent_doc["invalid_files"]} | \
+        {Path(entry["file"]).name for entry in agent_doc["invalid_documents"]}
+    assert invalid == set(HOSTILE) | {"many-args.yaml", "ten-mb.yaml", "loop.yaml", "deep.json", "bomb-json.json"}
+    assert len((env.status_dir / "_agent.json").read_bytes()) < 64 * 1024
+    env.write_manifest("good", "exec sleep 300", kill_grace_period="1secs")
+    dropped = time.monotonic()
+    env.wait_status("good", lambda s: s["phase"] == "Running", timeout=5)
+    took = time.monotonic() - dropped
+    peak = max(peak, process.memory_info().rss)
+    assert peak < 200 * 1024 * 1024, f"agent RSS {peak / 2**20:.0f} MiB"
+    assert took < 1.0, f"the good manifest took {took:.2f} s to run"
+    assert agent.poll() is None

@@ -328,3 +328,28 @@ def test_active_enforcement_destroys_with_a_disk_limitation(quota_work_dir: Path
     agent_env.stop(agent)
     assert status["reason"] == "DiskLimitation"
     assert re.fullmatch(r"Disk usage \(\d+(KB|MB)\) exceeded quota \(1MB\)", status["message"])
+
+
+@root_only
+def test_measure_unmeasured_reads_every_quota_at_once_for_once(work_dir: Path) -> None:
+    """`once` ends long before the watcher thread's first reading: it asks for one now."""
+    backend = RecordingQuota()
+    isolator = DiskXfsIsolator(agent_config(work_dir, enforce_container_disk_quota=True, xfs_kill_containers=True,
+                                            xfs_quota_headroom=10, container_disk_watch_interval="1hrs"),
+                               backend=backend)
+    isolator.prepare("c1", container("c1", work_dir, disk=1))
+    isolator.prepare("c2", container("c2", work_dir))
+    over = quota.get_project_id(str(work_dir / "sandboxes" / "c1"))
+    backend.used[over] = 2 * MB
+    limitations: list[Limitation] = []
+
+    async def scenario() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        isolator.infos["c1"].on_limitation, isolator.infos["c1"].loop = limitations.append, loop
+        first = await isolator.measure_unmeasured()
+        await asyncio.sleep(0)   # the limitation is delivered on the loop
+        return first, await isolator.measure_unmeasured()
+    first, second = asyncio.run(scenario())
+    assert (first, second) == (2, 0)
+    assert isolator.status("c1")["disk"]["used_bytes"] == 2 * MB and isolator.status("c2")["disk"]["used_bytes"] == 0
+    assert [limitation.reason for limitation in limitations] == ["DiskLimitation"]

@@ -374,6 +374,16 @@ class DiskXfsIsolator(Isolator):
             return {"policy": self.policy, "project_ids_total": self.allocator.total,
                     "project_ids_free": self.allocator.free, "quota_headroom_bytes": self.headroom}
 
+    async def measure_unmeasured(self) -> int:
+        """`once`: read now the quota of every container not read yet (the watcher thread reads every
+        --container_disk_watch_interval), publish it and, under the active policy, report a container
+        past its soft limit; a few quotactl calls."""
+        with self._lock:
+            unread = sum(1 for info in self.infos.values() if info.used_bytes is None)
+        if unread:
+            await asyncio.to_thread(self.check)
+        return unread
+
     # --- the watcher thread ----------------------------------------------------------------------
     def _ensure_thread(self) -> None:
         if self._thread is None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import config
+from reconciler.units import format_bytes, megabytes_to_bytes
 
 PAGE = Path(__file__).with_name("flags.md")
 
@@ -21,26 +22,26 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "manifests": ("Manifests and state", "", "The watched directory of manifests (`*.yaml`, `*.yml`, `*.json`). A ConfigMap volume or a git-sync link works: the swap of `..data` or of the link is seen."),
     "work_dir": ("Manifests and state", "root", "Checkpoints (`containers/<id>/`) and sandboxes (`sandboxes/<id>/`). Keep it across agent restarts and upgrades: the next agent adopts containers from it."),
     "status_dir": ("Manifests and state", "`<work_dir>/status`", "One `<name>.json` per container and the agent's `_agent.json`."),
-    "resync_interval": ("Manifests and state", "duration", "Full re-list and re-check, besides file events; also the statistics refresh."),
+    "resync_interval": ("Manifests and state", "duration", "Full re-list and re-check, besides file events; also the statistics refresh. At least `100ms`: each one re-lists the manifests and rewrites `_agent.json`."),
     "attributes": ("Manifests and state", "", "This node's attributes `k:v;k:v`, matched by a manifest's `spec.node_selector`; a manifest that does not match is not run here."),
     "default_container_info": ("Manifests and state", "", "JSON of a Mesos `ContainerInfo`, merged into manifests that give no `container`."),
-    "isolation": ("Isolation and cgroups", "root", "Mesos isolator names, comma-separated; they run in Mesos's fixed order whatever the order given."),
+    "isolation": ("Isolation and cgroups", "root", "Mesos isolator names, comma-separated; they run in Mesos's fixed order whatever the order given. An empty value is an error (leave the flag out for the default)."),
     "launcher": ("Isolation and cgroups", "root", "`linux` (namespaces, a cgroup per container, needs root) or `posix` (a process session)."),
     "cgroups_root": ("Isolation and cgroups", "", "Every container is `<hierarchy>/<cgroups_root>/<id>`; nothing outside it is touched. Use a different root per agent on one host."),
     "disallow_sharing_agent_pid_namespace": ("Isolation and cgroups", "", "Refuse `linux_info.share_pid_namespace: true`."),
     "effective_capabilities": ("Isolation and cgroups", "", "With `linux/capabilities`: what containers get (`NET_ADMIN,CHOWN` or Mesos's `{\"capabilities\": [...]}`; empty = none)."),
     "bounding_capabilities": ("Isolation and cgroups", "", "With `linux/capabilities`: the most a container may ask for."),
-    "cgroups_net_cls_primary_handle": ("net_cls", "", "With `cgroups/net_cls`: the primary handle (16 bits, e.g. `0x0100`) of the classids it hands out."),
+    "cgroups_net_cls_primary_handle": ("net_cls", "", "With `cgroups/net_cls`: the primary handle (16 bits, decimal or hexadecimal, e.g. `0x0100`) of the classids it hands out."),
     "cgroups_net_cls_secondary_handles": ("net_cls", "handles", "With `cgroups/net_cls`: the range of secondary handles, one per container."),
-    "container_disk_watch_interval": ("Disk", "duration", "With `disk/du` and `disk/xfs`: how often sandboxes' usage is read."),
+    "container_disk_watch_interval": ("Disk", "duration", "With `disk/du` and `disk/xfs`: how often sandboxes' usage is read (at least `1ms`)."),
     "enforce_container_disk_quota": ("Disk", "", "With `disk/du`: a container over its `disk` resource is destroyed (`Failed`, reason `DiskLimitation`). With `disk/xfs`: writes past `disk` fail (EDQUOT)."),
-    "xfs_project_range": ("Disk", "range", "With `disk/xfs`: the XFS project ids it may use, one per container."),
+    "xfs_project_range": ("Disk", "range", "With `disk/xfs`: the XFS project ids it may use, one per container: `[low-high]`, within `[1-4294967295]` (32 bits; 0 is no project)."),
     "xfs_kill_containers": ("Disk", "", "With `disk/xfs` and `--enforce_container_disk_quota`: the soft limit is `disk`, the hard one `disk` + headroom, and a container past the soft limit is destroyed (`DiskLimitation`)."),
-    "xfs_quota_headroom": ("Disk", "mb", "With `disk/xfs`: the room between the soft and the hard limit, in MB."),
+    "xfs_quota_headroom": ("Disk", "mb", "With `disk/xfs`: the room between the soft and the hard limit, a size (`10MB`, `512KB`); a bare number is MB, as it always was."),
     "image_providers": ("Images", "", "`docker` to run `container.image` (needs `filesystem/linux` and `docker/runtime` in `--isolation`)."),
     "docker_registry": ("Images", "`<work_dir>/images`", "Where images come from: a local directory of `<reference>.tar` archives or OCI layouts (Mesos's local registry)."),
     "docker_store_dir": ("Images", "`<work_dir>/store/docker`", "Where image layers are extracted, shared by every container."),
-    "container_logger_max_stdout_size": ("Container logs", "bytes", "A sandbox's `stdout` is rotated past this size, checked every `--resync_interval` (Mesos's logrotate container logger; 0: never rotated)."),
+    "container_logger_max_stdout_size": ("Container logs", "bytes", "A sandbox's `stdout` is rotated past this size (at least a page; a bare number is bytes), checked every `--resync_interval` (Mesos's logrotate container logger; 0: never rotated)."),
     "container_logger_max_stderr_size": ("Container logs", "bytes", "The same for `stderr`."),
     "container_logger_keep": ("Container logs", "", "Rotated files kept (`stdout.1` ... `stdout.N`); 0 drops rotated output."),
     "http_address": ("HTTP", "", "`host:port` of `/healthz`, `/readyz`, `/metrics`, `/state`, `/monitor/statistics`; off when unset."),
@@ -49,7 +50,7 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "allow_privileged": ("Security", "", "Let a manifest ask for `linux_info.privileged: true` (every capability, every device, no seccomp filter, no masked paths). Refused otherwise."),
     "docker_ignore_image_user": ("Security", "", "Mesos's behaviour: an image's `User` is ignored (with a warning) and the command runs as `command.user`, else root. Off: the image's `User` applies as in Docker."),
     "manifests_strict_modes": ("Security", "", "As sshd's StrictModes: manifests are read only from a directory (and its ancestors) and files owned by root (or the agent's user) and writable by nobody else; a sticky ancestor such as /tmp, and a read-only mount, are accepted. A refused directory destroys nothing. `false` relaxes it (also a flag of `reconciler validate`)."),
-    "docker_max_image_size": ("Images", "bytes", "The most an image's layers may expand to, all together (sparse files counted at their full size); a bigger image is refused."),
+    "docker_max_image_size": ("Images", "bytes", "The most an image's layers may expand to, all together (sparse files counted at their full size); a bigger image is refused. A bare number is bytes."),
 }
 
 ROOT_DEFAULTS = {
@@ -68,9 +69,9 @@ def default_text(name: str, how: str) -> str:
     if how == "duration":
         return f"`{value:g}secs`"
     if how == "bytes":
-        return f"`{value // (1024 * 1024)}MB`"
+        return f"`{format_bytes(value)}`"
     if how == "mb":
-        return f"`{value:g}`"
+        return f"`{format_bytes(megabytes_to_bytes(value))}`"
     if how == "handles":
         return f"`{value[0]:#06x},{value[1]:#06x}`"
     if how == "range":
@@ -103,7 +104,12 @@ def generate() -> str:
         "- as a key of the YAML file given by `--config FILE` (or `RECONCILER_CONFIG`): `resync_interval: 30secs`.",
         "",
         "A bad value stops the agent at start with one line naming the flag and where the value came from,",
-        "and exit status 2. Durations use Mesos syntax (`500ms`, `15secs`, `1mins`, `2hrs`; `15s`, `1m` too).",
+        "and exit status 2. A value is one line of UTF-8 text (JSON of `--default_container_info` may span",
+        "lines). An empty value (`--isolation=`, `RECONCILER_ISOLATION=`) is an error, except for a flag that is",
+        "unset by default, where it means unset (and for the capability flags, where it means none).",
+        "Durations use Mesos syntax (`500ms`, `15secs`, `1mins`, `2hrs`; `15s`, `1m` too), at most `365days`.",
+        "Sizes use Mesos syntax: a whole number and a unit `B`, `KB`, `MB`, `GB` or `TB`, binary multiples",
+        "(`1KB` = 1024 bytes), no space: `512KB`, `10MB`, `20GB`.",
         "`--log_level debug|info|warning|error` (default `info`) sets what the agent logs on stderr.",
         "",
     ]

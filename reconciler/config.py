@@ -1,42 +1,88 @@
 """The agent's flags: Mesos names, from the command line, RECONCILER_<FLAG> variables and a YAML --config file.
 
 Precedence: command line over environment over file over default. Every value is validated once,
-here; an error names the flag and where its value came from, and the CLI exits 2 on it.
+here; an error names the flag and where its value came from, and the CLI exits 2 on it. The error is
+one bounded line whatever the value held: a value must be one line of UTF-8 text (or plain YAML
+scalars, lists and mappings), and a message quotes at most MAX_QUOTED_CHARS of it, escaped.
+Sizes and durations are Mesos's (reconciler.units).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
-from reconciler.units import parse_duration
+from reconciler.units import MB, parse_bytes, parse_duration, quoted
+from reconciler.yamlbounds import first_past_limits
 
 IS_ROOT = os.geteuid() == 0
 ROOT_ISOLATION = "filesystem/shared,namespaces/pid,namespaces/ipc,cgroups/cpu,cgroups/mem"
 USER_ISOLATION = "posix/cpu,posix/mem"
+
+# What a flag value may be. Refused at start, these cannot reach a later message, file or loop.
+MAX_QUOTED_CHARS = 100          # of a bad value, in its error line
+MAX_TEXT_CHARS = 4096           # one-line values: PATH_MAX, and far past any name or list of names
+MAX_JSON_CHARS = 64 * 1024      # --default_container_info: JSON, which may span lines
+MAX_STRUCTURE_VALUES = 10_000   # of a list, mapping or JSON value, YAML aliases expanded
+MAX_STRUCTURE_DEPTH = 32
+MAX_CONFIG_FILE_BYTES = 1 << 20
+PATH_MAX, NAME_MAX = 4096, 255
+JSON_FLAGS = {"default_container_info"}
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+# Duration flags: (shortest, its spelling, why). Every resync re-lists the manifest directory, refreshes
+# every container's statistics and rewrites _agent.json: below 100ms that is a busy loop, not a
+# resync (kubelet's file check is 20s, its sync 1m; our own tests go down to 300ms). disk/du and
+# disk/xfs measure one sandbox after the other, each measurement rescheduled when it ends: 1ms is
+# what Mesos's own DiskQuotaEnforcement tests use, and nothing shorter can be meant.
+DURATION_FLOORS: dict[str, tuple[float, str, str]] = {
+    "resync_interval": (0.1, "100ms", "each resync re-lists the manifests and rewrites _agent.json"),
+    "container_disk_watch_interval": (0.001, "1ms", "Mesos's own tests go down to 1ms"),
+}
+MAX_FLAG_DURATION = 365 * 86400.0     # past a year is a typo, and past the timers' own range soon after
+
+FIRST_PROJECT_ID, LAST_PROJECT_ID = 1, 0xFFFFFFFF   # prid_t is 32 bits; 0 is "no project"
+_HANDLE_RE = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")   # ASCII: int() would take '1_000' and '٣'
+_WHOLE_RE = re.compile(r"[0-9]+")
+_RANGE_RE = re.compile(r"\[\s*([0-9]+)\s*-\s*([0-9]+)\s*\]")
+
+# Validation context of values that come from flags (load()): rules for an operator's input that a
+# program building an AgentConfig itself (tests of one isolator) may step past.
+FROM_FLAGS = {"from_flags": True}
 
 
 class ConfigError(Exception):
     """A bad flag value: one line, naming the flag and the reason."""
 
 
-def _parse_handle(value: str | int, flag: str) -> int:
+def _quote(value: Any) -> str:
+    return quoted(value, MAX_QUOTED_CHARS)
+
+
+def _from_flags(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("from_flags"))
+
+
+def _parse_handle(value: Any) -> int:
+    """A net_cls handle as Mesos reads one (numify<uint16_t>): decimal, or hexadecimal with 0x."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a handle, decimal or hexadecimal (0x...), got {_quote(value)}")
     if isinstance(value, int):
         number = value
     else:
         text = value.strip()
-        try:
-            number = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a decimal or hexadecimal (0x...) number") from None
+        if not _HANDLE_RE.fullmatch(text):
+            raise ValueError(f"{_quote(value)} is not a decimal or hexadecimal (0x...) number")
+        number = int(text, 16) if text[:2].lower() == "0x" else int(text, 10)
     if not 0 <= number <= 0xFFFF:
-        raise ValueError(f"{value!r} is out of range: a net_cls handle is 16 bits (0x0000-0xffff)")
+        raise ValueError(f"{_quote(value)} is out of range: a net_cls handle is 16 bits (0x0000-0xffff)")
     return number
 
 
@@ -45,20 +91,89 @@ def _parse_attributes(text: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(";"))):
         key, sep, value = item.partition(":")
         if not sep or not key.strip():
-            raise ValueError(f"{item!r} is not of the form key:value (attributes are 'k:v;k:v')")
+            raise ValueError(f"{_quote(item)} is not of the form key:value (attributes are 'k:v;k:v')")
         attributes[key.strip()] = value.strip()
     return attributes
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"not {what}: nested too deeply") from None
+    except ValueError:         # an integer of more than 4300 digits
+        raise ValueError(f"not {what}: a number out of range") from None
+
+
+def _check_container_info(value: dict[str, Any]) -> None:
+    """What the agent merges into manifests must be a ContainerInfo: said at start, with the flag's source."""
+    from reconciler.models import ContainerInfo
+    from reconciler.source import validation_messages
+
+    try:
+        ContainerInfo.model_validate(value)
+    except ValidationError as exc:
+        raise ValueError("; ".join(validation_messages(exc, ContainerInfo))) from None
+
+
+def _check_value(value: Any, *, json_text: bool) -> None:
+    """Refuse what no flag can mean, whatever the flag: text that is not UTF-8, a control character
+    (one line per value; JSON may span lines), a value too long, too big or nested too deeply, and
+    what YAML builds that a flag does not take (a date, binary data). Aliases are counted expanded."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    count = 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_STRUCTURE_VALUES or depth > MAX_STRUCTURE_DEPTH:
+            raise ValueError(f"more than {MAX_STRUCTURE_VALUES} values, or nested more than "
+                             f"{MAX_STRUCTURE_DEPTH} deep: no flag takes that much")
+        if isinstance(item, str):
+            _check_text(item, json_text=json_text)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"expected a finite number, got {item}")
+        elif isinstance(item, dict):
+            stack.extend((part, depth + 1) for pair in item.items() for part in pair)
+        elif isinstance(item, (list, tuple)):
+            stack.extend((part, depth + 1) for part in item)
+        elif not (item is None or isinstance(item, (bool, int, float))):
+            raise ValueError(f"expected text, a number, true or false, a list or a mapping, got {_quote(item)} "
+                             "(quote it in the YAML file)")
+
+
+def _check_text(text: str, *, json_text: bool) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{_quote(text)} is not UTF-8 text") from None
+    limit = MAX_JSON_CHARS if json_text else MAX_TEXT_CHARS
+    if len(text) > limit:
+        raise ValueError(f"{_quote(text)} is too long: at most {limit} characters")
+    control = None if json_text else _CONTROL.search(text)
+    if control:
+        raise ValueError(f"{_quote(text)} contains the control character {_quote(control.group())}: "
+                         "a flag value is one line")
+
+
+def _check_path(path: str) -> None:
+    if len(path.encode()) >= PATH_MAX:
+        raise ValueError(f"{_quote(path)} is too long for a path: at most {PATH_MAX - 1} bytes (PATH_MAX)")
+    for part in path.split("/"):
+        if len(part.encode()) > NAME_MAX:
+            raise ValueError(f"{_quote(part)} is too long for a file name: at most {NAME_MAX} bytes (NAME_MAX)")
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` -> (host, port); the host keeps its brackets off."""
     text = text.strip()
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([A-Za-z0-9.-]+):(\d+)", text)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([A-Za-z0-9.-]+):([0-9]+)", text)
     if not m:
-        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:5051, 0.0.0.0:5051 or [::1]:5051)")
+        raise ValueError(f"{_quote(text)} is not host:port (e.g. 127.0.0.1:5051, 0.0.0.0:5051 or [::1]:5051)")
     host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    if not 1 <= int(port) <= 65535:
-        raise ValueError(f"port {port} of {text!r} is out of range 1-65535")
+    if len(port) > 5 or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {_quote(port)} of {_quote(text)} is out of range 1-65535")
     return host, int(port)
 
 
@@ -110,16 +225,25 @@ class AgentConfig(BaseModel):
 
     @field_validator("isolation")
     @classmethod
-    def _no_duplicates(cls, value: list[str]) -> list[str]:
+    def _isolators(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        from reconciler.isolators import ALIASES, REGISTRY
+
+        if not value and _from_flags(info):
+            default = ROOT_ISOLATION if IS_ROOT else USER_ISOLATION
+            raise ValueError(f"is empty: containers would run without isolation; name isolators, "
+                             f"or leave the flag out for the default ({default})")
         if len(set(value)) != len(value):
-            raise ValueError(f"Duplicate entries found in --isolation flag '{','.join(value)}'")
+            raise ValueError(f"Duplicate entries found in --isolation flag {_quote(','.join(value))}")
+        unknown = [name for name in value if name not in REGISTRY and name not in ALIASES]
+        if unknown:
+            raise ValueError(f"Unknown or unsupported isolator {_quote(unknown[0])}")
         return value
 
     @field_validator("launcher")
     @classmethod
     def _launcher(cls, value: str) -> str:
         if value not in ("linux", "posix"):
-            raise ValueError(f"unknown launcher {value!r}: expected linux or posix")
+            raise ValueError(f"unknown launcher {_quote(value)}: expected linux or posix")
         if value == "linux" and not IS_ROOT:
             raise ValueError("the linux launcher needs root (namespaces and cgroups); use --launcher=posix")
         return value
@@ -130,72 +254,99 @@ class AgentConfig(BaseModel):
         # Mesos Store::create: the names are case-insensitive; APPC is Mesos's but not ours.
         for name in value:
             if name.upper() not in ("APPC", "DOCKER"):
-                raise ValueError(f"Unknown image type '{name}'")
+                raise ValueError(f"Unknown image type {_quote(name)}")
             if name.upper() != "DOCKER":
-                raise ValueError(f"Unsupported image type '{name}'")
+                raise ValueError(f"Unsupported image type {_quote(name)}")
         return ["docker"] if value else []
 
-    @field_validator("work_dir", "status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir")
+    @field_validator("manifests", "work_dir")
     @classmethod
-    def _absolute(cls, value: str | None) -> str | None:
+    def _required_path(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            raise ValueError("must not be empty: give a directory, or leave the flag out for the default")
+        _check_path(value)
         # Sandboxes and checkpoints are used by processes whose working directory is not ours.
-        return os.path.abspath(value) if value else value
+        return value if info.field_name == "manifests" else os.path.abspath(value)
+
+    @field_validator("status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir")
+    @classmethod
+    def _optional_path(cls, value: str | None) -> str | None:
+        if not value:
+            return None      # empty is unset, as leaving the flag out: the default applies
+        _check_path(value)
+        return os.path.abspath(value)
 
     @field_validator("cgroups_root")
     @classmethod
     def _cgroups_root(cls, value: str) -> str:
         value = value.strip("/")
         if not value or ".." in value.split("/"):
-            raise ValueError(f"{value!r} is not a cgroup path below the hierarchy roots")
+            raise ValueError(f"{_quote(value)} is not a cgroup path below the hierarchy roots")
+        _check_path(value)
         return value
 
     @field_validator("container_disk_watch_interval", "resync_interval", mode="before")
     @classmethod
-    def _duration(cls, value: Any) -> float:
+    def _duration(cls, value: Any, info: ValidationInfo) -> float:
         seconds = parse_duration(value)
-        if seconds <= 0:
-            raise ValueError("must be longer than zero")
+        floor, spelled, why = DURATION_FLOORS[info.field_name]
+        if seconds < floor:
+            raise ValueError(f"{_quote(value)} is too short: at least {spelled} ({why})")
+        if seconds > MAX_FLAG_DURATION:
+            raise ValueError(f"{_quote(value)} is too long: at most 365days")
         return seconds
 
     @field_validator("container_logger_max_stdout_size", "container_logger_max_stderr_size", mode="before")
     @classmethod
     def _log_size(cls, value: Any) -> int:
-        from reconciler.logs import parse_size
-        return parse_size(value)
+        size = parse_bytes(value, bare_unit=1)      # a bare number: bytes, as this flag took before
+        page = os.sysconf("SC_PAGE_SIZE")
+        if 0 < size < page:
+            raise ValueError(f"{_quote(value)} is less than one page ({page} bytes); use 0 to turn rotation off")
+        return size
 
     @field_validator("docker_max_image_size", mode="before")
     @classmethod
     def _image_size(cls, value: Any) -> int:
-        from reconciler.logs import parse_size
-        size = parse_size(value)
+        size = parse_bytes(value, bare_unit=1)      # a bare number: bytes, as this flag took before
         if size <= 0:
             raise ValueError("must be more than 0 bytes (Mesos sizes: 512MB, 20GB)")
         return size
 
+    @field_validator("xfs_quota_headroom", mode="before")
+    @classmethod
+    def _headroom(cls, value: Any) -> float:
+        # Kept in MB, the unit disk/xfs reads; a bare number is MB, as this flag took before.
+        return parse_bytes(value, bare_unit=MB) / MB
+
     @field_validator("seccomp_profile_name")
     @classmethod
     def _profile_name(cls, value: str | None) -> str | None:
+        if value == "":
+            return None      # empty is unset: the agent's own default profile
         if value is not None and (not value.strip() or "/" in value or value in (".", "..")):
-            raise ValueError(f"{value!r} must be a file name in --seccomp_config_dir, or 'unconfined'")
+            raise ValueError(f"{_quote(value)} must be a file name in --seccomp_config_dir, or 'unconfined'")
+        if value is not None:
+            _check_path(value)
         return value
 
     @field_validator("container_logger_keep", mode="before")
     @classmethod
     def _log_keep(cls, value: Any) -> int:
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{value!r} is not a whole number of files") from None
-        if number < 0 or number > 1000:
-            raise ValueError(f"{value!r} must be between 0 (drop rotated output) and 1000")
-        return number
+        if isinstance(value, str) and _WHOLE_RE.fullmatch(value.strip()):
+            value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{_quote(value)} is not a whole number of files")
+        if value < 0 or value > 1000:
+            raise ValueError(f"{_quote(value)} must be between 0 (drop rotated output) and 1000")
+        return value
 
     @field_validator("cgroups_net_cls_primary_handle", mode="before")
     @classmethod
     def _primary(cls, value: Any) -> Any:
         if value is None or value == "":
             return None
-        number = _parse_handle(value, "primary")
+        number = _parse_handle(value)
         if number == 0:
             raise ValueError("the primary handle must not be 0")
         return number
@@ -203,12 +354,10 @@ class AgentConfig(BaseModel):
     @field_validator("cgroups_net_cls_secondary_handles", mode="before")
     @classmethod
     def _secondary(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            parts = [p for p in value.split(",")]
-            if len(parts) != 2:
-                raise ValueError(f"{value!r} must be two handles 'low,high', e.g. 0x0001,0xffff")
-            value = parts
-        low, high = (_parse_handle(v, "secondary") for v in value)
+        handles = value.split(",") if isinstance(value, str) else value
+        if not isinstance(handles, (list, tuple)) or len(handles) != 2:
+            raise ValueError(f"{_quote(value)} must be two handles 'low,high', e.g. 0x0001,0xffff")
+        low, high = (_parse_handle(v) for v in handles)
         if low == 0:
             raise ValueError("secondary handle 0 is reserved")
         if low > high:
@@ -217,25 +366,39 @@ class AgentConfig(BaseModel):
 
     @field_validator("xfs_project_range", mode="before")
     @classmethod
-    def _project_range(cls, value: Any) -> Any:
+    def _project_range(cls, value: Any, info: ValidationInfo) -> Any:
+        # Mesos's form, brackets and all: [5000-10000]. In a YAML file, a list of two ids too.
         if isinstance(value, str):
-            m = re.fullmatch(r"\s*\[?\s*(\d+)\s*-\s*(\d+)\s*\]?\s*", value)
+            m = _RANGE_RE.fullmatch(value.strip())
             if not m:
-                raise ValueError(f"{value!r} must be a range like [5000-10000]")
+                raise ValueError(f"{_quote(value)} must be a range like [5000-10000]")
             value = (int(m.group(1)), int(m.group(2)))
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
+            raise ValueError(f"{_quote(value)} must be a range like [5000-10000]")
         low, high = value
-        if low <= 0 or low > high:
-            raise ValueError(f"[{low}-{high}] is not a valid range of project ids")
+        if low < FIRST_PROJECT_ID:
+            raise ValueError(f"project id {_quote(low)} is not a project (0 is XFS's 'no project'): "
+                             f"start at {FIRST_PROJECT_ID} or more")
+        if low > high:
+            raise ValueError(f"[{_quote(low)}-{_quote(high)}] is an empty range of project ids")
+        if high > LAST_PROJECT_ID and _from_flags(info):
+            raise ValueError(f"project id {_quote(high)} is out of range: project ids are 32 bits "
+                             f"(at most {LAST_PROJECT_ID})")
         return (low, high)
 
     @field_validator("default_container_info", mode="before")
     @classmethod
-    def _json(cls, value: Any) -> Any:
+    def _container_info(cls, value: Any) -> Any:
         if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not valid JSON: {exc}") from None
+            if value == "":
+                return None      # empty is unset
+            value = _parse_json(value, "a ContainerInfo")
+            _check_value(value, json_text=True)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object (a Mesos ContainerInfo), got {_quote(value)}")
+        if value is not None:
+            _check_container_info(value)
         return value
 
     @field_validator("attributes", mode="before")
@@ -253,17 +416,21 @@ class AgentConfig(BaseModel):
             return None
         if isinstance(value, str) and value.strip().startswith("{"):
             # Mesos's own form: {"capabilities": ["NET_ADMIN", ...]}
-            try:
-                value = json.loads(value).get("capabilities", [])
-            except (json.JSONDecodeError, AttributeError):
-                raise ValueError(f"{value!r} is not a comma list nor Mesos's JSON {{\"capabilities\": [...]}}") from None
+            parsed = _parse_json(value, "Mesos's JSON {\"capabilities\": [...]}")
+            _check_value(parsed, json_text=False)
+            names = parsed.get("capabilities") if isinstance(parsed, dict) else None
+            if not isinstance(names, list):
+                raise ValueError(f"{_quote(value)} is not a comma list nor Mesos's JSON {{\"capabilities\": [...]}}")
+            value = names
         if isinstance(value, str):   # an empty value is the empty set: drop every capability
             value = [v for v in value.split(",") if v.strip()]
-        names = [str(v).strip().upper() for v in value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected capability names, got {_quote(value)}")
+        names = [v.strip().upper() for v in value]
         for name in names:
             if name not in CAPABILITY_NUMBERS:
                 hint = f" (use {name[4:]})" if name.startswith("CAP_") and name[4:] in CAPABILITY_NUMBERS else ""
-                raise ValueError(f"unknown capability {name!r}{hint}")
+                raise ValueError(f"unknown capability {_quote(name)}{hint}")
         return names
 
     @field_validator("http_address", mode="before")
@@ -271,14 +438,10 @@ class AgentConfig(BaseModel):
     def _http_address(cls, value: Any) -> Any:
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
-        host, port = parse_host_port(str(value))
+        if not isinstance(value, str):
+            raise ValueError(f"expected host:port, got {_quote(value)}")
+        host, port = parse_host_port(value)
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    @field_validator("xfs_quota_headroom", mode="before")
-    @classmethod
-    def _headroom(cls, value: Any) -> Any:
-        from reconciler.units import parse_megabytes
-        return parse_megabytes(value)
 
     @field_validator("enforce_container_disk_quota", "disallow_sharing_agent_pid_namespace", "xfs_kill_containers",
                      "allow_privileged", "docker_ignore_image_user", "manifests_strict_modes", mode="before")
@@ -286,11 +449,22 @@ class AgentConfig(BaseModel):
     def _bool(cls, value: Any) -> Any:
         if isinstance(value, str):
             lowered = value.strip().lower()
-            if lowered in ("true", "1", "yes", "on", ""):
+            if lowered in ("true", "1", "yes", "on"):
                 return True
             if lowered in ("false", "0", "no", "off"):
                 return False
-            raise ValueError(f"{value!r} is not true or false")
+            if not lowered:
+                # An empty RECONCILER_ALLOW_PRIVILEGED= reads as "not set" to a person: never as true.
+                raise ValueError("an empty value is neither true nor false: give true or false "
+                                 "(the flag alone on the command line means true)")
+            raise ValueError(f"{_quote(value)} is not true or false")
+        return value
+
+    # Defined last, so that pydantic runs it before every other check of a field.
+    @field_validator("*", mode="before")
+    @classmethod
+    def _flag_value(cls, value: Any, info: ValidationInfo) -> Any:
+        _check_value(value, json_text=info.field_name in JSON_FLAGS)
         return value
 
     @model_validator(mode="after")
@@ -365,7 +539,7 @@ def load(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Age
     config_file = getattr(args, "config", None) or environ.get("RECONCILER_CONFIG")
     if config_file:
         for key, value in _read_config_file(config_file).items():
-            values[key], sources[key] = value, f"config file {config_file}"
+            values[key], sources[key] = value, f"config file {_shown_path(config_file)}"
     for name in FLAG_NAMES:
         env_name = f"RECONCILER_{name.upper()}"
         if env_name in environ:
@@ -374,30 +548,79 @@ def load(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Age
         if given is not None:
             values[name], sources[name] = given, "command line"
     try:
-        return AgentConfig(**values)
+        return AgentConfig.model_validate(values, context=FROM_FLAGS)
     except ValidationError as exc:
         err = exc.errors()[0]
         flag = str(err["loc"][0]) if err["loc"] else ""
-        message = err["msg"].removeprefix("Value error, ")
+        message = _one_line(err["msg"].removeprefix("Value error, "))
         where = f" (from {sources[flag]})" if flag in sources else ""
         if not flag:
             raise ConfigError(message) from None
         raise ConfigError(f"flag --{flag}{where}: {message}") from None
 
 
+def _one_line(message: str, limit: int = 400) -> str:
+    """A message as one bounded line, whatever a value it quotes held (our own messages quote safely)."""
+    if len(message) > limit:
+        message = message[:limit - 3] + "..."
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], message)
+
+
+def _shown_path(path: str) -> str:
+    """A path as messages show it: as it is, unless it needs escaping or is too long to read."""
+    return path if path.isprintable() and len(path) <= 2 * MAX_QUOTED_CHARS else _quote(path)
+
+
 def _read_config_file(path: str) -> dict[str, Any]:
+    shown = _shown_path(path)
+    data = _config_file_bytes(path, shown)
     try:
-        with open(path, "rb") as f:
-            doc = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except OSError as exc:
-        raise ConfigError(f"flag --config: cannot read {path}: {exc.strerror}") from None
+        _check_yaml_size(data, shown)
+        doc = yaml.load(data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except ConfigError:
+        raise
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = exc.problem or exc.context or "a syntax error"
+        raise ConfigError(_one_line(f"flag --config: {shown} is not valid YAML{where}: {problem}")) from None
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(f"flag --config: {shown} is not YAML text: {exc.reason} at byte {exc.position}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"flag --config: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+        raise ConfigError(_one_line(f"flag --config: {shown} is not valid YAML: {exc}")) from None
+    except Exception:  # noqa: BLE001 - a YAML constructor's own failure (a 5000-digit int, a bad !!timestamp)
+        raise ConfigError(f"flag --config: {shown} holds a value YAML cannot build: a number of more than "
+                          "4300 digits, or a value that is not of its explicit !!tag") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
-        raise ConfigError(f"flag --config: {path} must be a mapping of flag names to values")
-    unknown = [k for k in doc if str(k).replace("-", "_") not in FLAG_NAMES]
+        raise ConfigError(f"flag --config: {shown} must be a mapping of flag names to values")
+    unknown = [k for k in doc if not isinstance(k, str) or k.replace("-", "_") not in FLAG_NAMES]
     if unknown:
-        raise ConfigError(f"flag --config: {path}: unknown flag {unknown[0]!r}")
-    return {str(k).replace("-", "_"): v for k, v in doc.items()}
+        raise ConfigError(f"flag --config: {shown}: unknown flag {_quote(unknown[0])}")
+    return {k.replace("-", "_"): v for k, v in doc.items()}
+
+
+def _config_file_bytes(path: str, shown: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"flag --config: cannot read {shown}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"flag --config: {shown} is larger than {MAX_CONFIG_FILE_BYTES >> 20} MiB: "
+                          "a file of flags is a few lines")
+    return data
+
+
+def _check_yaml_size(data: bytes, shown: str) -> None:
+    """Refuse, before anything is built, a file nested too deeply or of too many values once its
+    aliases are expanded (see reconciler.yamlbounds); a syntax error is left to the loader."""
+    try:
+        past = first_past_limits(data, MAX_STRUCTURE_VALUES, MAX_STRUCTURE_DEPTH)
+    except yaml.YAMLError:
+        return
+    if past is not None:
+        raise ConfigError(f"flag --config: {shown}: more than {MAX_STRUCTURE_VALUES} values (YAML aliases "
+                          f"expanded), or nested more than {MAX_STRUCTURE_DEPTH} deep, past line "
+                          f"{past.line}: a file of flags is a few lines")

@@ -61,30 +61,6 @@ _libc.fallocate.restype = ctypes.c_int
 FALLOC_FL_COLLAPSE_RANGE = 0x08
 TRUNCATION_GRACE = 1.0    # seconds a follower waits for the `.1` of a truncation it saw
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40,
-               "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40,
-               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*$")
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes from a Mesos Bytes string ("10MB", "512KB", "4096B", binary multiples as Mesos) or a number of bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
-    if isinstance(value, int):
-        number = value
-    else:
-        m = _SIZE_RE.match(str(value))
-        if not m or m.group(2).lower() not in _SIZE_UNITS:
-            raise ValueError(f"invalid size {value!r}: expected bytes or a number with a unit, e.g. 10MB, 512KB, 4096B")
-        number = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    if number < 0:
-        raise ValueError(f"size must not be negative: {value!r}")
-    if number != 0 and number < PAGE_SIZE:
-        raise ValueError(f"{value!r} is less than one page ({PAGE_SIZE} bytes); use 0 to turn rotation off")
-    return number
-
-
 def rotated(path: str, index: int) -> str:
     return f"{path}.{index}"
 

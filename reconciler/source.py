@@ -43,6 +43,7 @@ from reconciler.models import (
     spec_hash,
     spec_hash_without_resources,
 )
+from reconciler.yamlbounds import first_past_limits
 
 # What one file may hold, as a Kubernetes ConfigMap (1 MiB); a manifest is a few hundred bytes.
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -50,6 +51,7 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 # "billion laughs" or a generated list no container runs, and validating it would cost the agent
 # hundreds of megabytes. A manifest has about a hundred.
 MAX_DOCUMENT_VALUES = 100_000
+MAX_DOCUMENT_DEPTH = 64   # libyaml's composer recurses in C: 60,000 nested '[' overflow its stack
 # An error message names a field and says what is wrong in a line, whatever the file holds.
 MAX_ERROR_CHARS = 300
 MAX_ERRORS_PER_DOCUMENT = 20
@@ -724,53 +726,20 @@ def _load_documents(data: bytes, *, json_file: bool) -> list[Any]:
 
 
 def _too_many_values() -> str:
-    return (f"more than {MAX_DOCUMENT_VALUES} values in one document (YAML aliases expanded): "
-            "a manifest has about a hundred")
+    return (f"more than {MAX_DOCUMENT_VALUES} values in one document (YAML aliases expanded), or nested more "
+            f"than {MAX_DOCUMENT_DEPTH} deep: a manifest has about a hundred values, a few levels deep")
 
 
 def _check_expansion(data: bytes) -> None:
-    """Refuse a document whose values, YAML aliases expanded, are more than MAX_DOCUMENT_VALUES.
-
-    Counted on libyaml's events, before anything is built: no more memory than the nesting depth,
-    and it stops at the first value past the limit. An alias counts the values of its anchor
-    (anchors are per document), so a 500-byte "billion laughs" is refused as soon as it is seen.
-    A syntax error is left to the loader, which says which document it is in.
-    """
+    """Refuse a document of more than MAX_DOCUMENT_VALUES values (YAML aliases expanded) or nested
+    more than MAX_DOCUMENT_DEPTH deep, before it is built (see reconciler.yamlbounds). A syntax error
+    is left to the loader, which says which document it is in."""
     try:
-        past = _past_value_limit(data)
+        past = first_past_limits(data, MAX_DOCUMENT_VALUES, MAX_DOCUMENT_DEPTH)
     except (yaml.YAMLError, ValueError, RecursionError):
         return
     if past is not None:
-        document, line = past
-        raise _SyntaxError(f"{_too_many_values()}, past line {line}", document=document)
-
-
-def _past_value_limit(data: bytes) -> tuple[int, int] | None:
-    """(document index, line) where the count of values passes MAX_DOCUMENT_VALUES, or None."""
-    document, count = -1, 0
-    sizes: dict[str, int] = {}                      # anchor -> values it stands for
-    open_nodes: list[tuple[str | None, int]] = []   # (anchor, count before the collection)
-    for event in yaml.parse(data, Loader=yaml.CSafeLoader):
-        if isinstance(event, yaml.DocumentStartEvent):
-            document, count = document + 1, 0
-            sizes.clear()
-        elif isinstance(event, yaml.AliasEvent):
-            # None: undefined, or inside its own anchor; the loader refuses both.
-            count += sizes.get(event.anchor, 0)
-        elif isinstance(event, yaml.CollectionStartEvent):
-            open_nodes.append((event.anchor, count))
-            count += 1
-        elif isinstance(event, yaml.ScalarEvent):
-            count += 1
-            if event.anchor is not None:
-                sizes[event.anchor] = 1
-        elif isinstance(event, yaml.CollectionEndEvent):
-            anchor, before = open_nodes.pop()
-            if anchor is not None:
-                sizes[anchor] = count - before
-        if count > MAX_DOCUMENT_VALUES:
-            return max(document, 0), event.start_mark.line + 1
-    return None
+        raise _SyntaxError(f"{_too_many_values()}, past line {past.line}", document=past.document)
 
 
 def _count_values(value: Any) -> int:

@@ -348,3 +348,13 @@ def test_the_agent_stays_small_and_quick_beside_every_hostile_manifest(agent_env
     assert peak < 200 * 1024 * 1024, f"agent RSS {peak / 2**20:.0f} MiB"
     assert took < 1.0, f"the good manifest took {took:.2f} s to run"
     assert agent.poll() is None
+
+
+def test_a_manifest_nested_sixty_thousand_deep_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """libyaml's composer recurses in C: 60,000 nested `[` overflowed its stack (SIGSEGV, found by the
+    flag fuzzing of --config). The depth is now refused from libyaml's events first."""
+    (tmp_path / "deep.yaml").write_text("[" * 60_000)
+    result = subprocess.run([sys.executable, "-m", "reconciler", "validate", "--manifests_strict_modes=false",
+                             str(tmp_path / "deep.yaml")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    assert "nested more than 64 deep" in result.stdout + result.stderr

@@ -26,17 +26,6 @@ LIMIT = 8192
 
 # Sizes and flags ---------------------------------------------------------------------------------
 
-def test_parse_size_mesos_units():
-    assert logs.parse_size("10MB") == 10 * 1024 * 1024
-    assert logs.parse_size("512KB") == 512 * 1024
-    assert logs.parse_size("4096B") == 4096 == logs.parse_size("4096") == logs.parse_size(4096)
-    assert logs.parse_size("1Gi") == 1 << 30
-    assert logs.parse_size("0") == 0
-    for bad, words in (("10XB", "invalid size"), ("100", "less than one page"), ("-5", "invalid size")):
-        with pytest.raises(ValueError, match=words):
-            logs.parse_size(bad)
-
-
 def test_bad_logger_flag_stops_the_agent_with_one_line(agent_env):
     result = agent_env.once("--container_logger_max_stdout_size=12parsecs")
     assert result.returncode == 2

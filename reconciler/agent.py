@@ -160,23 +160,23 @@ class Agent:
             self._settling.cancel()
         self.close()
 
-    async def once(self) -> bool:
-        """One pass, then return whether every manifest converged; containers keep running.
+    async def once(self) -> list[str]:
+        """One pass, then why it did not converge (nothing when every manifest did); containers keep running.
 
         What it leaves on disk is what is true when it returns. It settles (see _settle_for_exit), and
         only then stops watching: asyncio tears the loop down after `once` (cancelling tasks, shutting its
         executor down) and runs it while doing so, so an exit noticed then would start a destroy that
         fails on the shut-down executor and leaves its status half-way."""
         await self.start()
-        converged = await self._settle_for_exit()
+        problems = await self._settle_for_exit()
         await self._stop_watching()
         if self.reconciler.log_rotator is not None:
             await self.reconciler.log_rotator.wait()    # the rotation the last statistics pass started
         self.close()
-        return converged
+        return problems
 
-    async def _settle_for_exit(self) -> bool:
-        """Until the status files say what is true, then whether every manifest converged.
+    async def _settle_for_exit(self) -> list[str]:
+        """Until the status files say what is true, then why not every manifest converged.
 
         Every exit handled, destroy finished and reconcile done; every sandbox measured (a disk limit it
         enforces ends a container: settled like any exit); then the last files are written (statistics,
@@ -191,7 +191,7 @@ class Agent:
             self.write_agent_status()
             ended = self._ended_unnoticed()
             if not ended:
-                return self.reconciler.converged()
+                return self.reconciler.unconverged()
             await asyncio.gather(*(self.containerizer.destroy(c.id) for c in ended))
 
     async def _measure_now(self) -> bool:

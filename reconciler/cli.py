@@ -123,7 +123,10 @@ def _once(args: argparse.Namespace) -> int:
         agent = _agent(args)
         if agent is None:
             return 2
-        return 0 if await agent.once() else 1
+        problems = await agent.once()
+        for problem in problems:
+            print(f"reconciler once: not converged: {problem}", file=sys.stderr)
+        return 1 if problems else 0
     return asyncio.run(main())
 
 

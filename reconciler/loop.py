@@ -548,14 +548,23 @@ class Reconciler:
 
     def converged(self) -> bool:
         """`once`: every manifest is Running or Succeeded, none is invalid."""
+        return not self.unconverged()
+
+    def unconverged(self) -> list[str]:
+        """Why `once` did not converge, a line each: the listing's problems, then each name not
+        Running or Succeeded with its phase and message."""
         listing = self.listing
-        if listing is None or not listing.ok or listing.invalid or listing.invalid_files or listing.duplicates:
-            return False
+        if listing is None:
+            return ["the manifest directory was never listed"]
+        if not listing.ok:
+            return [listing.error or "the manifest directory could not be listed"]
+        problems = [item.message for item in [*listing.invalid_files, *listing.invalid.values(), *listing.duplicates]]
         for name in listing.desired:
             state = self.names.get(name)
-            if state is None or self.compose(name, state)["phase"] not in ("Running", "Succeeded"):
-                return False
-        return True
+            doc = self.compose(name, state) if state is not None else {"phase": "Pending", "message": ""}
+            if doc["phase"] not in ("Running", "Succeeded"):
+                problems.append(f"{name}: {doc['phase']}" + (f": {doc['message']}" if doc["message"] else ""))
+        return problems
 
     def garbage_collect_status_files(self) -> None:
         """Status files of names nobody knows (left by an earlier run); only after a good listing."""

@@ -113,3 +113,22 @@ def test_once_leaves_the_settled_truth_when_containers_end_as_it_finishes(env):
         assert web["phase"] == "Running"
         assert web_pid in (None, web["pid"]), "the long-running container was never touched"
         web_pid = web["pid"]
+
+
+def test_once_says_why_it_did_not_converge(agent_env) -> None:
+    """It exited 1 and said nothing; now a line per reason, naming the directory, file or name."""
+    env = agent_env
+    missing = env.tmp / "no-such-dir"
+    result = env.once(manifests=missing)
+    assert result.returncode == 1
+    assert f"reconciler once: not converged: manifest directory {missing} does not exist" in result.stderr
+    (env.manifests / "job.yaml").write_text(json.dumps({"apiVersion": "reconciler/v1", "kind": "Container",
+                                                        "metadata": {"name": "job"}, "spec": {"command": {
+                                                            "value": "true", "user": "no-such-user-rcl"}}}))
+    (env.manifests / "broken.yaml").write_text("spec: [")
+    result = env.once()
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("reconciler once: not converged: ")]
+    assert any(str(env.manifests / "broken.yaml") in line and "invalid YAML" in line for line in lines), lines
+    assert any(line.startswith("reconciler once: not converged: job: Failed: ") and "no-such-user-rcl" in line
+               for line in lines), lines

@@ -50,6 +50,11 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "allow_privileged": ("Security", "", "Let a manifest ask for `linux_info.privileged: true` (every capability, every device, no seccomp filter, no masked paths). Refused otherwise."),
     "docker_ignore_image_user": ("Security", "", "Mesos's behaviour: an image's `User` is ignored (with a warning) and the command runs as `command.user`, else root. Off: the image's `User` applies as in Docker."),
     "manifests_strict_modes": ("Security", "", "As sshd's StrictModes: manifests are read only from a directory (and its ancestors) and files owned by root (or the agent's user) and writable by nobody else; a sticky ancestor such as /tmp, and a read-only mount, are accepted. A refused directory destroys nothing. `false` relaxes it (also a flag of `reconciler validate`)."),
+    "network_cni_config_dir": ("Networking", "", "With `network/cni`: the CNI network configurations (`.conf`, `.conflist`, `.json`; CNI spec up to 1.0.0), re-read at every launch. Required with `network/cni`."),
+    "network_cni_plugins_dir": ("Networking", "", "With `network/cni`: where CNI plugins are found, a search path (`/usr/lib/cni:/opt/cni/bin`). Required with `network/cni`; a missing directory stops the agent at start."),
+    "network_cni_metrics": ("Networking", "", "With `network/cni`: each container's interface counters (`net_rx_bytes`, ... `net_tx_dropped`) in its statistics."),
+    "network_cni_plugin_timeout": ("Networking", "duration", "With `network/cni`: a plugin still running after this long is killed with its process group, and its ADD or DEL fails (at least `100ms`)."),
+    "default_container_dns": ("Networking", "", "With `network/cni`: Mesos's JSON (`{\"mesos\": [{\"network_mode\": \"CNI\", \"network_name\": \"net1\", \"dns\": {\"nameservers\": [...]}}]}`) for networks whose plugins give no DNS; else the host's `/etc/resolv.conf` without loopback nameservers."),
     "docker_max_image_size": ("Images", "bytes", "The most an image's layers may expand to, all together (sparse files counted at their full size); a bigger image is refused. A bare number is bytes."),
 }
 

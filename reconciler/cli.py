@@ -280,7 +280,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def format_table(docs: list[dict[str, Any]], now: float) -> str:
-    headers = ["NAME", "PHASE", "PID", "RESTARTS", "NET_CLS", "DISK", "AGE", "MESSAGE"]
+    headers = ["NAME", "PHASE", "PID", "IP", "RESTARTS", "NET_CLS", "DISK", "AGE", "MESSAGE"]
     rows = [headers]
     for doc in docs:
         net_cls = (doc.get("net_cls") or {}).get("classid") or "-"
@@ -290,11 +290,20 @@ def format_table(docs: list[dict[str, Any]], now: float) -> str:
             used, limit = disk.get("used_bytes"), disk.get("limit_bytes")
             disk_text = f"{_bytes(used)}/{_bytes(limit) if limit is not None else '-'}"
         rows.append([
-            doc.get("name", "?"), doc.get("phase", "?"), str(doc.get("pid") or "-"), str(doc.get("restarts", 0)),
+            doc.get("name", "?"), doc.get("phase", "?"), str(doc.get("pid") or "-"), _first_ip(doc),
+            str(doc.get("restarts", 0)),
             net_cls, disk_text, _age(doc.get("started_at"), now), (doc.get("message") or "")[:80],
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
+
+
+def _first_ip(doc: dict[str, Any]) -> str:
+    """network/cni: the container's first address; `-` on the host network (or with none yet)."""
+    for network in doc.get("network_infos") or []:
+        for address in network.get("ip_addresses") or []:
+            return str(address.get("ip_address") or "-")
+    return "-"
 
 
 def _bytes(value: int | None) -> str:

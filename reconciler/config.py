@@ -34,7 +34,7 @@ MAX_STRUCTURE_VALUES = 10_000   # of a list, mapping or JSON value, YAML aliases
 MAX_STRUCTURE_DEPTH = 32
 MAX_CONFIG_FILE_BYTES = 1 << 20
 PATH_MAX, NAME_MAX = 4096, 255
-JSON_FLAGS = {"default_container_info"}
+JSON_FLAGS = {"default_container_info", "default_container_dns"}
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 # Duration flags: (shortest, its spelling, why). Every resync re-lists the manifest directory, refreshes
@@ -45,6 +45,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 DURATION_FLOORS: dict[str, tuple[float, str, str]] = {
     "resync_interval": (0.1, "100ms", "each resync re-lists the manifests and rewrites _agent.json"),
     "container_disk_watch_interval": (0.001, "1ms", "Mesos's own tests go down to 1ms"),
+    "network_cni_plugin_timeout": (0.1, "100ms", "a plugin is given at least that long to attach a container"),
 }
 MAX_FLAG_DURATION = 365 * 86400.0     # past a year is a typo, and past the timers' own range soon after
 
@@ -215,6 +216,12 @@ class AgentConfig(BaseModel):
     docker_ignore_image_user: bool = False     # Mesos's behaviour: an image's User is ignored (warning)
     manifests_strict_modes: bool = True        # sshd's StrictModes for the manifest directory and files
     docker_max_image_size: int = 20 * 1024 ** 3   # bytes an image's layers may expand to, all together
+    # network/cni (Mesos's flags): CNI network configurations, and the plugins' search path.
+    network_cni_config_dir: str | None = None
+    network_cni_plugins_dir: str | None = None      # "dir[:dir...]", as CNI_PATH
+    network_cni_metrics: bool = True                # each container's rx/tx counters in its statistics
+    network_cni_plugin_timeout: float = 60.0        # a plugin still running after this long is killed
+    default_container_dns: dict[str, Any] | None = None   # Mesos's JSON {"mesos": [...]} for networks without DNS
 
     @field_validator("isolation", "image_providers", mode="before")
     @classmethod
@@ -268,7 +275,7 @@ class AgentConfig(BaseModel):
         # Sandboxes and checkpoints are used by processes whose working directory is not ours.
         return value if info.field_name == "manifests" else os.path.abspath(value)
 
-    @field_validator("status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir")
+    @field_validator("status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir", "network_cni_config_dir")
     @classmethod
     def _optional_path(cls, value: str | None) -> str | None:
         if not value:
@@ -285,7 +292,34 @@ class AgentConfig(BaseModel):
         _check_path(value)
         return value
 
-    @field_validator("container_disk_watch_interval", "resync_interval", mode="before")
+    @field_validator("network_cni_plugins_dir")
+    @classmethod
+    def _search_path(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = [part for part in value.split(":") if part]
+        for part in parts:
+            _check_path(part)
+        return ":".join(os.path.abspath(part) for part in parts) or None
+
+    @field_validator("default_container_dns", mode="before")
+    @classmethod
+    def _default_dns(cls, value: Any) -> Any:
+        from reconciler.network.etc_files import DefaultContainerDns
+
+        if isinstance(value, str):
+            if value == "":
+                return None
+            value = _parse_json(value, "Mesos's JSON {\"mesos\": [...]}")
+            _check_value(value, json_text=True)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object ({{\"mesos\": [...]}}, as Mesos), got {_quote(value)}")
+        DefaultContainerDns.from_mesos_json(value)   # refused here, with the flag's name, not at a launch
+        return value
+
+    @field_validator("container_disk_watch_interval", "resync_interval", "network_cni_plugin_timeout", mode="before")
     @classmethod
     def _duration(cls, value: Any, info: ValidationInfo) -> float:
         seconds = parse_duration(value)
@@ -444,7 +478,8 @@ class AgentConfig(BaseModel):
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @field_validator("enforce_container_disk_quota", "disallow_sharing_agent_pid_namespace", "xfs_kill_containers",
-                     "allow_privileged", "docker_ignore_image_user", "manifests_strict_modes", mode="before")
+                     "allow_privileged", "docker_ignore_image_user", "manifests_strict_modes", "network_cni_metrics",
+                     mode="before")
     @classmethod
     def _bool(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -507,6 +542,15 @@ class AgentConfig(BaseModel):
         return self.docker_registry or os.path.join(self.work_dir, "images")
 
     @property
+    def network_cni_plugin_path(self) -> list[str]:
+        return self.network_cni_plugins_dir.split(":") if self.network_cni_plugins_dir else []
+
+    @property
+    def network_path(self) -> str:
+        """network/cni: each container's networks, results and /etc files (Mesos's --network_cni_root_dir)."""
+        return os.path.join(self.work_dir, "cni")
+
+    @property
     def docker_store_path(self) -> str:
         """Mesos --docker_store_dir: where image layers are extracted, shared by every container."""
         return self.docker_store_dir or os.path.join(self.work_dir, "store", "docker")
@@ -518,7 +562,7 @@ class AgentConfig(BaseModel):
 
 FLAG_NAMES = list(AgentConfig.model_fields)
 BOOL_FLAGS = {"enforce_container_disk_quota", "disallow_sharing_agent_pid_namespace", "xfs_kill_containers",
-              "allow_privileged", "docker_ignore_image_user", "manifests_strict_modes"}
+              "allow_privileged", "docker_ignore_image_user", "manifests_strict_modes", "network_cni_metrics"}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -300,6 +300,7 @@ class Containerizer:
                 users.give_sandbox(config.sandbox, user)   # refused unless it is the agent's own user
             # As root, the init gives the sandbox to the user once it has made its mounts and opened
             # stdout and stderr in it: until then only root can change what is in it.
+            self._check_networks(config)
             info = LaunchInfo()
             for isolator in self.isolators:
                 part = isolator.prepare(cid, config)
@@ -328,6 +329,14 @@ class Containerizer:
             self._abort_launch(container)
             raise
         return container
+
+    def _check_networks(self, config: ContainerConfig) -> None:
+        """A container on CNI networks without network/cni would run on the host network unannounced."""
+        container = config.spec.container
+        named = [n.name for n in container.network_infos if n.name] if container is not None else []
+        if named and not any(isolator.name == "network/cni" for isolator in self.isolators):
+            raise PermanentError(f"container.network_infos names the CNI network '{named[0]}', but the network/cni "
+                                 "isolator is not enabled (add it to --isolation)")
 
     def _abort_launch(self, container: Container) -> None:
         cid = container.id
@@ -378,6 +387,7 @@ class Containerizer:
             "stdout": os.path.join(config.sandbox, "stdout"),
             "stderr": os.path.join(config.sandbox, "stderr"),
             "hostname": info.hostname,
+            "network_namespace": info.network_namespace,
             "mounts": info.mounts,
             "rlimits": info.rlimits,
             "pre_exec": info.pre_exec,

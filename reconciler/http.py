@@ -791,10 +791,11 @@ class HttpFace:
         for doc in self.docs.values():
             phases[doc["phase"]] = phases.get(doc["phase"], 0) + 1
         net_cls = (agent_doc.get("isolator_status") or {}).get("cgroups/net_cls")
+        cni = (agent_doc.get("isolator_status") or {}).get("network/cni")
         listing = self.agent.reconciler.listing
         errors = {"invalid_document": len(listing.invalid), "invalid_file": len(listing.invalid_files),
                   "duplicate_name": len(listing.duplicates)} if listing is not None else {}
-        return self.metrics.render({n: p[2] for n, p in self.pieces.items()}, phases, net_cls, errors)
+        return self.metrics.render({n: p[2] for n, p in self.pieces.items()}, phases, net_cls, errors, cni)
 
     # routes (on the server thread: a look-up, nothing computed) -------------------------------------
     def _state(self) -> tuple[bytes, int]:
@@ -826,6 +827,10 @@ def container_status(doc: dict[str, Any]) -> dict[str, Any]:
     net_cls = doc.get("net_cls")
     if net_cls and net_cls.get("classid_int") is not None:
         status["cgroup_info"] = {"net_cls": {"classid": net_cls["classid_int"]}}
+    if doc.get("network_infos"):
+        # Mesos's NetworkInfo: addresses and port mappings (the interface is ours, not in mesos.proto).
+        status["network_infos"] = [{"name": n["name"], "ip_addresses": n["ip_addresses"],
+                                    "port_mappings": n["port_mappings"]} for n in doc["network_infos"]]
     return status
 
 

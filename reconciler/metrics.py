@@ -19,6 +19,8 @@ Metrics (all `reconciler_…`):
   container_disk_used_bytes / _limit_bytes{container}   gauge  from the disk isolator's status block
   container_memory_rss_bytes{container}, container_cpu_seconds_total{container,mode}  from statistics
   net_cls_handles{state}               gauge      used|free|total secondary handles (cgroups/net_cls)
+  cni_operations_total{network,command,result}  counter  CNI ADD/DEL runs per network (network/cni)
+  cni_operation_seconds_total{network,command,result}  counter  time in them
   manifest_errors{kind}                gauge      invalid documents, unparseable files, duplicate names
   build_info{version}                  gauge      1
 """
@@ -142,6 +144,19 @@ CONTAINER_FAMILIES = (
 )
 
 
+def cni_lines(operations: list[dict[str, Any]]) -> list[str]:
+    """network/cni: CNI ADD and DEL of each network, by result, and the time they took (a sum: its rate
+    over the count's is the mean latency)."""
+    out = [header("reconciler_cni_operations_total", "counter", "CNI plugin chain runs (ADD, DEL) per network, by result.")]
+    for op in operations:
+        out.append(f"reconciler_cni_operations_total{labels([('network', op['network']), ('command', op['command'].upper()), ('result', op['result'])])} {op['count']}\n")
+    out.append(header("reconciler_cni_operation_seconds_total", "counter",
+                      "Time spent in CNI plugin chains (ADD, DEL) per network, by result."))
+    for op in operations:
+        out.append(f"reconciler_cni_operation_seconds_total{labels([('network', op['network']), ('command', op['command'].upper()), ('result', op['result'])])} {number(op['seconds'])}\n")
+    return out
+
+
 class AgentMetrics:
     """What the loop counts as it goes; per-container samples come from status documents at render time."""
 
@@ -168,7 +183,8 @@ class AgentMetrics:
         self.reconciles.inc(result)
 
     def render(self, containers: dict[str, tuple[str, str, str, str, str]], phases: dict[str, int],
-               net_cls: dict[str, Any] | None, manifest_errors: dict[str, int]) -> bytes:
+               net_cls: dict[str, Any] | None, manifest_errors: dict[str, int],
+               cni: dict[str, Any] | None = None) -> bytes:
         out = [header("reconciler_build_info", "gauge", "The agent's version."),
                f"reconciler_build_info{labels([('version', self.version)])} 1\n",
                self.reconcile_duration.render(), self.reconciles.render(), self.sync_duration.render(),
@@ -188,6 +204,8 @@ class AgentMetrics:
                 value = net_cls.get(f"handles_{state}")
                 if value is not None:
                     out.append(f"reconciler_net_cls_handles{labels([('primary', primary), ('state', state)])} {value}\n")
+        if cni is not None:
+            out.extend(cni_lines(cni.get("operations") or []))
         out.append(header("reconciler_manifest_errors", "gauge",
                           "Problems in the manifest directory now: invalid documents, unparseable files, duplicate names."))
         for kind in ("invalid_document", "invalid_file", "duplicate_name"):

@@ -540,15 +540,64 @@ class RLimitInfo(BaseModel):
         return rlimits
 
 
+class Label(BaseModel):
+    model_config = _MANIFEST_CONFIG
+
+    key: str = Field(min_length=1, max_length=253)
+    value: str = Field(default="", max_length=1024)
+
+
+class Labels(BaseModel):
+    """Mesos Labels: `{labels: [{key, value}]}`; passed to CNI plugins as CNI_ARGS and `args.org.apache.mesos`."""
+
+    model_config = _MANIFEST_CONFIG
+
+    labels: list[Label] = Field(default=[], max_length=64)
+
+
+class PortMapping(BaseModel):
+    """Mesos NetworkInfo.PortMapping: a host port forwarded to the container (CNI `portMappings`)."""
+
+    model_config = _MANIFEST_CONFIG
+
+    host_port: int = Field(ge=1, le=65535)
+    container_port: int = Field(ge=1, le=65535)
+    protocol: Literal["tcp", "udp", "sctp"] = "tcp"
+
+
+class NetworkInfo(BaseModel):
+    """Mesos NetworkInfo: a CNI network the container joins (a file of --network_cni_config_dir).
+    No name means the host network, as in Mesos; `none` gives loopback only."""
+
+    model_config = _MANIFEST_CONFIG
+
+    name: str | None = Field(default=None, min_length=1, max_length=128, json_schema_extra={
+        "pattern": "^[a-zA-Z0-9][a-zA-Z0-9_.-]*" + END_OF_TEXT})
+    labels: Labels | None = None
+    port_mappings: list[PortMapping] = Field(default=[], max_length=1024)
+
+    @field_validator("name")
+    @classmethod
+    def _cni_network_name(cls, name: str | None) -> str | None:
+        if name is not None and not _CNI_NAME.fullmatch(name):
+            raise ValueError(f"network name {brief(name)} is not a CNI network name: letters, digits, '_', '.' "
+                             "and '-', starting with a letter or digit")
+        return name
+
+
+_CNI_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
+
+
 class ContainerInfo(BaseModel):
     """Mesos ContainerInfo (type MESOS only)."""
 
     model_config = _MANIFEST_CONFIG
 
     type: Literal["MESOS"] = "MESOS"
-    hostname: str | None = Field(default=None, json_schema_extra={"maxLength": 253, "pattern": HOSTNAME_PATTERN})
+    hostname: str | None = Field(default=None, json_schema_extra={"maxLength": 64, "pattern": HOSTNAME_PATTERN})
     mesos: MesosInfo | None = None
     volumes: list[Volume] = Field(default=[], max_length=MAX_VOLUMES)
+    network_infos: list[NetworkInfo] = Field(default=[], max_length=16)
     linux_info: LinuxInfo | None = None
     rlimit_info: RLimitInfo | None = None
 
@@ -565,10 +614,10 @@ class ContainerInfo(BaseModel):
         if hostname is None:
             return None
         labels = hostname.split(".")
-        if len(hostname) > 253 or not all(len(label) <= 63 and _HOSTNAME_LABEL.fullmatch(label) for label in labels):
+        if len(hostname) > 64 or not all(len(label) <= 63 and _HOSTNAME_LABEL.fullmatch(label) for label in labels):
             raise ValueError(
                 f"hostname {brief(hostname)} is not a valid hostname: dot-separated labels of letters, digits and '-', "
-                "each at most 63 characters and not starting or ending with '-'"
+                "each at most 63 characters and not starting or ending with '-', at most 64 in all (the kernel's limit)"
             )
         return hostname
 
@@ -592,6 +641,27 @@ class ContainerInfo(BaseModel):
                     raise ValueError(f"volumes[{i}] ({_cut(inner)}) is nested under volumes[{j}] ({_cut(ancestor)})")
                 ancestor = posixpath.dirname(ancestor)
         return volumes
+
+    @field_validator("network_infos")
+    @classmethod
+    def _networks_joinable(cls, networks: list[NetworkInfo]) -> list[NetworkInfo]:
+        names = [n.name for n in networks if n.name is not None]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"Attempted to join CNI network {brief(name)} multiple times")
+        if "none" in names and len(names) > 1:
+            raise ValueError("network 'none' (loopback only) cannot be joined with other networks")
+        if names and len(names) != len(networks):
+            raise ValueError("a network without a name is the host network: it cannot be joined with CNI networks")
+        seen: dict[tuple[int, str], int] = {}
+        for mapping in (m for n in networks for m in n.port_mappings):
+            key = (mapping.host_port, mapping.protocol)
+            if key in seen:
+                raise ValueError(f"host port {mapping.host_port}/{mapping.protocol} is mapped twice")
+            seen[key] = mapping.container_port
+        if any(n.port_mappings for n in networks if n.name in (None, "none")):
+            raise ValueError("port_mappings need a CNI network: the host network and 'none' map no ports")
+        return networks
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,6 +753,32 @@ class NetClsInfo(BaseModel):
     secondary: str
 
 
+class IPAddressStatus(BaseModel):
+    model_config = _STATUS_CONFIG
+
+    protocol: Literal["IPv4", "IPv6"]
+    ip_address: str
+
+
+class PortMappingStatus(BaseModel):
+    model_config = _STATUS_CONFIG
+
+    host_port: int
+    container_port: int
+    protocol: str
+
+
+class NetworkInfoStatus(BaseModel):
+    """Mesos ContainerStatus.network_infos: a network the container joined, and its addresses there."""
+
+    model_config = _STATUS_CONFIG
+
+    name: str
+    interface: str = Field(description="The container's interface on this network (eth0, eth1, ...; lo for none)")
+    ip_addresses: list[IPAddressStatus] = []
+    port_mappings: list[PortMappingStatus] = []
+
+
 class DiskInfo(BaseModel):
     model_config = _STATUS_CONFIG
 
@@ -717,6 +813,15 @@ class ResourceStatistics(BaseModel):
     mem_unevictable_bytes: int | None = None
     disk_used_bytes: int | None = None
     disk_limit_bytes: int | None = None
+    # network/cni with --network_cni_metrics: the container's interfaces, loopback left out.
+    net_rx_packets: int | None = None
+    net_rx_bytes: int | None = None
+    net_rx_errors: int | None = None
+    net_rx_dropped: int | None = None
+    net_tx_packets: int | None = None
+    net_tx_bytes: int | None = None
+    net_tx_errors: int | None = None
+    net_tx_dropped: int | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unmeasured(self, handler: Any) -> Any:
@@ -779,6 +884,8 @@ class ContainerStatus(BaseModel):
     net_cls: NetClsInfo | None = None
     disk: DiskInfo | None = None
     security: SecurityInfo | None = None
+    network_infos: list[NetworkInfoStatus] | None = Field(
+        default=None, description="network/cni: the CNI networks joined and the addresses given (absent: host network)")
     statistics: ResourceStatistics | None = None
     updated_at: str
 

@@ -91,7 +91,7 @@ def test_a_default_container_info_that_is_not_a_container_info_is_one_line(tmp_p
     assert result.stderr.splitlines() == [
         "reconciler: flag --default_container_info (from command line): volumes[0].container_path: container_path "
         "'rel' must be an absolute path; bogus: unknown field; expected one of: type, hostname, mesos, volumes, "
-        "linux_info, rlimit_info"]
+        "network_infos, linux_info, rlimit_info"]
 
 
 def test_capability_flags_take_a_list_mesos_json_or_nothing() -> None:
@@ -154,10 +154,11 @@ FUZZ = {
 # What is legitimately valid: a path or a file name (a directory named 'nan' is one), and empty where
 # the flag's default is "unset" or "none". Every other value of FUZZ is refused, for every flag.
 NAMES = {"manifests", "work_dir", "status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir",
-         "cgroups_root", "seccomp_profile_name"}
+         "cgroups_root", "seccomp_profile_name", "network_cni_config_dir", "network_cni_plugins_dir"}
 EMPTY_IS_UNSET = {"status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir", "default_container_info",
                   "cgroups_net_cls_primary_handle", "image_providers", "attributes", "effective_capabilities",
-                  "bounding_capabilities", "http_address", "seccomp_profile_name"}
+                  "bounding_capabilities", "http_address", "seccomp_profile_name", "network_cni_config_dir",
+                  "network_cni_plugins_dir", "default_container_dns"}
 
 
 def accepted(flag: str, case: str) -> bool:

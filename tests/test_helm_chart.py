@@ -146,6 +146,7 @@ def test_daemonset_runs_the_agent_privileged_with_the_hosts_pids_cgroups_and_dir
     # work_dir is the host's, at the same path, so the next pod finds the checkpoints.
     assert vols["work-dir"]["hostPath"] == {"path": "/var/lib/reconciler", "type": "DirectoryOrCreate"}
     assert mnts["/var/lib/reconciler"]["name"] == "work-dir"
+    assert mnts["/var/lib/reconciler"]["mountPropagation"] == "Bidirectional"   # namespaces outlive the pod
     assert flag(agent, "work_dir") == "/var/lib/reconciler"
     assert flag(agent, "status_dir") == "/var/lib/reconciler/status"   # inside the work-dir volume
     assert flag(agent, "launcher") == "linux"

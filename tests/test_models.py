@@ -300,12 +300,38 @@ def test_valid_hostnames(hostname: str) -> None:
     assert info is not None and info.hostname == hostname
 
 
-@pytest.mark.parametrize("hostname", ["-web", "web-", "we_b", "web..com", "", "a" * 64, "web/1"])
+@pytest.mark.parametrize("hostname", ["-web", "web-", "we_b", "web..com", "", "a" * 64, "web/1",
+                                      ".".join(["a" * 22] * 3)])
 def test_invalid_hostnames(hostname: str) -> None:
     assert errors(container(hostname=hostname)) == [
         f"spec.container.hostname: hostname {hostname!r} is not a valid hostname: dot-separated labels of letters, "
-        "digits and '-', each at most 63 characters and not starting or ending with '-'"
+        "digits and '-', each at most 63 characters and not starting or ending with '-', at most 64 in all "
+        "(the kernel's limit)"
     ]
+
+
+@pytest.mark.parametrize("networks, message", [
+    ([{"name": "a"}, {"name": "a"}], "Attempted to join CNI network 'a' multiple times"),
+    ([{"name": "none"}, {"name": "a"}], "network 'none' (loopback only) cannot be joined with other networks"),
+    ([{}, {"name": "a"}], "a network without a name is the host network: it cannot be joined with CNI networks"),
+    ([{"name": "a", "port_mappings": [{"host_port": 80, "container_port": 8080}]},
+      {"name": "b", "port_mappings": [{"host_port": 80, "container_port": 9090}]}], "host port 80/tcp is mapped twice"),
+    ([{"port_mappings": [{"host_port": 80, "container_port": 8080}]}],
+     "port_mappings need a CNI network: the host network and 'none' map no ports"),
+])
+def test_network_infos_that_cannot_be_joined_are_refused(networks: list, message: str) -> None:
+    assert errors(container(network_infos=networks)) == [f"spec.container.network_infos: {message}"]
+
+
+def test_network_infos_in_mesos_spelling() -> None:
+    info = Manifest.model_validate(container(network_infos=[{
+        "name": "bridge-net", "labels": {"labels": [{"key": "team", "value": "web"}]},
+        "port_mappings": [{"host_port": 8080, "container_port": 80, "protocol": "tcp"},
+                          {"host_port": 8080, "container_port": 80, "protocol": "udp"}]}])).spec.container
+    assert info is not None and info.network_infos[0].name == "bridge-net"
+    assert [m.protocol for m in info.network_infos[0].port_mappings] == ["tcp", "udp"]
+    assert errors(container(network_infos=[{"name": "bad/name"}]))[0].startswith(
+        "spec.container.network_infos[0].name: network name 'bad/name' is not a CNI network name")
 
 
 def test_image_must_be_a_docker_image_with_a_name() -> None:
@@ -570,7 +596,7 @@ SPEC_STATUS_EXAMPLE = {
 def test_the_spec_status_example_is_a_valid_container_status() -> None:
     status = ContainerStatus.model_validate(SPEC_STATUS_EXAMPLE)
     dumped = status.model_dump(mode="json")
-    expected = dict(SPEC_STATUS_EXAMPLE, reason="", image=None, image_id=None, security=None)
+    expected = dict(SPEC_STATUS_EXAMPLE, reason="", image=None, image_id=None, security=None, network_infos=None)
     assert dumped == expected
 
 

@@ -53,7 +53,7 @@ def test_snapshots_are_appended_when_not_a_terminal_and_follow_the_files(tmp_pat
     assert "\x1b[" not in rest, "no terminal escapes into a pipe"
     last = snapshots[-1].splitlines()
     rows = {line.split()[0]: line.split() for line in last[2:] if line.strip()}
-    assert rows["web"][:4] == ["web", "Failed", "-", "0"] and "Command exited with status 3" in snapshots[-1]
+    assert rows["web"][:5] == ["web", "Failed", "-", "-", "0"] and "Command exited with status 3" in snapshots[-1]
     assert rows["db"][:2] == ["db", "Pending"]
 
 

@@ -26,6 +26,7 @@ REGISTRY: dict[str, str] = {
     "linux/seccomp": "reconciler.isolators.seccomp:LinuxSeccompIsolator",
     "namespaces/ipc": "reconciler.isolators.namespaces:IpcNamespaceIsolator",
     "namespaces/pid": "reconciler.isolators.namespaces:PidNamespaceIsolator",
+    "network/cni": "reconciler.isolators.network_cni:NetworkCniIsolator",
     "disk/du": "reconciler.isolators.disk_du:DiskDuIsolator",
     "disk/xfs": "reconciler.isolators.disk_xfs:DiskXfsIsolator",
 }

@@ -120,6 +120,8 @@ class LaunchInfo:
     # {"name": "default" | a file name of --seccomp_config_dir, "path": its file (None: the built-in
     # default)}; the containerizer compiles it for the container's capabilities. None: unconfined.
     seccomp: dict[str, Any] | None = None
+    # network/cni: the network namespace (a bind-mounted nsfs file) the init joins before anything else.
+    network_namespace: str | None = None
 
     def merge(self, other: "LaunchInfo") -> None:
         """Fold another isolator's launch info in, refusing the conflicts Mesos refuses."""
@@ -136,6 +138,7 @@ class LaunchInfo:
             ("command", "Multiple isolators specify command"),
             ("rootfs", "Multiple isolators specify rootfs"),
             ("seccomp", "Multiple isolators specify seccomp"),
+            ("network_namespace", "Multiple isolators specify a network namespace"),
         ):
             theirs = getattr(other, attr)
             if theirs:

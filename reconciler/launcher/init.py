@@ -53,6 +53,7 @@ PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 47, 2, 4
 SECBIT_NOROOT = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CAP_KILL = 5
+CLONE_NEWNET = 0x40000000
 PID1_STATUS_FD = 3    # where pid1 finds the status file (then the command's release and its errors)
 MNT_DETACH = 2
 # pivot_root has no glibc wrapper (the same table as reconciler.linux.syscalls, which the init can't import).
@@ -134,6 +135,8 @@ def run(spec: dict, go_fd: int, status_fd: int, pid1_fd: int) -> int:
     setup_error = None
     user = spec.get("user")
     try:
+        if spec.get("network_namespace"):
+            join_network_namespace(spec["network_namespace"])
         # Opened here, by their host paths: a root filesystem entered below would hide them.
         stdio = open_stdio(spec)
         apply_launch_info(spec)
@@ -208,6 +211,17 @@ def become_pid1(command: "Command", status_fd: int, pid1_fd: int, last_cap: int)
         os.dup2(fd, target)
     os.closerange(PID1_STATUS_FD + len(wanted), 10)
     os.execve(pid1, ["reconciler-init", str(command.pid)], {})
+
+
+def join_network_namespace(path: str) -> None:
+    """network/cni: the namespace it made and attached (its interfaces, routes and addresses are there)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot join the network namespace {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def apply_launch_info(spec: dict) -> None:

@@ -1,0 +1,197 @@
+"""network/cni with the agent, real containers and Debian's real CNI plugins (issue 12).
+
+Each test has its own bridge, /24, host-local dataDir and CNI configuration directory (the `lab`
+fixture of test_network_cni, which also checks that the host's iptables, nftables and sysctls are
+as they were); traffic goes only to 127.0.0.1 and to addresses inside namespaces the test made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import running
+from tests.test_http import eventually, get, get_json
+from tests.test_network_cni import Lab, fetch, free_port, host_link_exists, lab  # noqa: F401 - lab is a fixture
+
+pytestmark = pytest.mark.root
+
+SERVER = ("import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+          "s.bind(('0.0.0.0', 8080)); s.listen(); s.settimeout(60)\n"
+          "for _ in range(5):\n"
+          "    c, _ = s.accept(); c.sendall(b'hello from ' + socket.gethostname().encode()); c.close()")
+
+
+def network_env(agent_env: Any, lab: Lab) -> Any:
+    agent_env.isolation = "namespaces/pid,network/cni,posix/cpu,posix/mem"
+    lab.write(lab.bridge_plugin(), {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True})
+    return agent_env
+
+
+def flags(lab: Lab) -> list[str]:
+    return [f"--network_cni_config_dir={lab.config_dir}", "--network_cni_plugins_dir=/usr/lib/cni"]
+
+
+def write(env: Any, name: str, command: str, networks: list[dict[str, Any]], **container: Any) -> None:
+    doc = {"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": name},
+           "spec": {"kill_grace_period": "1secs", "command": {"value": command},
+                    "container": {"network_infos": networks, **container}}}
+    path = env.manifests / f"{name}.yaml"
+    tmp = env.manifests / f".{name}.tmp"
+    tmp.write_text(json.dumps(doc))
+    os.rename(tmp, path)
+
+
+def address_of(status: dict[str, Any]) -> str:
+    [network] = status["network_infos"]
+    [address] = network["ip_addresses"]
+    return address["ip_address"]
+
+
+def wait_file(path: Path, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size:
+            return path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_containers_on_a_bridge_get_addresses_reach_each_other_and_leave_nothing(agent_env: Any, lab: Lab) -> None:
+    env = network_env(agent_env, lab)
+    write(env, "server", f"cat /etc/hosts /etc/hostname > hosts.txt; exec python3 -c \"{SERVER}\"",
+          [{"name": lab.name}], hostname="srv")
+    agent = env.start(*flags(lab))
+    server = env.wait_status("server", running, timeout=30)
+    ip = address_of(server)
+    assert ip in [str(host) for host in lab.subnet.hosts()]
+    assert server["network_infos"][0]["name"] == lab.name and server["network_infos"][0]["interface"] == "eth0"
+    hosts = wait_file(env.sandbox(server) / "hosts.txt")
+    assert f"{ip}\tsrv" in hosts and hosts.rstrip().endswith("srv"), hosts
+    # Another container on the same network reaches it by its address.
+    client = ("import socket; c=socket.create_connection(('%s', 8080), timeout=10); "
+              "open('answer.txt','wb').write(c.recv(100))" % ip)
+    write(env, "client", f"python3 -c \"{client}\"; exec sleep 300", [{"name": lab.name}])
+    other = env.wait_status("client", running, timeout=30)
+    assert wait_file(env.sandbox(other) / "answer.txt") == "hello from srv"
+    assert address_of(other) != ip and len(lab.reserved_ips()) == 2
+    # The host network is not theirs: the agent's namespace has no eth0 of theirs, theirs has no host link.
+    assert not os.path.exists(f"/sys/class/net/{lab.bridge}/brif/eth0")
+    # Removed: DEL gives the addresses back, the veths and namespaces go.
+    netns_dir = env.work_dir / "cni" / "netns"
+    assert sorted(os.listdir(netns_dir)) == sorted([server["container_id"], other["container_id"]])
+    for name in ("server", "client"):
+        (env.manifests / f"{name}.yaml").unlink()
+    env.wait_gone("server", timeout=20)
+    env.wait_gone("client", timeout=20)
+    assert lab.reserved_ips() == set()
+    assert os.listdir(netns_dir) == []
+    assert sorted(os.listdir(env.work_dir / "cni")) == ["netns"]
+    assert not list(Path(f"/sys/class/net/{lab.bridge}/brif").iterdir())
+    env.stop(agent)
+
+
+def test_a_port_mapping_serves_the_container_on_localhost_and_the_agent_says_so(agent_env: Any, lab: Lab) -> None:
+    env = network_env(agent_env, lab)
+    port, http_port = free_port(), free_port()
+    write(env, "web", f"exec python3 -c \"{SERVER}\"",
+          [{"name": lab.name, "port_mappings": [{"host_port": port, "container_port": 8080}]}])
+    agent = env.start(*flags(lab), http_address=f"127.0.0.1:{http_port}")
+    web = env.wait_status("web", running, timeout=30)
+    assert web["network_infos"][0]["port_mappings"] == [{"host_port": port, "container_port": 8080,
+                                                          "protocol": "tcp"}]
+    assert fetch(port) == b"hello from web"
+    # Mesos's ContainerStatus.network_infos in /state; CNI runs in /metrics; counters in statistics.
+    ip = address_of(web)
+    state = eventually(lambda: get_json(http_port, "/state"), what="/state")
+    [entry] = state["containers"]
+    assert entry["container_status"]["network_infos"] == [{
+        "name": lab.name, "ip_addresses": [{"protocol": "IPv4", "ip_address": ip}],
+        "port_mappings": [{"host_port": port, "container_port": 8080, "protocol": "tcp"}]}]
+    metrics = eventually(lambda: (body := get(http_port, "/metrics")[2].decode()) and
+                         f'reconciler_cni_operations_total{{network="{lab.name}",command="ADD",result="ok"}} 1' in body
+                         and body, what="CNI ADD counted in /metrics")
+    assert f'reconciler_cni_operation_seconds_total{{network="{lab.name}",command="ADD",result="ok"}}' in metrics
+    stats = env.wait_status("web", lambda s: s.get("statistics", {}).get("net_rx_bytes", 0) > 0, timeout=10)
+    assert stats["statistics"]["net_tx_bytes"] > 0
+    table = subprocess.run([sys.executable, "-m", "reconciler", "status", f"--work_dir={env.work_dir}"],
+                           capture_output=True, text=True, timeout=30).stdout.splitlines()
+    assert table[0].split()[:4] == ["NAME", "PHASE", "PID", "IP"] and table[1].split()[3] == ip, table
+    (env.manifests / "web.yaml").unlink()
+    env.wait_gone("web", timeout=20)
+    env.stop(agent)
+
+
+def test_none_is_loopback_only_with_its_own_hostname_and_dns_files(agent_env: Any, lab: Lab) -> None:
+    env = network_env(agent_env, lab)
+    script = ("import os,socket; open('out.txt','w').write(' '.join(sorted(os.listdir('/sys/class/net'))) + '|' + "
+              "socket.gethostname() + '|' + open('/etc/resolv.conf').read().replace(chr(10), ';'))")
+    write(env, "alone", f"python3 -c \"{script}\"; exec sleep 300", [{"name": "none"}])
+    agent = env.start(*flags(lab))
+    alone = env.wait_status("alone", running, timeout=30)
+    links, hostname, resolv = wait_file(env.sandbox(alone) / "out.txt").split("|")
+    assert links == "lo" and hostname == "alone"
+    assert "127.0.0.53" not in resolv      # the host's loopback resolver is unreachable from there
+    assert alone["network_infos"] == [{"name": "none", "interface": "lo", "ip_addresses": [], "port_mappings": []}]
+    env.stop(agent)
+
+
+def test_an_unknown_network_is_a_launch_failure_in_mesos_words(agent_env: Any, lab: Lab) -> None:
+    env = network_env(agent_env, lab)
+    write(env, "lost", "exec sleep 300", [{"name": "no-such-net"}])
+    agent = env.start(*flags(lab))
+    status = env.wait_status("lost", lambda s: s["phase"] == "Failed", timeout=20)
+    assert "Unknown CNI network 'no-such-net'" in status["message"]
+    env.stop(agent)
+
+
+def test_network_infos_without_the_isolator_are_refused(agent_env: Any, lab: Lab) -> None:
+    env = agent_env
+    env.isolation = "namespaces/pid,posix/cpu"
+    write(env, "web", "exec sleep 300", [{"name": lab.name}])
+    agent = env.start()
+    status = env.wait_status("web", lambda s: s["phase"] == "Failed", timeout=20)
+    assert "network/cni isolator is not enabled" in status["message"]
+    env.stop(agent)
+
+
+# An agent killed right after a network's ADD, before it checkpointed the result (issue 12: "after an
+# agent crash at any point ... recovery finishes or undoes the attachment").
+_DIE_AFTER_ADD = """
+import os, sys
+from reconciler.network import cni
+real = cni.Attachment.add
+def add(self, client):
+    real(self, client)
+    os.write(2, b"dying after the ADD\\n")
+    os._exit(9)
+cni.Attachment.add = add
+from reconciler.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_agent_killed_after_an_add_leaves_nothing_once_recovered(agent_env: Any, lab: Lab) -> None:
+    env = network_env(agent_env, lab)
+    write(env, "web", "exec sleep 300", [{"name": lab.name}])
+    dying = subprocess.run([sys.executable, "-c", _DIE_AFTER_ADD, "run", *env.flags(), *flags(lab)],
+                           capture_output=True, text=True, timeout=60, cwd=env.tmp)
+    assert dying.returncode == 9, dying.stderr
+    assert len(lab.reserved_ips()) == 1 and host_link_exists(lab.bridge)
+    agent = env.start(*flags(lab))
+    web = env.wait_status("web", running, timeout=30)
+    # The half-launched container's address was given back; the new one has its own.
+    assert len(lab.reserved_ips()) == 1 and address_of(web) in lab.reserved_ips()
+    assert os.listdir(env.work_dir / "cni" / "netns") == [web["container_id"]]
+    (env.manifests / "web.yaml").unlink()
+    env.wait_gone("web", timeout=20)
+    assert lab.reserved_ips() == set()
+    env.stop(agent, signal.SIGTERM)

@@ -55,6 +55,7 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "network_cni_metrics": ("Networking", "", "With `network/cni`: each container's interface counters (`net_rx_bytes`, ... `net_tx_dropped`) in its statistics."),
     "network_cni_plugin_timeout": ("Networking", "duration", "With `network/cni`: a plugin still running after this long is killed with its process group, and its ADD or DEL fails (at least `100ms`)."),
     "default_container_dns": ("Networking", "", "With `network/cni`: Mesos's JSON (`{\"mesos\": [{\"network_mode\": \"CNI\", \"network_name\": \"net1\", \"dns\": {\"nameservers\": [...]}}]}`) for networks whose plugins give no DNS; else the host's `/etc/resolv.conf` without loopback nameservers."),
+    "egress_rate_limit_per_container": ("Networking", "", "With `network/cni`: what a container on CNI networks may send per second (`10MB`), unless its `resources.net_egress_rate` says; Mesos's flag. Needs a plugin with the `bandwidth` capability in the network's chain. Unset: no limit."),
     "docker_max_image_size": ("Images", "bytes", "The most an image's layers may expand to, all together (sparse files counted at their full size); a bigger image is refused. A bare number is bytes."),
 }
 

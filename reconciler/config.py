@@ -222,6 +222,7 @@ class AgentConfig(BaseModel):
     network_cni_metrics: bool = True                # each container's rx/tx counters in its statistics
     network_cni_plugin_timeout: float = 60.0        # a plugin still running after this long is killed
     default_container_dns: dict[str, Any] | None = None   # Mesos's JSON {"mesos": [...]} for networks without DNS
+    egress_rate_limit_per_container: int | None = None    # bytes/s a container on CNI networks may send, by default
 
     @field_validator("isolation", "image_providers", mode="before")
     @classmethod
@@ -291,6 +292,16 @@ class AgentConfig(BaseModel):
             raise ValueError(f"{_quote(value)} is not a cgroup path below the hierarchy roots")
         _check_path(value)
         return value
+
+    @field_validator("egress_rate_limit_per_container", mode="before")
+    @classmethod
+    def _egress_rate(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None      # unset, as Mesos: no limit
+        rate = parse_bytes(value, bare_unit=1)
+        if rate == 0:
+            raise ValueError(f"{_quote(value)} would stop every packet: leave the flag out for no limit")
+        return rate
 
     @field_validator("network_cni_plugins_dir")
     @classmethod

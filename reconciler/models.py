@@ -36,7 +36,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from reconciler.images.errors import InvalidReference
 from reconciler.images.reference import parse_reference
-from reconciler.units import format_duration, parse_duration, parse_megabytes
+from reconciler.units import format_duration, parse_bytes, parse_duration, parse_megabytes
 
 API_VERSION = "reconciler/v1"
 
@@ -60,6 +60,7 @@ MAX_EXEC_STRING = 32 * 4096 - 1
 MAX_EXEC_BYTES = 1024 * 1024
 MAX_ITEMS = 65_536               # arguments, environment variables
 MAX_VOLUMES = 1024
+MAX_BYTE_RATE = 1 << 40          # 1TB per second, far past any interface; tc's rates are 64-bit
 
 _brief_repr = reprlib.Repr()
 _brief_repr.maxstring = _brief_repr.maxother = 80
@@ -160,6 +161,27 @@ Megabytes = Annotated[
     }, mode="validation"),
 ]
 
+def _to_bytes_per_second(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"expected bytes per second such as 10MB or 512KB, got {brief(value)}")
+    try:
+        rate = parse_bytes(value, bare_unit=1)
+    except OverflowError:
+        raise ValueError("too large: at most 1TB per second") from None
+    return _at_most(rate, MAX_BYTE_RATE, "1TB per second")
+
+
+ByteRate = Annotated[
+    int,
+    BeforeValidator(_to_bytes_per_second),
+    Field(gt=0),
+    WithJsonSchema({
+        "anyOf": [{"type": "integer", "exclusiveMinimum": 0, "maximum": MAX_BYTE_RATE},
+                  {"type": "string", "pattern": r"^[0-9]+([KkMmGgTt]?[Bb])?$"}],
+        "description": "Bytes per second, a Mesos size (10MB, 512KB; binary multiples) or a number of bytes",
+    }, mode="validation"),
+]
+
 # Matched whole (fullmatch): "web\n" is no name, though `$` matches before a final newline.
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
@@ -213,6 +235,10 @@ class Resources(BaseModel):
     cpus: Annotated[float, Field(gt=0, le=MAX_CPUS, allow_inf_nan=False), _at_most_number(MAX_CPUS)] | None = None
     mem: Megabytes | None = None
     disk: Megabytes | None = None
+    # network/cni: what the container may receive and send, per second, on each CNI network it joins
+    # (through the plugins' `bandwidth` capability); changed in place, as every resource.
+    net_ingress_rate: ByteRate | None = None
+    net_egress_rate: ByteRate | None = None
 
 
 class EnvironmentVariable(BaseModel):

@@ -158,7 +158,7 @@ NAMES = {"manifests", "work_dir", "status_dir", "docker_registry", "docker_store
 EMPTY_IS_UNSET = {"status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir", "default_container_info",
                   "cgroups_net_cls_primary_handle", "image_providers", "attributes", "effective_capabilities",
                   "bounding_capabilities", "http_address", "seccomp_profile_name", "network_cni_config_dir",
-                  "network_cni_plugins_dir", "default_container_dns"}
+                  "network_cni_plugins_dir", "default_container_dns", "egress_rate_limit_per_container"}
 
 
 def accepted(flag: str, case: str) -> bool:

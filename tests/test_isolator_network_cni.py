@@ -40,6 +40,21 @@ def flags(lab: Lab) -> list[str]:
     return [f"--network_cni_config_dir={lab.config_dir}", "--network_cni_plugins_dir=/usr/lib/cni"]
 
 
+@pytest.fixture(autouse=True)
+def _containers_detached(agent_env: Any, lab: Lab) -> Any:
+    """Whatever a test leaves, its containers are destroyed through the agent (CNI DEL: host-local's
+    addresses, portmap's rules, bandwidth's ifb devices) before the lab checks the host is as it was."""
+    yield
+    for agent in agent_env.agents:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    for manifest in agent_env.manifests.iterdir():
+        manifest.unlink()
+    subprocess.run([sys.executable, "-m", "reconciler", "once", *agent_env.flags(), *flags(lab)], timeout=120,
+                   capture_output=True, cwd=agent_env.tmp)
+
+
 def write(env: Any, name: str, command: str, networks: list[dict[str, Any]], **container: Any) -> None:
     doc = {"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": name},
            "spec": {"kill_grace_period": "1secs", "command": {"value": command},
@@ -195,3 +210,62 @@ def test_an_agent_killed_after_an_add_leaves_nothing_once_recovered(agent_env: A
     env.wait_gone("web", timeout=20)
     assert lab.reserved_ips() == set()
     env.stop(agent, signal.SIGTERM)
+
+
+SENDER = ("import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+          "s.bind(('0.0.0.0', 8080)); s.listen(); s.settimeout(120); chunk=b'x'*65536\n"
+          "for _ in range(4):\n"
+          "    c, _ = s.accept(); end=time.monotonic()+2.5\n"
+          "    try:\n"
+          "        while time.monotonic() < end: c.sendall(chunk)\n"
+          "    except OSError: pass\n"
+          "    c.close()")
+
+
+def received_rate(ip: str, seconds: float = 2.0) -> float:
+    """Bytes per second read from the container's sender, after its first half second (the burst)."""
+    import socket
+    with socket.create_connection((ip, 8080), timeout=10) as conn:
+        start = time.monotonic()
+        total, counted_from = 0, None
+        while time.monotonic() - start < seconds + 0.5:
+            data = conn.recv(1 << 16)
+            if not data:
+                break
+            now = time.monotonic()
+            if counted_from is None and now - start >= 0.5:
+                counted_from, total = now, 0
+            total += len(data)
+        return total / (time.monotonic() - counted_from) if counted_from else 0.0
+
+
+def test_egress_bandwidth_holds_within_ten_percent_and_changes_in_place(agent_env: Any, lab: Lab) -> None:
+    env = agent_env
+    env.isolation = "namespaces/pid,network/cni,posix/cpu,posix/mem"
+    lab.write(lab.bridge_plugin(), {"type": "bandwidth", "capabilities": {"bandwidth": True}})
+    doc = {"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": "sender"},
+           "spec": {"kill_grace_period": "1secs", "command": {"value": f"exec python3 -c \"{SENDER}\""},
+                    "resources": {"net_egress_rate": "1MB"}, "container": {"network_infos": [{"name": lab.name}]}}}
+    path = env.manifests / "sender.yaml"
+    path.write_text(json.dumps(doc))
+    agent = env.start(*flags(lab))
+    sender = env.wait_status("sender", running, timeout=30)
+    ip = address_of(sender)
+    time.sleep(0.3)
+    rate = received_rate(ip)
+    assert abs(rate - 1024 * 1024) / (1024 * 1024) <= 0.10, f"{rate / 1024:.0f} KiB/s for a 1024 KiB/s limit"
+    # Halved in place: the same process, the new rate.
+    doc["spec"]["resources"]["net_egress_rate"] = "512KB"
+    path.write_text(json.dumps(doc))
+    env.wait_status("sender", lambda s: s["pid"] == sender["pid"] and
+                    s["spec_hash"] != sender["spec_hash"], timeout=10)
+    time.sleep(0.3)
+    rate = received_rate(ip)
+    assert abs(rate - 512 * 1024) / (512 * 1024) <= 0.10, f"{rate / 1024:.0f} KiB/s for a 512 KiB/s limit"
+    # An ingress limit the container did not start with cannot be added in place: said, not ignored.
+    doc["spec"]["resources"]["net_ingress_rate"] = "1MB"
+    path.write_text(json.dumps(doc))
+    refused = env.wait_status("sender", lambda s: "was not limited when the container joined it" in s["message"],
+                              timeout=10)
+    assert refused["pid"] == sender["pid"] and refused["phase"] == "Running"
+    env.stop(agent)

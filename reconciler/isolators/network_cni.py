@@ -21,6 +21,7 @@ recovery.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,11 +34,12 @@ from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator,
     PermanentError
 from reconciler.linux import syscalls
 from reconciler.linux.mounts import remount_flags
-from reconciler.network import cni, etc_files, netns
+from reconciler.network import cni, etc_files, netns, shaping
+from reconciler.network.shaping import Bandwidth
 
 if TYPE_CHECKING:
     from reconciler.config import AgentConfig
-    from reconciler.models import NetworkInfo
+    from reconciler.models import NetworkInfo, Resources
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,8 @@ class NetworkCniIsolator(Isolator):
         lists = [self._network_config(network.name) for network in joined]   # all known before anything is made
         os.makedirs(self._dir(container_id), mode=0o700, exist_ok=True)
         path = netns.create(self.netns_dir, container_id)
-        planned = [self._plan(container_id, path, index, network, config_list)
+        bandwidth = self._bandwidth(config.spec.resources)
+        planned = [self._plan(container_id, path, index, network, config_list, bandwidth)
                    for index, (network, config_list) in enumerate(zip(joined, lists))]
         done: list[cni.Attachment] = []
         for attachment in planned:
@@ -126,11 +129,21 @@ class NetworkCniIsolator(Isolator):
         except cni.NetworkConfigError as exc:
             raise PermanentError(f"CNI network '{name}': {exc}") from None
 
+    def _bandwidth(self, resources: "Resources") -> Bandwidth:
+        egress = resources.net_egress_rate or self.config.egress_rate_limit_per_container
+        return Bandwidth(resources.net_ingress_rate, egress)
+
     @staticmethod
     def _plan(container_id: str, path: str, index: int, network: "NetworkInfo",
-              config_list: cni.NetworkConfigList) -> cni.Attachment:
+              config_list: cni.NetworkConfigList, bandwidth: Bandwidth) -> cni.Attachment:
         labels = network.labels.labels if network.labels is not None else []
         capabilities: dict[str, Any] = {}
+        if bandwidth:
+            if not any(plugin.capabilities.get("bandwidth") for plugin in config_list.plugins):
+                raise PermanentError(f"CNI network '{config_list.name}' cannot limit bandwidth: none of its plugins has "
+                                     "the bandwidth capability (add {\"type\": \"bandwidth\", \"capabilities\": "
+                                     "{\"bandwidth\": true}} to its plugins)")
+            capabilities["bandwidth"] = bandwidth.runtime_config()
         if network.port_mappings:
             capabilities["portMappings"] = [{"hostPort": m.host_port, "containerPort": m.container_port,
                                              "protocol": m.protocol} for m in network.port_mappings]
@@ -193,6 +206,31 @@ class NetworkCniIsolator(Isolator):
         named_elsewhere = config.rootfs is not None and container is not None and container.hostname is not None
         return LaunchInfo(clone_namespaces=syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS, mounts=mounts,
                           hostname=None if named_elsewhere else hostname, network_namespace=path)
+
+    # --- update: bandwidth in place --------------------------------------------------------------
+    def update(self, container_id: str, resources: "Resources") -> None:
+        """A new net_ingress_rate or net_egress_rate, applied to the token buckets the bandwidth plugin
+        made at ADD (the host side of the container's veth, and the ifb its egress is redirected to)."""
+        attachments = self.attachments.get(container_id)
+        if not attachments:
+            return
+        wanted = self._bandwidth(resources)
+        updated = []
+        for attachment in attachments:
+            had = Bandwidth.from_runtime_config(attachment.capabilities.get("bandwidth"))
+            if wanted == had:
+                updated.append(attachment)
+                continue
+            try:
+                shaping.apply(attachment, had, wanted)
+            except shaping.ShapingError as exc:
+                raise PermanentError(str(exc)) from None
+            capabilities = {k: v for k, v in attachment.capabilities.items() if k != "bandwidth"}
+            if wanted:
+                capabilities["bandwidth"] = wanted.runtime_config()
+            updated.append(dataclasses.replace(attachment, capabilities=capabilities))
+        self.attachments[container_id] = updated
+        self._write_checkpoint(container_id, updated)
 
     # --- cleanup: DEL in reverse, namespace, files -------------------------------------------------
     def cleanup(self, container_id: str) -> None:

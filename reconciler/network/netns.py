@@ -163,7 +163,7 @@ def create(directory: str, name: str) -> str:
             return path
         _create_mount_point(path)
         try:
-            _in_new_thread(f"netns-create-{name}", lambda: _unshare_and_mount(path))
+            in_new_thread(f"netns-create-{name}", lambda: _unshare_and_mount(path))
         except BaseException as exc:
             _unlink_unmounted(path)
             if not isinstance(exc, (OSError, NetlinkError)):
@@ -282,7 +282,7 @@ def run_in(path: str, fn: Callable[[], T]) -> T:
         raise NetworkNamespaceError(exc.errno or errno.EIO,
                                     f"cannot open the network namespace {path}: {exc.strerror}") from exc
     try:
-        return _in_new_thread(f"netns-{os.path.basename(path)}", lambda: _setns_and_call(fd, path, fn))
+        return in_new_thread(f"netns-{os.path.basename(path)}", lambda: _setns_and_call(fd, path, fn))
     finally:
         os.close(fd)
 
@@ -299,7 +299,9 @@ def _setns_and_call(fd: int, path: str, fn: Callable[[], T]) -> T:
     return fn()
 
 
-def _in_new_thread(thread_name: str, fn: Callable[[], T]) -> T:
+def in_new_thread(thread_name: str, fn: Callable[[], T]) -> T:
+    """fn() in a thread of its own, its result or exception handed back: a namespace switch dies with the
+    thread, and pyroute2's synchronous sockets (which run an asyncio loop) never meet the caller's."""
     outcome: dict[str, Any] = {}
 
     def target() -> None:

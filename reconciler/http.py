@@ -850,7 +850,10 @@ def statistics_entry(doc: dict[str, Any]) -> bytes | None:
         return None
     if "timestamp" not in statistics:
         statistics = dict(statistics, timestamp=time.time())   # only the limits are known yet
-    return json.dumps({
+    entry = {
         "container_id": doc["container_id"], "executor_id": doc["name"], "executor_name": doc["name"],
         "framework_id": FRAMEWORK_ID, "source": doc.get("manifest") or "", "statistics": statistics,
-    }).encode()
+    }
+    if doc.get("network_infos"):
+        entry["network_infos"] = container_status(doc)["network_infos"]   # network/cni: where the counters come from
+    return json.dumps(entry).encode()

@@ -65,6 +65,11 @@ def write(env: Any, name: str, command: str, networks: list[dict[str, Any]], **c
     os.rename(tmp, path)
 
 
+def state_entry_networks(state: dict[str, Any]) -> list[dict[str, Any]]:
+    [entry] = state["containers"]
+    return entry["container_status"]["network_infos"]
+
+
 def address_of(status: dict[str, Any]) -> str:
     [network] = status["network_infos"]
     [address] = network["ip_addresses"]
@@ -137,6 +142,8 @@ def test_a_port_mapping_serves_the_container_on_localhost_and_the_agent_says_so(
     assert f'reconciler_cni_operation_seconds_total{{network="{lab.name}",command="ADD",result="ok"}}' in metrics
     stats = env.wait_status("web", lambda s: s.get("statistics", {}).get("net_rx_bytes", 0) > 0, timeout=10)
     assert stats["statistics"]["net_tx_bytes"] > 0
+    [entry] = eventually(lambda: get_json(http_port, "/monitor/statistics"), what="/monitor/statistics")
+    assert entry["network_infos"] == state_entry_networks(state) and "net_rx_bytes" in entry["statistics"]
     table = subprocess.run([sys.executable, "-m", "reconciler", "status", f"--work_dir={env.work_dir}"],
                            capture_output=True, text=True, timeout=30).stdout.splitlines()
     assert table[0].split()[:4] == ["NAME", "PHASE", "PID", "IP"] and table[1].split()[3] == ip, table
@@ -150,11 +157,12 @@ def test_none_is_loopback_only_with_its_own_hostname_and_dns_files(agent_env: An
     script = ("import os,socket; open('out.txt','w').write(' '.join(sorted(os.listdir('/sys/class/net'))) + '|' + "
               "socket.gethostname() + '|' + open('/etc/resolv.conf').read().replace(chr(10), ';'))")
     write(env, "alone", f"python3 -c \"{script}\"; exec sleep 300", [{"name": "none"}])
-    agent = env.start(*flags(lab))
+    dns = {"mesos": [{"network_mode": "CNI", "dns": {"nameservers": ["192.0.2.53"], "search": ["corp.example"]}}]}
+    agent = env.start(*flags(lab), default_container_dns=json.dumps(dns))
     alone = env.wait_status("alone", running, timeout=30)
     links, hostname, resolv = wait_file(env.sandbox(alone) / "out.txt").split("|")
     assert links == "lo" and hostname == "alone"
-    assert "127.0.0.53" not in resolv      # the host's loopback resolver is unreachable from there
+    assert "nameserver 192.0.2.53" in resolv and "search corp.example" in resolv, resolv   # --default_container_dns
     assert alone["network_infos"] == [{"name": "none", "interface": "lo", "ip_addresses": [], "port_mappings": []}]
     env.stop(agent)
 

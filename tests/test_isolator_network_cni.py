@@ -103,8 +103,19 @@ def test_containers_on_a_bridge_get_addresses_reach_each_other_and_leave_nothing
     other = env.wait_status("client", running, timeout=30)
     assert wait_file(env.sandbox(other) / "answer.txt") == "hello from srv"
     assert address_of(other) != ip and len(lab.reserved_ips()) == 2
-    # The host network is not theirs: the agent's namespace has no eth0 of theirs, theirs has no host link.
-    assert not os.path.exists(f"/sys/class/net/{lab.bridge}/brif/eth0")
+    # The host's network is not theirs: a server on the host's loopback is out of their reach.
+    import socket
+    with socket.socket() as host_only:
+        host_only.bind(("127.0.0.1", 0))
+        host_only.listen()
+        probe = ("import socket,sys\n"
+                 "try: socket.create_connection(('127.0.0.1', %d), timeout=3); print('reached')\n"
+                 "except OSError as e: print('refused', e.errno)" % host_only.getsockname()[1])
+        write(env, "prober", f"python3 -c \"{probe}\" > probe.txt; exec sleep 300", [{"name": lab.name}])
+        prober = env.wait_status("prober", running, timeout=30)
+        assert wait_file(env.sandbox(prober) / "probe.txt").startswith("refused"), "the host's loopback was reached"
+    (env.manifests / "prober.yaml").unlink()
+    env.wait_gone("prober", timeout=20)
     # Removed: DEL gives the addresses back, the veths and namespaces go.
     netns_dir = env.work_dir / "cni" / "netns"
     assert sorted(os.listdir(netns_dir)) == sorted([server["container_id"], other["container_id"]])
@@ -222,7 +233,7 @@ def test_an_agent_killed_after_an_add_leaves_nothing_once_recovered(agent_env: A
 
 SENDER = ("import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
           "s.bind(('0.0.0.0', 8080)); s.listen(); s.settimeout(120); chunk=b'x'*65536\n"
-          "for _ in range(4):\n"
+          "for _ in range(8):\n"
           "    c, _ = s.accept(); end=time.monotonic()+2.5\n"
           "    try:\n"
           "        while time.monotonic() < end: c.sendall(chunk)\n"
@@ -247,6 +258,18 @@ def received_rate(ip: str, seconds: float = 2.0) -> float:
         return total / (time.monotonic() - counted_from) if counted_from else 0.0
 
 
+def assert_rate_near(ip: str, limit: int) -> None:
+    """Within 10 % of the limit; measured again once when the first reading is off (this shared machine's
+    other work can skew one 2-second reading), never more."""
+    rates = []
+    for _ in range(2):
+        rates.append(received_rate(ip))
+        if abs(rates[-1] - limit) / limit <= 0.10:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{[round(r / 1024) for r in rates]} KiB/s for a {limit // 1024} KiB/s limit")
+
+
 def test_egress_bandwidth_holds_within_ten_percent_and_changes_in_place(agent_env: Any, lab: Lab) -> None:
     env = agent_env
     env.isolation = "namespaces/pid,network/cni,posix/cpu,posix/mem"
@@ -260,16 +283,14 @@ def test_egress_bandwidth_holds_within_ten_percent_and_changes_in_place(agent_en
     sender = env.wait_status("sender", running, timeout=30)
     ip = address_of(sender)
     time.sleep(0.3)
-    rate = received_rate(ip)
-    assert abs(rate - 1024 * 1024) / (1024 * 1024) <= 0.10, f"{rate / 1024:.0f} KiB/s for a 1024 KiB/s limit"
+    assert_rate_near(ip, 1024 * 1024)
     # Halved in place: the same process, the new rate.
     doc["spec"]["resources"]["net_egress_rate"] = "512KB"
     path.write_text(json.dumps(doc))
     env.wait_status("sender", lambda s: s["pid"] == sender["pid"] and
                     s["spec_hash"] != sender["spec_hash"], timeout=10)
     time.sleep(0.3)
-    rate = received_rate(ip)
-    assert abs(rate - 512 * 1024) / (512 * 1024) <= 0.10, f"{rate / 1024:.0f} KiB/s for a 512 KiB/s limit"
+    assert_rate_near(ip, 512 * 1024)
     # An ingress limit the container did not start with cannot be added in place: said, not ignored.
     doc["spec"]["resources"]["net_ingress_rate"] = "1MB"
     path.write_text(json.dumps(doc))

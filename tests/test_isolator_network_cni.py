@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import running
+from tests.conftest import running, wait_agent
 from tests.test_http import eventually, get, get_json
 from tests.test_network_cni import Lab, fetch, free_port, host_link_exists, lab  # noqa: F401 - lab is a fixture
 
@@ -298,3 +298,27 @@ def test_egress_bandwidth_holds_within_ten_percent_and_changes_in_place(agent_en
                               timeout=10)
     assert refused["pid"] == sender["pid"] and refused["phase"] == "Running"
     env.stop(agent)
+
+
+def test_an_adopted_container_is_checked_and_damage_while_away_is_reported(agent_env: Any, lab: Lab) -> None:
+    """At recovery the agent runs CNI CHECK on each adopted container: Debian's portmap 1.1.1 (whose
+    CHECK fails on healthy containers) is skipped and said so; a veth deleted while it was away is a
+    failed CHECK, counted in _agent.json; the container is adopted and runs on either way."""
+    env = network_env(agent_env, lab)
+    write(env, "web", "exec sleep 300", [{"name": lab.name}])
+    agent = env.start(*flags(lab))
+    web = env.wait_status("web", running, timeout=30)
+    env.stop(agent)
+    healthy = env.start(*flags(lab))
+    wait_agent(env, healthy)
+    assert env.agent_status()["isolator_status"]["network/cni"]["check_failures"] == 0
+    out = env.stop(healthy)
+    assert "CHECK not run" in out or "skipped" in out, out[-2000:]
+    [veth] = [p.name for p in Path(f"/sys/class/net/{lab.bridge}/brif").iterdir()]
+    subprocess.run(["ip", "link", "del", veth], check=True)
+    damaged = env.start(*flags(lab))
+    wait_agent(env, damaged)
+    assert env.agent_status()["isolator_status"]["network/cni"]["check_failures"] == 1
+    assert env.status("web")["pid"] == web["pid"]
+    out = env.stop(damaged)
+    assert f"CHECK of container {web['container_id']} on CNI network '{lab.name}' failed" in out, out[-2000:]

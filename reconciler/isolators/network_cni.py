@@ -88,6 +88,7 @@ class NetworkCniIsolator(Isolator):
             if config.default_container_dns else None
         self.attachments: dict[str, list[cni.Attachment]] = {}   # container id -> its networks, in order
         self.results = {"add": {}, "del": {}}                      # (network, ok) -> [count, seconds], for /metrics
+        self.check_failures = 0                                    # CNI CHECKs of adopted containers that failed
 
     # --- paths ---------------------------------------------------------------------------------
     def _dir(self, container_id: str) -> str:
@@ -274,6 +275,7 @@ class NetworkCniIsolator(Isolator):
         for state in states:
             if joined_networks(state.config):
                 self.attachments[state.config.container_id] = self._load(state.config.container_id)
+                self._check(state.config.container_id)
         known = set(netns.list_names(self.netns_dir)) if os.path.isdir(self.netns_dir) else set()
         if os.path.isdir(self.root):
             known |= {entry for entry in os.listdir(self.root) if entry != NETNS_DIR}
@@ -283,6 +285,25 @@ class NetworkCniIsolator(Isolator):
             except Exception as exc:  # noqa: BLE001 - one orphan must not stop the agent's recovery
                 log.error("network/cni: failed to clean up the networks of orphan container %s: %s",
                           container_id, exc)
+
+    def _check(self, container_id: str) -> None:
+        """CNI CHECK of an adopted container's attachments: what went wrong while the agent was away (a
+        veth deleted, an address taken) is said in the log and counted in _agent.json; the container keeps
+        running, as kubelet's runtimes do. Plugins whose CHECK fails on healthy containers are skipped."""
+        for attachment in self.attachments.get(container_id, []):
+            if attachment.result is None:
+                continue
+            try:
+                report = self.client.check(attachment.network, attachment.container_id, attachment.netns_path,
+                                           attachment.ifname, attachment.args, attachment.capabilities,
+                                           attachment.result)
+            except cni.CNIError as exc:
+                self.check_failures += 1
+                log.warning("network/cni: CHECK of container %s on CNI network '%s' failed: %s", container_id,
+                            attachment.network.name, exc)
+                continue
+            for note in report.notes:
+                log.info("network/cni: container %s: %s", container_id, note)
 
     # --- what it publishes -----------------------------------------------------------------------
     def status(self, container_id: str) -> dict[str, Any]:
@@ -314,7 +335,8 @@ class NetworkCniIsolator(Isolator):
                       for command, by_network in self.results.items()
                       for (network, ok), (count, seconds) in sorted(by_network.items())]
         return {"config_dir": self.config_dir, "plugins_dir": self.config.network_cni_plugins_dir,
-                "containers": len(self.attachments), "operations": operations}
+                "containers": len(self.attachments), "operations": operations,
+                "check_failures": self.check_failures}
 
 
 def _cni_arg(key: str, value: str) -> bool:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -582,10 +583,13 @@ class Containerizer:
         if container is None or container.state != State.RUNNING:
             return
         applied: list[Isolator] = []
+        updated = dataclasses.replace(container.config, spec_hash=spec_hash,
+                                      spec=container.config.spec.model_copy(update={"resources": resources}))
         try:
             for isolator in self.isolators:
+                applied.append(isolator)   # restored too if it fails half way (updates are idempotent)
                 isolator.update(container_id, resources)
-                applied.append(isolator)
+            self.checkpoints.write_config(updated)
         except BaseException:
             # All or nothing: the checkpointed spec keeps the old resources, so must the kernel.
             for isolator in reversed(applied):
@@ -595,9 +599,7 @@ class Containerizer:
                     log.error("Failed to restore the resources of container %s in %s: %s",
                               container_id, isolator.name, exc)
             raise
-        container.config.spec = container.config.spec.model_copy(update={"resources": resources})
-        container.config.spec_hash = spec_hash
-        self.checkpoints.write_config(container.config)
+        container.config.spec, container.config.spec_hash = updated.spec, spec_hash
 
     def usage(self, container_id: str) -> dict[str, Any]:
         container = self.containers.get(container_id)

@@ -54,7 +54,7 @@ async def measure_ours(containerizer: Containerizer, spec: ContainerSpec, runs: 
                                  containerizer.checkpoints.sandbox(cid), created_at=time.time())
         started = time.perf_counter()
         await containerizer.provision(config)          # the image from the store's cache (none: nothing)
-        containerizer.launch(config, {"PATH": "/usr/bin:/bin"})
+        await containerizer.launch(config, {"PATH": "/usr/bin:/bin"})
         termination = await containerizer.wait(cid)
         samples.append(time.perf_counter() - started)
         assert termination is not None and termination.exit_code == 0, termination

@@ -243,7 +243,7 @@ class Containerizer:
             self.destroy_errors += 1
             log.error("Failed to kill orphan container %s: %s", cid, exc)
             return
-        self._cleanup_isolators(cid)
+        await self._cleanup_isolators(cid)
         self.checkpoints.remove(cid)
 
     # provision (Mesos's provisioner) ----------------------------------------------------------
@@ -276,7 +276,7 @@ class Containerizer:
                                         config=dict(pulled.config))
 
     # launch -----------------------------------------------------------------------------------
-    def launch(self, config: ContainerConfig, environment: dict[str, str]) -> Container:
+    async def launch(self, config: ContainerConfig, environment: dict[str, str]) -> Container:
         """Launch and return once the command was let go (Mesos: SUCCESS when unblocked).
 
         Raises PermanentError for launches that cannot succeed until the spec changes; any other
@@ -304,7 +304,7 @@ class Containerizer:
             self._check_networks(config)
             info = LaunchInfo()
             for isolator in self.isolators:
-                part = isolator.prepare(cid, config)
+                part = await isolator.prepare_async(cid, config)
                 if part is not None:
                     info.merge(part)
             self.checkpoints.write_launch_info(cid, info)
@@ -327,7 +327,7 @@ class Containerizer:
         except BaseException:
             if forked is not None:
                 forked.close_go()  # the init sees EOF and exits without running anything
-            self._abort_launch(container)
+            await self._abort_launch(container)
             raise
         return container
 
@@ -339,7 +339,7 @@ class Containerizer:
             raise PermanentError(f"container.network_infos names the CNI network '{named[0]}', but the network/cni "
                                  "isolator is not enabled (add it to --isolation)")
 
-    def _abort_launch(self, container: Container) -> None:
+    async def _abort_launch(self, container: Container) -> None:
         cid = container.id
         try:
             self.launcher.destroy(cid, container.identity, container.pid_namespace)
@@ -348,7 +348,7 @@ class Containerizer:
         if container.pidfd is not None:
             os.close(container.pidfd)
             container.pidfd = None
-        self._cleanup_isolators(cid)
+        await self._cleanup_isolators(cid)
         self.checkpoints.remove(cid)
         self.containers.pop(cid, None)
 
@@ -508,7 +508,7 @@ class Containerizer:
             self.on_change(container)
             return container.termination
         self._forget_pidfd(container)
-        cleanup_errors = self._cleanup_isolators(cid)
+        cleanup_errors = await self._cleanup_isolators(cid)
         final = self._termination(container, termination)
         if cleanup_errors:
             final.message = (final.message + "; " if final.message else "") + \
@@ -551,11 +551,11 @@ class Containerizer:
         final.finished_at = (status or {}).get("finished_at") or time.time()
         return final
 
-    def _cleanup_isolators(self, cid: str) -> list[str]:
+    async def _cleanup_isolators(self, cid: str) -> list[str]:
         errors = []
         for isolator in reversed(self.isolators):
             try:
-                isolator.cleanup(cid)
+                await isolator.cleanup_async(cid)
             except Exception as exc:  # noqa: BLE001 - carry on: every isolator gets its cleanup
                 log.error("Failed to clean up isolator %s for container %s: %s", isolator.name, cid, exc)
                 errors.append(f"{isolator.name}: {exc}")

@@ -322,7 +322,7 @@ class Reconciler:
         try:
             try:
                 await self.containerizer.provision(config)
-                container = self.containerizer.launch(config, self.environment)
+                container = await self.containerizer.launch(config, self.environment)
             finally:
                 provisioned = (config.image.reference, config.image.id) if config.image is not None else None
         except ResourceExhaustedError as exc:

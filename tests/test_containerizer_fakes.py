@@ -268,7 +268,7 @@ def test_launch_prepares_every_isolator_then_forks_then_isolates_then_watches_th
     cz = node.build("a", "b", "c", launch_info={"b": LaunchInfo(environment={"FROM_B": "1"})})
 
     async def scenario() -> None:
-        container = cz.launch(node.config("c1"), {"AGENT": "x"})
+        container = await cz.launch(node.config("c1"), {"AGENT": "x"})
         assert container.state == State.RUNNING
         forked = node.launcher.forked["c1"]
         assert container.pid == forked.pid and forked.outcome == "go"
@@ -300,7 +300,7 @@ def test_checkpoints_are_written_ahead_of_the_step_they_describe(node: Node) -> 
     node.launcher.probes.append(lambda cid: seen.setdefault("fork", node.checkpointed(cid)))
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
 
     node.run(scenario)
     assert seen == {"a.prepare": {"config.json"}, "fork": {"config.json", "launch_info.json"},
@@ -311,9 +311,9 @@ def test_a_second_launch_of_a_running_container_touches_nothing(node: Node) -> N
     cz = node.build("a", "b", "c")
 
     async def scenario() -> None:
-        first = cz.launch(node.config("c1"), {})
+        first = await cz.launch(node.config("c1"), {})
         mark = len(node.journal)
-        assert cz.launch(node.config("c1"), {}) is first
+        assert await cz.launch(node.config("c1"), {}) is first
         assert node.journal.steps(since=mark) == []
 
     node.run(scenario)
@@ -325,7 +325,7 @@ def test_destroy_kills_then_cleans_up_every_isolator_in_reverse_order(node: Node
     cz = node.build("a", "b", "c")
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
         mark = len(node.journal)
         termination = await cz.destroy("c1")
         assert node.journal.steps(since=mark) == KILL_AND_CLEANUP
@@ -341,7 +341,7 @@ def test_the_init_exiting_destroys_the_container_with_the_status_it_wrote(node: 
     cz = node.build("a", "b", "c")
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
         mark = len(node.journal)
         Path(node.checkpoints.dir("c1"), "status").write_text(json.dumps({"exit_code": 3, "finished_at": 1.0}))
         node.launcher.exit("c1")
@@ -356,7 +356,7 @@ def test_a_limitation_destroys_the_container_and_says_why(node: Node) -> None:
     cz = node.build("a", "b", "c")
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
         mark = len(node.journal)
         node.isolators[1].on_limitation["c1"](Limitation("MemoryLimit", "over 64 MB", {"mem": 64}))
         termination = await asyncio.wait_for(cz.wait("c1"), 5)
@@ -371,7 +371,7 @@ def test_a_failed_cleanup_does_not_stop_the_others_and_is_reported(node: Node) -
     cz = node.build("a", "b", "c", failures={"b": Failures(cleanup=[OSError(errno.EBUSY, "cgroup busy")])})
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
         mark = len(node.journal)
         termination = await cz.destroy("c1")
         assert node.journal.steps(since=mark) == KILL_AND_CLEANUP
@@ -386,7 +386,7 @@ def test_a_failed_kill_cleans_up_no_isolator_and_keeps_the_container(node: Node)
     cz = node.build("a", "b", "c")
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
         mark = len(node.journal)
         termination = await cz.destroy("c1")
         assert termination is not None and termination.reason == "DestroyFailed"
@@ -427,7 +427,7 @@ def test_an_aborted_launch_gives_up_the_init_cleans_up_every_isolator_and_forget
 
     async def scenario() -> None:
         with pytest.raises(type(error)) as raised:
-            cz.launch(node.config("c1"), {})
+            await cz.launch(node.config("c1"), {})
         assert raised.value is error                       # the cause, unwrapped: the loop decides retry by type
         forked = node.launcher.forked.get("c1")
         if forked is not None:
@@ -439,7 +439,7 @@ def test_an_aborted_launch_gives_up_the_init_cleans_up_every_isolator_and_forget
         assert not Path(node.checkpoints.sandbox("c1")).exists()
         # forgotten: the same id launches afresh
         mark = len(node.journal)
-        assert cz.launch(node.config("c1"), {}).state == State.RUNNING
+        assert (await cz.launch(node.config("c1"), {})).state == State.RUNNING
         assert node.journal.steps(since=mark) == LAUNCH_ORDER
 
     node.run(scenario)
@@ -453,7 +453,7 @@ def test_an_aborted_launch_reports_its_cause_even_when_the_kill_fails(node: Node
 
     async def scenario() -> None:
         with pytest.raises(OSError) as raised:
-            cz.launch(node.config("c1"), {})
+            await cz.launch(node.config("c1"), {})
         assert raised.value is cause
         assert node.launcher.forked["c1"].outcome == "gave_up"
 
@@ -467,7 +467,7 @@ def test_update_applies_to_every_isolator_then_checkpoints_the_new_resources(nod
     cz = node.build("a", "b", "c")
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
         mark = len(node.journal)
         cz.update("c1", NEW, "hash-2")
         assert node.journal.steps(since=mark) == ["a.update", "b.update", "c.update"]
@@ -486,7 +486,7 @@ def test_update_failing_in_the_third_isolator_restores_the_others_in_reverse_and
     cz = node.build("a", "b", "c", "d", failures={"c": Failures(update=[error])})
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
         mark = len(node.journal)
         with pytest.raises(type(error)) as raised:
             cz.update("c1", NEW, "hash-2")
@@ -507,7 +507,7 @@ def test_a_failed_restore_does_not_stop_the_others_nor_hide_the_cause(node: Node
                                              "c": Failures(update=[cause])})
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
         mark = len(node.journal)
         with pytest.raises(OSError) as raised:
             cz.update("c1", NEW, "hash-2")
@@ -522,7 +522,7 @@ def test_update_of_a_container_that_is_not_running_touches_no_isolator(node: Nod
     cz = node.build("a", "b", "c")
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
         await cz.destroy("c1")
         mark = len(node.journal)
         cz.update("c1", NEW, "hash-2")
@@ -536,7 +536,7 @@ def test_update_also_restores_the_isolator_that_failed_half_way(node: Node) -> N
     cz = node.build("a", "b", "c", failures={"c": Failures(update=[OSError(errno.EINVAL, "cpu.cfs_quota_us")])})
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
         with pytest.raises(OSError):
             cz.update("c1", NEW, "hash-2")
         assert [isolator.resources["c1"] for isolator in node.isolators] == [OLD, OLD, OLD]
@@ -548,7 +548,7 @@ def test_update_whose_checkpoint_fails_is_rolled_back_everywhere(node: Node, mon
     cz = node.build("a", "b", "c")
 
     async def scenario() -> None:
-        cz.launch(node.config("c1"), {})
+        await cz.launch(node.config("c1"), {})
 
         def disk_full(config: ContainerConfig) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")

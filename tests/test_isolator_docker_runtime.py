@@ -258,7 +258,7 @@ class Harness:
             container_id=cid, name="x", manifest="x.yaml", spec=ContainerSpec.model_validate(spec), spec_hash="h",
             resources_free_hash="h", sandbox=self.checkpoints.sandbox(cid),
             image=ProvisionedImage(reference="test/image:latest", id="sha256:00", config=image))
-        self.containerizer.launch(config, environment or {"PATH": "/agent/bin"})
+        await self.containerizer.launch(config, environment or {"PATH": "/agent/bin"})
         termination = await asyncio.wait_for(self.containerizer.wait(cid), 20)
         sandbox = Path(config.sandbox)
         return termination, (sandbox / "stdout").read_text(), (sandbox / "stderr").read_text()

@@ -351,6 +351,32 @@ def test_a_hung_plugin_is_killed_after_the_timeout_the_launch_fails_and_nothing_
     assert pids.exists() and all(gone(int(pid)) for pid in pids.read_text().split()), "the plugin outlived its timeout"
 
 
+def test_a_hung_plugin_does_not_stall_other_containers(setup: Setup) -> None:
+    """Plugins run in a worker thread: while one hangs (up to its timeout), the agent goes on."""
+    s, env, net = setup, setup.env, setup.lab
+    plugins, pids = net.tmp / "plugins", net.tmp / "hang.pids"
+    plugins.mkdir()
+    (plugins / "hang").write_text(HANG.format(pids=pids))
+    (plugins / "hang").chmod(0o755)
+    s.plugins_dir = f"{plugins}:{PLUGIN_DIR}"
+    s.more_flags = ["--network_cni_plugin_timeout=8secs"]
+    net.write(net.bridge_plugin(), {"type": "hang"})
+    agent = env.start(*s.flags())
+    wait_agent(env, agent)                                      # past its first pass: watching
+    write(env, "stuck", "exec sleep 300", [{"name": net.name}])
+    deadline = time.monotonic() + 10
+    while not (pids.exists() and pids.read_text().split()):     # the plugin hangs now
+        assert time.monotonic() < deadline, "the hanging plugin never ran"
+        time.sleep(0.05)
+    env.write_manifest("plain", "exec sleep 300", kill_grace_period="1secs")
+    dropped = time.monotonic()
+    env.wait_status("plain", running, timeout=6)
+    assert time.monotonic() - dropped < 3, "a hung CNI plugin held the agent"
+    env.wait_status("stuck", lambda st: "'hang'" in (st.get("message") or ""), timeout=20)
+    env.stop(agent)
+    s.wait_clean(timeout=10)
+
+
 # --- two networks ------------------------------------------------------------------------------
 
 def test_two_networks_give_eth0_and_eth1_an_address_each_in_status_and_etc_hosts(setup: Setup) -> None:

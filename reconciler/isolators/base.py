@@ -200,6 +200,15 @@ class Isolator:
     def cleanup(self, container_id: str) -> None:
         """Undo prepare/isolate. Must succeed for unknown ids and when called twice."""
 
+    # The containerizer calls these. An isolator whose prepare or cleanup waits on other programs
+    # (network/cni's plugins) runs it in a worker thread here, so that one slow or hung plugin does
+    # not stall every other container's work on the event loop.
+    async def prepare_async(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
+        return self.prepare(container_id, config)
+
+    async def cleanup_async(self, container_id: str) -> None:
+        self.cleanup(container_id)
+
     def agent_status(self) -> dict[str, Any]:
         """What the isolator adds to _agent.json (e.g. handles used and free)."""
         return {}

@@ -21,6 +21,7 @@ recovery.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -121,6 +122,14 @@ class NetworkCniIsolator(Isolator):
         hostname = self._hostname(config)
         files = self._write_etc_files(container_id, hostname, done, [n.name for n in networks if n.name])
         return self._launch_info(config, path, hostname, files)
+
+    async def prepare_async(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
+        if not joined_networks(config):
+            return None
+        return await asyncio.to_thread(self.prepare, container_id, config)   # plugins: up to their timeout
+
+    async def cleanup_async(self, container_id: str) -> None:
+        await asyncio.to_thread(self.cleanup, container_id)
 
     def _network_config(self, name: str | None) -> cni.NetworkConfigList:
         try:

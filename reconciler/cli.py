@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
             ("once", _once, "one full reconcile pass, then exit; containers keep running")):
         p = sub.add_parser(name, help=help_text)
         config_module.add_flags(p)
-        p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+        p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="what the agent logs to stderr (default: info)")
         p.set_defaults(handler=handler)
 
     p = sub.add_parser("plan", help="what a reconcile would do now, without touching anything "

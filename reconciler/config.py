@@ -14,12 +14,13 @@ import json
 import math
 import os
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
-from reconciler.units import MB, parse_bytes, parse_duration, quoted
+from reconciler.units import MB, format_bytes, megabytes_to_bytes, parse_bytes, parse_duration, quoted
 from reconciler.yamlbounds import first_past_limits
 
 IS_ROOT = os.geteuid() == 0
@@ -576,14 +577,263 @@ BOOL_FLAGS = {"enforce_container_disk_quota", "disallow_sharing_agent_pid_namesp
               "allow_privileged", "docker_ignore_image_user", "manifests_strict_modes", "network_cni_metrics"}
 
 
+# What each flag is for, in the operator's words ---------------------------------------------------
+# One table feeds `reconciler run --help` (a group per section) and docs/flags.md (a table per section,
+# python3 docs/generate_flags.py), in this order. The text is Markdown as the page shows it; --help
+# drops the backticks. tests/test_docs.py fails when a field of AgentConfig has no entry here.
+
+@dataclass(frozen=True)
+class FlagHelp:
+    """What --help and docs/flags.md say of one flag."""
+    section: str
+    meaning: str
+    # The default as the operator reads it where AgentConfig's own value would mislead: it depends on
+    # who runs the agent, or on another flag. Markdown.
+    default: str | None = None
+    # How AgentConfig's default is spelled otherwise: as it is, or in the flag's own syntax.
+    spelled: Literal["", "duration", "bytes", "MB", "handles", "range"] = ""
+
+
+def _as_root(root: str, user: str) -> str:
+    return f"`{root}` as root, else `{user}`"
+
+
+FLAG_HELP: dict[str, FlagHelp] = {
+    "manifests": FlagHelp(
+        "Manifests and state",
+        "The watched directory of manifests (`*.yaml`, `*.yml`, `*.json`). A ConfigMap volume or a git-sync "
+        "link works: the swap of `..data` or of the link is seen."),
+    "work_dir": FlagHelp(
+        "Manifests and state",
+        "Checkpoints (`containers/<id>/`) and sandboxes (`sandboxes/<id>/`). Keep it across agent restarts and "
+        "upgrades: the next agent adopts containers from it.",
+        default=_as_root("/var/lib/reconciler", "./.reconciler/work")),
+    "status_dir": FlagHelp(
+        "Manifests and state",
+        "One `<name>.json` per container and the agent's `_agent.json`.",
+        default="`<work_dir>/status`"),
+    "default_container_info": FlagHelp(
+        "Manifests and state",
+        "JSON of a Mesos `ContainerInfo`, merged into manifests that give no `container`."),
+    "resync_interval": FlagHelp(
+        "Manifests and state",
+        "Full re-list and re-check, besides file events; also the statistics refresh. At least `100ms`: each "
+        "one re-lists the manifests and rewrites `_agent.json`.",
+        spelled="duration"),
+    "attributes": FlagHelp(
+        "Manifests and state",
+        "This node's attributes `k:v;k:v`, matched by a manifest's `spec.node_selector`; a manifest that does "
+        "not match is not run here."),
+
+    "isolation": FlagHelp(
+        "Isolation and cgroups",
+        "Mesos isolator names, comma-separated; they run in Mesos's fixed order whatever the order given. An "
+        "empty value is an error (leave the flag out for the default).",
+        default=_as_root(ROOT_ISOLATION, USER_ISOLATION)),
+    "launcher": FlagHelp(
+        "Isolation and cgroups",
+        "`linux` (namespaces, a cgroup per container, needs root) or `posix` (a process session).",
+        default=_as_root("linux", "posix")),
+    "cgroups_root": FlagHelp(
+        "Isolation and cgroups",
+        "Every container is `<hierarchy>/<cgroups_root>/<id>`; nothing outside it is touched. Use a different "
+        "root per agent on one host."),
+    "disallow_sharing_agent_pid_namespace": FlagHelp(
+        "Isolation and cgroups",
+        "Refuse `linux_info.share_pid_namespace: true`."),
+    "effective_capabilities": FlagHelp(
+        "Isolation and cgroups",
+        "With `linux/capabilities`: what containers get (`NET_ADMIN,CHOWN` or Mesos's "
+        "`{\"capabilities\": [...]}`; empty = none)."),
+    "bounding_capabilities": FlagHelp(
+        "Isolation and cgroups",
+        "With `linux/capabilities`: the most a container may ask for."),
+
+    "cgroups_net_cls_primary_handle": FlagHelp(
+        "net_cls",
+        "With `cgroups/net_cls`: the primary handle (16 bits, decimal or hexadecimal, e.g. `0x0100`) of the "
+        "classids it hands out."),
+    "cgroups_net_cls_secondary_handles": FlagHelp(
+        "net_cls",
+        "With `cgroups/net_cls`: the range of secondary handles, one per container.",
+        spelled="handles"),
+
+    "container_disk_watch_interval": FlagHelp(
+        "Disk",
+        "With `disk/du` and `disk/xfs`: how often sandboxes' usage is read (at least `1ms`).",
+        spelled="duration"),
+    "enforce_container_disk_quota": FlagHelp(
+        "Disk",
+        "With `disk/du`: a container over its `disk` resource is destroyed (`Failed`, reason `DiskLimitation`). "
+        "With `disk/xfs`: writes past `disk` fail (EDQUOT)."),
+    "xfs_project_range": FlagHelp(
+        "Disk",
+        "With `disk/xfs`: the XFS project ids it may use, one per container: `[low-high]`, within "
+        "`[1-4294967295]` (32 bits; 0 is no project).",
+        spelled="range"),
+    "xfs_kill_containers": FlagHelp(
+        "Disk",
+        "With `disk/xfs` and `--enforce_container_disk_quota`: the soft limit is `disk`, the hard one `disk` + "
+        "headroom, and a container past the soft limit is destroyed (`DiskLimitation`)."),
+    "xfs_quota_headroom": FlagHelp(
+        "Disk",
+        "With `disk/xfs`: the room between the soft and the hard limit, a size (`10MB`, `512KB`); a bare "
+        "number is MB, as it always was.",
+        spelled="MB"),
+
+    "container_logger_max_stdout_size": FlagHelp(
+        "Container logs",
+        "A sandbox's `stdout` is rotated past this size (at least a page; a bare number is bytes), checked "
+        "every `--resync_interval` (Mesos's logrotate container logger; 0: never rotated).",
+        spelled="bytes"),
+    "container_logger_max_stderr_size": FlagHelp(
+        "Container logs",
+        "The same for `stderr`.",
+        spelled="bytes"),
+    "container_logger_keep": FlagHelp(
+        "Container logs",
+        "Rotated files kept (`stdout.1` ... `stdout.N`); 0 drops rotated output."),
+
+    "docker_registry": FlagHelp(
+        "Images",
+        "Where images come from: a local directory of `<reference>.tar` archives or OCI layouts (Mesos's local "
+        "registry).",
+        default="`<work_dir>/images`"),
+    "image_providers": FlagHelp(
+        "Images",
+        "`docker` to run `container.image` (needs `filesystem/linux` and `docker/runtime` in `--isolation`)."),
+    "docker_store_dir": FlagHelp(
+        "Images",
+        "Where image layers are extracted, shared by every container.",
+        default="`<work_dir>/store/docker`"),
+    "docker_max_image_size": FlagHelp(
+        "Images",
+        "The most an image's layers may expand to, all together (sparse files counted at their full size); a "
+        "bigger image is refused. A bare number is bytes.",
+        spelled="bytes"),
+
+    "http_address": FlagHelp(
+        "HTTP",
+        "`host:port` of `/healthz`, `/readyz`, `/metrics`, `/state`, `/monitor/statistics`; off when unset."),
+
+    "seccomp_config_dir": FlagHelp(
+        "Security",
+        "Mesos's `linux/seccomp`: a directory of seccomp profiles in Docker's JSON format, named by "
+        "`--seccomp_profile_name` and a manifest's `linux_info.seccomp.profile_name`."),
+    "seccomp_profile_name": FlagHelp(
+        "Security",
+        "The seccomp profile of every container that names none: a file of `--seccomp_config_dir`, or "
+        "`unconfined` for none. Unset: the agent's own default profile (docs/security.md)."),
+    "allow_privileged": FlagHelp(
+        "Security",
+        "Let a manifest ask for `linux_info.privileged: true` (every capability, every device, no seccomp "
+        "filter, no masked paths). Refused otherwise."),
+    "docker_ignore_image_user": FlagHelp(
+        "Security",
+        "Mesos's behaviour: an image's `User` is ignored (with a warning) and the command runs as "
+        "`command.user`, else root. Off: the image's `User` applies as in Docker."),
+    "manifests_strict_modes": FlagHelp(
+        "Security",
+        "As sshd's StrictModes: manifests are read only from a directory (and its ancestors) and files owned by "
+        "root (or the agent's user) and writable by nobody else; a sticky ancestor such as /tmp, and a "
+        "read-only mount, are accepted. A refused directory destroys nothing. `false` relaxes it (also a flag "
+        "of `reconciler validate`)."),
+
+    "network_cni_config_dir": FlagHelp(
+        "Networking",
+        "With `network/cni`: the CNI network configurations (`.conf`, `.conflist`, `.json`; CNI spec up to "
+        "1.0.0), re-read at every launch. Required with `network/cni`."),
+    "network_cni_plugins_dir": FlagHelp(
+        "Networking",
+        "With `network/cni`: where CNI plugins are found, a search path (`/usr/lib/cni:/opt/cni/bin`). Required "
+        "with `network/cni`; a missing directory stops the agent at start."),
+    "network_cni_metrics": FlagHelp(
+        "Networking",
+        "With `network/cni`: each container's interface counters (`net_rx_bytes`, ... `net_tx_dropped`) in its "
+        "statistics."),
+    "network_cni_plugin_timeout": FlagHelp(
+        "Networking",
+        "With `network/cni`: a plugin still running after this long is killed with its process group, and its "
+        "ADD or DEL fails (at least `100ms`).",
+        spelled="duration"),
+    "default_container_dns": FlagHelp(
+        "Networking",
+        "With `network/cni`: Mesos's JSON (`{\"mesos\": [{\"network_mode\": \"CNI\", \"network_name\": \"net1\", "
+        "\"dns\": {\"nameservers\": [...]}}]}`) for networks whose plugins give no DNS; else the host's "
+        "`/etc/resolv.conf` without loopback nameservers."),
+    "egress_rate_limit_per_container": FlagHelp(
+        "Networking",
+        "With `network/cni`: what a container on CNI networks may send per second (`10MB`), unless its "
+        "`resources.net_egress_rate` says; Mesos's flag. Needs a plugin with the `bandwidth` capability in the "
+        "network's chain. Unset: no limit."),
+}
+
+# A flag added to AgentConfig before its entry above still works, in this section (and fails the docs test).
+_UNDESCRIBED = FlagHelp("Other", "")
+
+
+def flag_help(name: str) -> FlagHelp:
+    return FLAG_HELP.get(name, _UNDESCRIBED)
+
+
+def described_flags() -> list[str]:
+    """Every flag, in the order --help and docs/flags.md show them: the table's, then any not in it."""
+    return [name for name in FLAG_HELP if name in AgentConfig.model_fields] + \
+        [name for name in FLAG_NAMES if name not in FLAG_HELP]
+
+
+def shown_default(name: str) -> str:
+    """A flag's default as docs/flags.md shows it (Markdown)."""
+    entry = flag_help(name)
+    if entry.default is not None:
+        return entry.default
+    value: Any = AgentConfig.model_fields[name].default
+    if entry.spelled == "duration":
+        return f"`{value:g}secs`"
+    if entry.spelled == "bytes":
+        return f"`{format_bytes(value)}`"
+    if entry.spelled == "MB":
+        return f"`{format_bytes(megabytes_to_bytes(value))}`"
+    if entry.spelled == "handles":
+        return f"`{value[0]:#06x},{value[1]:#06x}`"
+    if entry.spelled == "range":
+        return f"`[{value[0]}-{value[1]}]`"
+    if value is None or value == [] or value == {}:
+        return "unset"
+    if value is False:
+        return "off"
+    return f"`{value}`"
+
+
+def _terminal(markdown: str) -> str:
+    """Markdown as --help prints it: no backticks, and argparse's own % escaped."""
+    return markdown.replace("`", "").replace("%", "%%")
+
+
+FLAGS_EPILOG = ("Each flag may also be given as RECONCILER_<FLAG> in the environment or as a key of the --config "
+                "file: the command line wins over the environment, and the environment over the file. Durations: "
+                "500ms, 15secs, 1mins; sizes: 512KB, 10MB, 20GB. docs/flags.md says more.")
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags common to `run` and `once`; defaults stay None so we can tell what was given."""
-    parser.add_argument("--config", metavar="FILE", help="YAML file of flags (flag names as keys)")
-    for name in FLAG_NAMES:
+    """The flags common to `run` and `once`, a group per section with their help; defaults stay None so we
+    can tell what was given (the help says the real one)."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML file of flags, flag names as keys (also RECONCILER_CONFIG)")
+    if parser.epilog is None:
+        parser.epilog = FLAGS_EPILOG
+    groups: dict[str, Any] = {}
+    for name in described_flags():
+        entry = flag_help(name)
+        if entry.section not in groups:
+            groups[entry.section] = parser.add_argument_group(entry.section)
+        group = groups[entry.section]
+        meaning = _terminal(entry.meaning or "(not described yet)")
+        text = f"{meaning} (default: {_terminal(shown_default(name))})"
         if name in BOOL_FLAGS:
-            parser.add_argument(f"--{name}", nargs="?", const="true", default=None, metavar="BOOL")
+            group.add_argument(f"--{name}", nargs="?", const="true", default=None, metavar="BOOL", help=text)
         else:
-            parser.add_argument(f"--{name}", default=None, metavar=name.upper())
+            group.add_argument(f"--{name}", default=None, metavar=name.upper(), help=text)
 
 
 def load(args: argparse.Namespace, environ: dict[str, str] | None = None) -> AgentConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -238,6 +239,51 @@ def test_unknown_command_line_flag_exits_2(env):
     assert result.returncode == 2
     assert "--no_such_flag" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --help: every flag described, by section, as docs/flags.md says ---------------------------------------
+
+def flags_page_rows() -> dict[str, tuple[str, str]]:
+    """docs/flags.md: flag -> (its section, its row's 'default' and 'meaning' as --help prints them)."""
+    rows: dict[str, tuple[str, str]] = {}
+    section = ""
+    for line in (Path(__file__).resolve().parents[1] / "docs" / "flags.md").read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:]
+        m = re.fullmatch(r"\| `--(\w+)`(?: \[BOOL\])? \| `RECONCILER_\w+` \| (.*?) \| (.*) \|", line)
+        if m:
+            rows[m.group(1)] = (section, f"{m.group(3)} (default: {m.group(2)})".replace("`", ""))
+    return rows
+
+
+def help_entries(text: str) -> dict[str, dict[str, str]]:
+    """`--help` output: section -> flag -> its entry (invocation and help), whitespace collapsed."""
+    sections = re.split(r"^(\S[^\n]*):$", text, flags=re.MULTILINE)
+    entries: dict[str, dict[str, str]] = {}
+    for section, body in zip(sections[1::2], sections[2::2]):
+        body = body.strip("\n").split("\n\n")[0]      # a blank line ends a section (the epilog follows)
+        for entry in re.split(r"^  (?=-)", body, flags=re.MULTILINE):
+            if entry.startswith("--"):
+                entries.setdefault(section, {})[entry.split()[0]] = " ".join(entry.split())
+    return entries
+
+
+@pytest.mark.parametrize("command", ["run", "once"])
+def test_help_describes_every_flag_in_its_section(command):
+    from reconciler.config import FLAG_NAMES
+
+    # Wide enough that argparse wraps no help text (it would break 'git-sync' at its hyphen).
+    result = cli(command, "--help", environ=dict(os.environ, COLUMNS="2000"), timeout=30)
+    assert result.returncode == 0, result.stderr
+    rows = flags_page_rows()
+    assert sorted(rows) == sorted(FLAG_NAMES), "docs/flags.md is stale: run python3 docs/generate_flags.py"
+    shown = help_entries(result.stdout)
+    for name in FLAG_NAMES:
+        section, described = rows[name]
+        entry = shown.get(section, {}).get(f"--{name}")
+        assert entry is not None, f"`{command} --help` does not show --{name} under {section!r}"
+        assert entry.endswith(" ".join(described.split())), (name, entry, described)
+    assert "--config" in shown["options"] and "RECONCILER_<FLAG>" in result.stdout
 
 
 # precedence: command line > RECONCILER_<FLAG> > --config file ---------------------------------------

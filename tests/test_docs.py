@@ -3,10 +3,12 @@ every link between pages resolves, and the Kubernetes page covers every value of
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from reconciler import config
@@ -26,6 +28,25 @@ def test_docs_flags_md_is_what_the_generator_writes_now():
     done = subprocess.run([sys.executable, str(DOCS / "generate_flags.py"), "--check"], capture_output=True,
                           text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_flag_has_a_section_and_a_description():
+    # A new AgentConfig field is a new flag of `run` and `once`: it needs its entry in FLAG_HELP.
+    undescribed = [name for name in config.FLAG_NAMES
+                   if name not in config.FLAG_HELP or not config.FLAG_HELP[name].meaning.strip()
+                   or not config.FLAG_HELP[name].section.strip()]
+    assert not undescribed, f"flags without a description in FLAG_HELP (reconciler/config.py): {undescribed}"
+    gone = [name for name in config.FLAG_HELP if name not in config.FLAG_NAMES]
+    assert not gone, f"FLAG_HELP describes flags that are no longer flags: {gone}"
+
+
+def test_the_generator_refuses_a_flag_without_a_description(monkeypatch):
+    spec = importlib.util.spec_from_file_location("generate_flags", DOCS / "generate_flags.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    monkeypatch.delitem(config.FLAG_HELP, "resync_interval")
+    with pytest.raises(SystemExit, match="--resync_interval has no description"):
+        generator.generate()
 
 
 def test_links_between_pages_resolve():

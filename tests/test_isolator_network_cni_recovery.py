@@ -325,15 +325,22 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_a_hung_plugin_is_killed_after_the_timeout_the_launch_fails_and_nothing_is_left(setup: Setup) -> None:
-    s, env, net = setup, setup.env, setup.lab
+def install_hanging_plugin(s: Setup, timeout: str) -> Path:
+    """A plugin `hang` first in the search path, after the bridge in the lab's chain; its pids file."""
+    net = s.lab
     plugins, pids = net.tmp / "plugins", net.tmp / "hang.pids"
     plugins.mkdir()
     (plugins / "hang").write_text(HANG.format(pids=pids))
     (plugins / "hang").chmod(0o755)
     s.plugins_dir = f"{plugins}:{PLUGIN_DIR}"         # first in the search path
-    s.more_flags = ["--network_cni_plugin_timeout=1secs"]
+    s.more_flags = [f"--network_cni_plugin_timeout={timeout}"]
     net.write(net.bridge_plugin(), {"type": "hang"})  # bridge attaches, then hang never answers
+    return pids
+
+
+def test_a_hung_plugin_is_killed_after_the_timeout_the_launch_fails_and_nothing_is_left(setup: Setup) -> None:
+    s, env, net = setup, setup.env, setup.lab
+    pids = install_hanging_plugin(s, "1secs")
     write(env, "stuck", "exec sleep 300", [{"name": net.name}])
 
     started = time.monotonic()
@@ -354,13 +361,7 @@ def test_a_hung_plugin_is_killed_after_the_timeout_the_launch_fails_and_nothing_
 def test_a_hung_plugin_does_not_stall_other_containers(setup: Setup) -> None:
     """Plugins run in a worker thread: while one hangs (up to its timeout), the agent goes on."""
     s, env, net = setup, setup.env, setup.lab
-    plugins, pids = net.tmp / "plugins", net.tmp / "hang.pids"
-    plugins.mkdir()
-    (plugins / "hang").write_text(HANG.format(pids=pids))
-    (plugins / "hang").chmod(0o755)
-    s.plugins_dir = f"{plugins}:{PLUGIN_DIR}"
-    s.more_flags = ["--network_cni_plugin_timeout=8secs"]
-    net.write(net.bridge_plugin(), {"type": "hang"})
+    pids = install_hanging_plugin(s, "8secs")
     agent = env.start(*s.flags())
     wait_agent(env, agent)                                      # past its first pass: watching
     write(env, "stuck", "exec sleep 300", [{"name": net.name}])

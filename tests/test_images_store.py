@@ -134,10 +134,16 @@ def test_a_multi_platform_index_yields_this_hosts_image(registry: Path, store: I
 
 def test_archives_are_named_as_mesos_names_them(registry: Path, store: ImageStore) -> None:
     build_image(str(registry), "busybox:latest", [small_busybox()])
-    assert store.pull("busybox:latest").layers
+    latest = store.pull("busybox:latest")
+    # A bare name is :latest, as in Docker (Mesos looked for busybox.tar only, and failed here).
+    assert store.pull("busybox").id == latest.id
     with pytest.raises(ImageNotFound) as e:
-        store.pull("busybox")  # Mesos looks for busybox.tar, not busybox:latest.tar
-    assert str(e.value) == f"Failed to find archive for image 'busybox' at '{registry}/busybox.tar'"
+        store.pull("nothing")
+    assert str(e.value) == (f"Failed to find archive for image 'nothing' at '{registry}/nothing:latest.tar' "
+                            f"(nor at '{registry}/nothing.tar')")
+    # Mesos's busybox.tar is still found for a bare name when there is no :latest archive.
+    build_image(str(registry), "legacy", [small_busybox()])
+    assert (registry / "legacy.tar").is_file() and store.pull("legacy").layers
     build_image(str(registry), "localhost:5000/team/app:1", [small_busybox()])
     assert (registry / "localhost:5000/team/app:1.tar").is_file()
     assert store.pull("localhost:5000/team/app:1").layers

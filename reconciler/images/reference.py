@@ -3,8 +3,8 @@
 name fails here with a message instead of as a missing archive.
 
 `str(reference)` is Mesos's stringify: `[registry/]repository` then `@digest` or else `:tag`. The local
-registry's archive for a reference is `<docker_registry>/<str(reference)>.tar`: `busybox` → `busybox.tar`,
-`busybox:latest` → `busybox:latest.tar` (Mesos does not look for one under the other's name).
+registry's archive for a reference is `<docker_registry>/<str(reference)>.tar` (`busybox:latest` →
+`busybox:latest.tar`); a bare name is `:latest` as in Docker, with Mesos's `busybox.tar` as a fallback.
 """
 
 from __future__ import annotations

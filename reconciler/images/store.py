@@ -22,8 +22,9 @@ failed pull leaves nothing in the store. The store root is 0700 and its own (fix
 older agent left it 0755): layers keep the image's setuid-root binaries, which no host user may run.
 Its records are written under unique temp names opened O_EXCL|O_NOFOLLOW, then renamed.
 
-Archive names follow Mesos: `<docker_registry>/<reference>.tar`, `reference` as written (`busybox` →
-`busybox.tar`, `busybox:latest` → `busybox:latest.tar`), or an OCI layout directory `<docker_registry>/<reference>/`.
+Archive names follow Mesos: `<docker_registry>/<reference>.tar`, `reference` as written (`busybox:latest` →
+`busybox:latest.tar`), or an OCI layout directory `<docker_registry>/<reference>/`; a bare name means `:latest`
+as in Docker (`busybox` → `busybox:latest.tar`), with Mesos's `busybox.tar` as a fallback.
 A digest reference (`busybox@sha256:…`) pins the image: it matches an OCI manifest digest or the image id
 (the config digest). Its archive is looked for under its own name, then under the repository's names
 (`busybox.tar`, `busybox:*.tar`, OCI directories), then in every archive of the registry. Once pulled,
@@ -52,7 +53,7 @@ from reconciler import fsutil
 from reconciler.images.archive import LayerBlob, ResolvedImage, Source, open_source, resolve
 from reconciler.images.errors import ArchiveError, DigestMismatch, ImageError, ImageNotFound, UnsafeArchive
 from reconciler.images.extract import extract_layer, hash_layer
-from reconciler.images.reference import ImageReference, parse_reference
+from reconciler.images.reference import DEFAULT_TAG, ImageReference, parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -309,12 +310,20 @@ class ImageStore:
             return image
 
     def _archive_path(self, ref: ImageReference) -> str:
-        """Mesos's archive path for the reference: the tar, or an OCI layout directory of the same name."""
-        tar = os.path.join(self.registry_dir, f"{ref}.tar")
-        directory = os.path.join(self.registry_dir, str(ref))
-        if not os.path.exists(tar) and os.path.isfile(os.path.join(directory, "oci-layout")):
-            return directory
-        return tar
+        """The archive for the reference: the tar, or an OCI layout directory of the same name. A bare
+        name means `:latest`, as in Docker (`busybox` is `busybox:latest.tar`), with Mesos's `busybox.tar`
+        kept as a fallback. When none exists, the first name looked for (what the error names)."""
+        names = [str(ref)]
+        if ref.tag is None and ref.digest is None:
+            names.insert(0, f"{ref.name}:{DEFAULT_TAG}")
+        for name in names:
+            tar = os.path.join(self.registry_dir, f"{name}.tar")
+            directory = os.path.join(self.registry_dir, name)
+            if os.path.exists(tar):
+                return tar
+            if os.path.isfile(os.path.join(directory, "oci-layout")):
+                return directory
+        return os.path.join(self.registry_dir, f"{names[0]}.tar")
 
     @staticmethod
     def _stat_key(path: str) -> tuple[int, int] | None:
@@ -357,7 +366,8 @@ class ImageStore:
         if ref.digest is None:
             path = self._archive_path(ref)
             if not os.path.exists(path):
-                raise ImageNotFound(f"Failed to find archive for image '{ref}' at '{path}'")
+                fallback = "" if ref.tag or ref.digest else f" (nor at '{os.path.join(self.registry_dir, str(ref))}.tar')"
+                raise ImageNotFound(f"Failed to find archive for image '{ref}' at '{path}'{fallback}")
             source = self._open(path)
             try:
                 return source, resolve(source, ref), path

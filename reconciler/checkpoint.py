@@ -1,7 +1,6 @@
 """The checkpoint layout under work_dir: what recovery reads (Mesos paths.hpp, runtime_dir/containers/<id>).
 
     <work_dir>/containers/<id>/config.json       ContainerConfig, written before any isolator prepares
-    <work_dir>/containers/<id>/launch_info.json  merged launch info, written before the fork
     <work_dir>/containers/<id>/pid.json          init pid + start time + boot id, written after the fork
     <work_dir>/containers/<id>/status            wait status, written by the container's init
     <work_dir>/containers/<id>/termination.json  why and how it ended, written once it is destroyed
@@ -26,11 +25,10 @@ import shutil
 from typing import Any
 
 from reconciler.fsutil import atomic_write_json, read_json
-from reconciler.isolators.base import ContainerConfig, LaunchInfo, ProvisionedImage
+from reconciler.isolators.base import ContainerConfig, ProvisionedImage
 from reconciler.models import ContainerSpec
 
 CONFIG = "config.json"
-LAUNCH_INFO = "launch_info.json"
 PID = "pid.json"
 STATUS = "status"
 TERMINATION = "termination.json"
@@ -80,9 +78,6 @@ class Checkpoints:
                                  "image": _fields(config.image) if config.image is not None else None}
         atomic_write_json(os.path.join(self.dir(config.container_id), CONFIG), doc, durable=False)
 
-    def write_launch_info(self, container_id: str, info: LaunchInfo) -> None:
-        atomic_write_json(os.path.join(self.dir(container_id), LAUNCH_INFO), _fields(info), durable=False)
-
     def write_pid(self, container_id: str, pid: int, start_time: int, boot_id: str, pid_namespace: bool,
                   started_at: float) -> None:
         atomic_write_json(os.path.join(self.dir(container_id), PID), {
@@ -103,13 +98,6 @@ class Checkpoints:
             doc["image"] = ProvisionedImage(**doc["image"])
         known = {f.name for f in dataclasses.fields(ContainerConfig)}
         return ContainerConfig(**{k: v for k, v in doc.items() if k in known})
-
-    def read_launch_info(self, container_id: str) -> LaunchInfo | None:
-        doc = read_json(os.path.join(self.dir(container_id), LAUNCH_INFO))
-        if doc is None:
-            return None
-        known = {f.name for f in dataclasses.fields(LaunchInfo)}
-        return LaunchInfo(**{k: v for k, v in doc.items() if k in known})
 
     def read_pid(self, container_id: str) -> dict[str, Any] | None:
         return read_json(os.path.join(self.dir(container_id), PID))

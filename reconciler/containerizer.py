@@ -37,7 +37,7 @@ from reconciler.isolators.base import (
     ProvisionedImage,
 )
 from reconciler.launcher.base import Forked, Launcher
-from reconciler.linux import proc, syscalls
+from reconciler.linux import DEFAULT_PATH, proc, syscalls
 from reconciler.linux.mounts import ensure_nosuid_nodev
 from reconciler.models import Resources
 from reconciler.status import iso
@@ -45,7 +45,6 @@ from reconciler.units import megabytes_to_bytes
 
 log = logging.getLogger(__name__)
 
-CLONE_NEWPID = 0x20000000
 SANDBOX_MODE = 0o750
 
 
@@ -307,9 +306,8 @@ class Containerizer:
                 part = await isolator.prepare_async(cid, config)
                 if part is not None:
                     info.merge(part)
-            self.checkpoints.write_launch_info(cid, info)
             spec = self._init_spec(config, info, environment, user)
-            container.pid_namespace = bool(info.clone_namespaces & CLONE_NEWPID)
+            container.pid_namespace = bool(info.clone_namespaces & syscalls.CLONE_NEWPID)
             forked = self.launcher.fork(cid, spec, info.clone_namespaces)
             container.identity = proc.ProcessIdentity(forked.pid, forked.start_time)
             container.pidfd = forked.pidfd
@@ -374,7 +372,7 @@ class Containerizer:
         if command.environment:
             for variable in command.environment.variables:
                 env[variable.name] = variable.value
-        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        env.setdefault("PATH", DEFAULT_PATH)
         in_image = command.user if command.user and config.image is not None else (info.user or {}).get("in_image")
         return {
             "container_id": config.container_id,

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from reconciler.containerizer import NOT_STARTED, Container, Containerizer, State, resource_limits
 from reconciler.images.errors import ImageError
 from reconciler.isolators.base import ContainerConfig, PermanentError, ResourceExhaustedError
+from reconciler.linux import DEFAULT_PATH
 from reconciler.logs import LogRotator
 from reconciler.models import ContainerSpec
 from reconciler.source import InvalidDocument, Listing
@@ -576,7 +577,6 @@ class Reconciler:
 
 
 PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "TZ")
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def container_environment() -> dict[str, str]:

@@ -303,8 +303,8 @@ def test_checkpoints_are_written_ahead_of_the_step_they_describe(node: Node) -> 
         await cz.launch(node.config("c1"), {})
 
     node.run(scenario)
-    assert seen == {"a.prepare": {"config.json"}, "fork": {"config.json", "launch_info.json"},
-                    "a.isolate": {"config.json", "launch_info.json", "pid.json"}}
+    assert seen == {"a.prepare": {"config.json"}, "fork": {"config.json"},
+                    "a.isolate": {"config.json", "pid.json"}}
 
 
 def test_a_second_launch_of_a_running_container_touches_nothing(node: Node) -> None:

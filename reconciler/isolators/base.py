@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from reconciler.linux import syscalls
+
 if TYPE_CHECKING:
     from reconciler.config import AgentConfig
     from reconciler.models import ContainerSpec, Resources
@@ -97,6 +99,12 @@ class ContainerState:
     """Mesos ContainerState: what an isolator is told of a live container at recovery."""
     config: ContainerConfig
     pid: int | None
+
+
+# The first mount of any new mount namespace: without it, what the init mounts there would propagate
+# to the host through shared mounts (systemd makes / shared).
+PRIVATE_ROOT: dict[str, Any] = {"source": None, "target": "/", "fstype": None,
+                                "flags": syscalls.MS_REC | syscalls.MS_PRIVATE, "data": None}
 
 
 @dataclass

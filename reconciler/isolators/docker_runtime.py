@@ -51,12 +51,13 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from reconciler.isolators.base import ContainerConfig, Isolator, LaunchInfo, PermanentError
+from reconciler.linux import DEFAULT_PATH
 from reconciler.models import CommandInfo
 
 log = logging.getLogger(__name__)
 
 # Mesos os::host_default_path().
-HOST_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOST_DEFAULT_PATH = DEFAULT_PATH
 SHELL, SHELL_ARGV0 = "/bin/sh", "sh"      # Mesos os::Shell::name, os::Shell::arg0
 
 LAUNCH_COMMAND_ERROR = "Failed to determine the launch command: "

@@ -33,12 +33,12 @@ from reconciler.isolators.base import (
     ROOTFS_DIR,
     ContainerConfig,
     ContainerState,
+    PRIVATE_ROOT,
     IsolatorSetupError,
     LaunchInfo,
     PermanentError,
 )
 from reconciler.isolators.filesystem_shared import (
-    PRIVATE_ROOT,
     SharedFilesystemIsolator,
     _under,
     read_only_remounts,

@@ -22,7 +22,7 @@ import os
 import posixpath
 from typing import TYPE_CHECKING
 
-from reconciler.isolators.base import ContainerConfig, Isolator, IsolatorSetupError, LaunchInfo, PermanentError
+from reconciler.isolators.base import PRIVATE_ROOT, ContainerConfig, Isolator, IsolatorSetupError, LaunchInfo, PermanentError
 from reconciler.linux import syscalls
 from reconciler.linux.mountinfo import read_mountinfo
 from reconciler.linux.mounts import remount_flags
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
     from reconciler.config import AgentConfig
     from reconciler.models import Volume
 
-# Entered first in the new mount namespace: without it, the bind mounts below would propagate
-# to the host through shared mounts (systemd makes / shared).
-PRIVATE_ROOT = {"source": None, "target": "/", "fstype": None,
-                "flags": syscalls.MS_REC | syscalls.MS_PRIVATE, "data": None}
 
 def _components(path: str) -> list[str]:
     return [part for part in path.split("/") if part]

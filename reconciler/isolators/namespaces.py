@@ -9,20 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, LaunchInfo, PermanentError
+from reconciler.isolators.base import PRIVATE_ROOT, ContainerConfig, ContainerState, Isolator, LaunchInfo, PermanentError
 from reconciler.isolators.masks import masking_mounts
+from reconciler.linux.syscalls import CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID, MS_NODEV, MS_NOEXEC, MS_NOSUID
 
 if TYPE_CHECKING:
     from reconciler.config import AgentConfig
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
-MS_REC, MS_PRIVATE = 0x4000, 0x40000
-
-# Entered first in any new mount namespace: without it, mounts would propagate to the host.
-PRIVATE_ROOT = {"source": None, "target": "/", "fstype": None, "flags": MS_REC | MS_PRIVATE, "data": None}
 
 
 class PidNamespaceIsolator(Isolator):

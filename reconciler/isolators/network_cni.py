@@ -31,8 +31,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from reconciler.fsutil import atomic_write, read_json
-from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, IsolatorSetupError, LaunchInfo, \
-    PermanentError
+from reconciler.isolators.base import PRIVATE_ROOT, ContainerConfig, ContainerState, Isolator, IsolatorSetupError, \
+    LaunchInfo, PermanentError
 from reconciler.linux import syscalls
 from reconciler.linux.mounts import remount_flags
 from reconciler.network import cni, etc_files, netns, shaping
@@ -48,8 +48,6 @@ NONE_NETWORK = "none"          # loopback only, as Docker's and Kubernetes's "no
 CHECKPOINT = "networks.json"
 ETC_DIR = "etc"
 NETNS_DIR = "netns"
-PRIVATE_ROOT = {"source": None, "target": "/", "fstype": None, "flags": syscalls.MS_REC | syscalls.MS_PRIVATE,
-                "data": None}
 ETC_TARGETS = (("/etc/hosts", etc_files.HOSTS_FILE), ("/etc/hostname", etc_files.HOSTNAME_FILE),
                ("/etc/resolv.conf", etc_files.RESOLV_CONF_FILE))
 

@@ -62,6 +62,8 @@ from typing import Annotated, Any, Literal, Mapping, Sequence, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from reconciler.linux import DEFAULT_PATH
+
 log = logging.getLogger(__name__)
 
 CONFIG_EXTENSIONS = (".conf", ".conflist", ".json")
@@ -72,7 +74,7 @@ MAX_STDOUT_BYTES = 4 << 20
 MAX_STDERR_KEPT = 64 << 10
 SNIPPET_CHARS = 300  # how much of a plugin's stdout/stderr an error message quotes
 # Plugins call iptables, ip, tc, ...; the agent's own PATH is not theirs to inherit.
-PLUGIN_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PLUGIN_PATH_ENV = DEFAULT_PATH
 
 # CNI's rule for network names and container ids (libcni utils.ValidateNetworkName/ContainerID).
 _NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$"

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, LaunchInfo, Limitation, LimitationCallback
 from reconciler.linux.mountinfo import parse_mountinfo
 from reconciler.status import iso
-from reconciler.units import megabytes_to_bytes
+from reconciler.units import format_bytes, megabytes_to_bytes
 
 if TYPE_CHECKING:
     from reconciler.config import AgentConfig
@@ -68,19 +68,6 @@ log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MB = 1024 * 1024
-
-
-# --- Mesos's Bytes formatting ---------------------------------------------------------------------
-
-def format_bytes(value: int) -> str:
-    """stout's operator<<(Bytes): the unit is raised only while nothing is lost ("2052KB", "1MB", "0B")."""
-    if value == 0 or value % 1024:
-        return f"{value}B"
-    for unit in ("KB", "MB", "GB"):
-        value //= 1024
-        if value % 1024:
-            return f"{value}{unit}"
-    return f"{value // 1024}TB"
 
 
 # --- the status block -------------------------------------------------------------------------------

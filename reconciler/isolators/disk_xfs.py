@@ -41,9 +41,9 @@ from reconciler.isolators.base import (
     LimitationCallback,
     ResourceExhaustedError,
 )
-from reconciler.isolators.disk_du import DiskStatus, format_bytes, status_news
+from reconciler.isolators.disk_du import DiskStatus, status_news
 from reconciler.linux import quota
-from reconciler.units import megabytes_to_bytes
+from reconciler.units import format_bytes, megabytes_to_bytes
 
 if TYPE_CHECKING:
     from reconciler.config import AgentConfig

@@ -38,7 +38,9 @@ import sys
 
 from reconciler.launcher import init
 
-SYS_CLONE = 56  # x86_64
+# clone(2)'s number where its arguments are (flags, stack, parent_tid, ...), as below; it was x86_64's
+# alone (s390x swaps flags and stack: not supported).
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "loongarch64": 220, "ppc64le": 120, "ppc64": 120}
 CLONE_PIDFD = 0x00001000
 MAX_MESSAGE = 1 << 20
 
@@ -52,9 +54,12 @@ def clone(flags: int) -> tuple[int, int]:
     Done as os.fork does it (PyOS_BeforeFork / AfterFork hooks) but through the raw syscall, so the
     child can start in new namespaces and the parent gets a pidfd atomically (CLONE_PIDFD).
     """
+    number = _SYS_CLONE.get(os.uname().machine)
+    if number is None:
+        raise OSError(38, f"clone: no system call number known for {os.uname().machine}")   # ENOSYS
     pidfd = ctypes.c_int(-1)
     ctypes.pythonapi.PyOS_BeforeFork()
-    pid = _pydll.syscall(ctypes.c_long(SYS_CLONE), ctypes.c_ulong(flags | CLONE_PIDFD | signal.SIGCHLD),
+    pid = _pydll.syscall(ctypes.c_long(number), ctypes.c_ulong(flags | CLONE_PIDFD | signal.SIGCHLD),
                          ctypes.c_void_p(0), ctypes.byref(pidfd), ctypes.c_void_p(0), ctypes.c_ulong(0))
     if pid == 0:
         ctypes.pythonapi.PyOS_AfterFork_Child()

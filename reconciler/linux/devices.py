@@ -26,6 +26,8 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from reconciler.linux import syscalls
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -108,9 +110,6 @@ def read_v1_rules(cgroup_path: str) -> list[str]:
 
 # ---------------------------------------------------------------- cgroup v2: the BPF program
 
-# bpf(2) has no libc wrapper; its number per architecture (<asm/unistd.h>).
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280, "ppc64le": 361, "ppc64": 361,
-            "s390x": 351, "i686": 357, "armv7l": 386}
 
 # <linux/bpf.h>: commands, the program and attach types, flags and the device program's context.
 BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_GET_FD_BY_ID, BPF_PROG_QUERY = 5, 8, 9, 13, 16
@@ -180,7 +179,7 @@ def device_program(rules: Sequence[DeviceRule]) -> bytes:
 
 def _bpf(command: int, attr: bytes, call: str) -> tuple[int, bytes]:
     """bpf(command, attr): its result and the attr as the kernel left it. OSError names `call`."""
-    number = _SYS_BPF.get(platform.machine())
+    number = syscalls.syscall_number("bpf")
     if number is None:
         raise OSError(errno.ENOSYS, f"{call}: no bpf(2) system call number known for {platform.machine()}")
     buffer = ctypes.create_string_buffer(attr, _ATTR_SIZE)

@@ -26,6 +26,7 @@ import stat as stat_module
 from dataclasses import dataclass
 
 from reconciler.linux.mountinfo import read_mountinfo
+from reconciler.linux.syscalls import syscall_number
 
 # --- ioctl numbers ---------------------------------------------------------------------------
 
@@ -212,7 +213,6 @@ XFS_SUPER_MAGIC = 0x58465342    # "XFSB", statfs f_type
 NON_PROJECT_ID = 0              # no project: Mesos's sentinel too
 MAX_PROJECT_ID = 0xFFFFFFFF     # prid_t is 32 bits
 
-_SYS_QUOTACTL_FD = {"x86_64": 443, "aarch64": 443, "armv7l": 443, "ppc64le": 443, "s390x": 443, "riscv64": 443}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.quotactl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
@@ -399,7 +399,7 @@ def _machine() -> str:
 def _quotactl(path: str, command: int, quota_type: int, ident: int, addr: ctypes.c_void_p | None) -> None:
     """quotactl_fd(2) on an fd of `path`; on kernels older than 5.14, quotactl(2) on its block device."""
     cmd = qcmd(command, quota_type)
-    number = _SYS_QUOTACTL_FD.get(_machine())
+    number = syscall_number("quotactl_fd", _machine())
     if number is not None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -427,7 +427,7 @@ def _has_quotactl_fd() -> bool:
     """Whether the syscall exists at all (ENOSYS from it may also mean "no quota in this filesystem")."""
     global _QUOTACTL_FD_PROBED
     if _QUOTACTL_FD_PROBED is None:
-        number = _SYS_QUOTACTL_FD.get(_machine())
+        number = syscall_number("quotactl_fd", _machine())
         if number is None:
             _QUOTACTL_FD_PROBED = False
         else:

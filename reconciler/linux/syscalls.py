@@ -68,15 +68,19 @@ PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_LOWER = 3
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
-# pivot_root has no glibc wrapper; its number differs per architecture.
-_SYS_PIVOT_ROOT = {
-    "x86_64": 155,
-    "aarch64": 41,
-    "riscv64": 41,
-    "ppc64le": 203,
-    "ppc64": 203,
-    "s390x": 217,
+# The calls with no libc wrapper, by number per architecture (<asm/unistd.h>): one table. (The container's
+# init and the launch helper, which import only the standard library, keep their own pivot_root and clone.)
+SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
+    "pivot_root": {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "ppc64": 203, "s390x": 217},
+    "bpf": {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280, "ppc64le": 361, "ppc64": 361,
+            "s390x": 351, "i686": 357, "armv7l": 386},
+    "quotactl_fd": {"x86_64": 443, "aarch64": 443, "armv7l": 443, "ppc64le": 443, "s390x": 443, "riscv64": 443},
 }
+
+
+def syscall_number(name: str, machine: str | None = None) -> int | None:
+    """The number of `name` on this machine's architecture (platform.machine()), None where unknown."""
+    return SYSCALL_NUMBERS[name].get(machine or platform.machine())
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
@@ -124,7 +128,7 @@ def setns(fd: int, nstype: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    number = syscall_number("pivot_root")
     if number is None:
         raise OSError(errno.ENOSYS, f"pivot_root: no syscall number known for {platform.machine()}", new_root)
     if _libc.syscall(ctypes.c_long(number), _path(new_root), _path(put_old)) != 0:

@@ -15,7 +15,6 @@ destroys the container.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import logging
 import os
@@ -33,7 +32,7 @@ from reconciler.isolators.base import (
     LimitationCallback,
     PermanentError,
 )
-from reconciler.linux import cgroups
+from reconciler.linux import cgroups, inotify
 from reconciler.linux.cgroups import CgroupMounts, Hierarchy
 
 if TYPE_CHECKING:
@@ -514,11 +513,7 @@ class _EventFdWatch(_OomWatch):
         os.close(self.control_fd)
 
 
-# inotify, for cgroup v2 memory.events (the kernel reports a modification on every event).
-_IN_MODIFY = 0x00000002
-_IN_NONBLOCK = os.O_NONBLOCK
-_IN_CLOEXEC = os.O_CLOEXEC
-_libc = ctypes.CDLL(None, use_errno=True)
+# cgroup v2 memory.events is watched with inotify: the kernel reports a modification on every event.
 
 
 class _EventsFileWatch(_OomWatch):
@@ -537,12 +532,16 @@ class _EventsFileWatch(_OomWatch):
         self.inotify_fd: int | None = None
         self.baseline = self._counters() or (0, 0)
         path = os.path.join(hierarchy.path(cgroup), "memory.events")
-        fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        try:
+            fd = inotify.init()
+        except OSError:
+            fd = -1
         if fd >= 0:
-            if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) >= 0:
+            try:
+                inotify.add_watch(fd, path, inotify.IN_MODIFY)
                 self.inotify_fd = fd
                 loop.add_reader(fd, self._readable)
-            else:
+            except OSError:
                 os.close(fd)
         if self.inotify_fd is None:
             log.debug("inotify is not available for %s: polling it", path)

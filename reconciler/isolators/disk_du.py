@@ -47,7 +47,6 @@ import select
 import shutil
 import signal
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -56,6 +55,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, LaunchInfo, Limitation, LimitationCallback
+from reconciler.linux import inotify, syscalls
 from reconciler.linux.mountinfo import parse_mountinfo
 from reconciler.status import iso
 from reconciler.units import format_bytes, megabytes_to_bytes
@@ -281,35 +281,31 @@ class MountTable:
 
 # --- the incremental measurement -------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-IN_MODIFY, IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO = 0x2, 0x4, 0x40, 0x80
-IN_CREATE, IN_DELETE, IN_Q_OVERFLOW, IN_IGNORED = 0x100, 0x200, 0x4000, 0x8000
-IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK = 0x01000000, 0x02000000, 0x04000000
+IN_MODIFY, IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO = inotify.IN_MODIFY, inotify.IN_ATTRIB, inotify.IN_MOVED_FROM, \
+    inotify.IN_MOVED_TO
+IN_CREATE, IN_DELETE, IN_Q_OVERFLOW, IN_IGNORED = inotify.IN_CREATE, inotify.IN_DELETE, inotify.IN_Q_OVERFLOW, \
+    inotify.IN_IGNORED
+IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK = inotify.IN_ONLYDIR, inotify.IN_DONT_FOLLOW, inotify.IN_EXCL_UNLINK
 # Everything that can change what a directory's entries occupy: writes and truncations (MODIFY),
 # link counts (ATTRIB), entries coming and going (CREATE, DELETE, MOVED_*). Files already unlinked
 # do not count for du, so their writes are not wanted (EXCL_UNLINK).
 _WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
                | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
-_EVENT = struct.Struct("iIII")            # struct inotify_event: wd, mask, cookie, len (then the name)
+_EVENT = inotify.EVENT
 
 
 class Inotify:
     """One inotify instance for every tracked sandbox; a watch descriptor maps to the directory it watches."""
 
     def __init__(self) -> None:
-        fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        self.fd = fd
+        self.fd = inotify.init()
         self.watches: dict[int, _Dir] = {}
         self.trees: set[TreeUsage] = set()
 
     def add(self, d: "_Dir") -> bool:
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(d.path), _WATCH_MASK)
-        if wd < 0:
+        try:
+            wd = inotify.add_watch(self.fd, d.path, _WATCH_MASK)
+        except OSError:
             return False
         # The kernel returns the same wd for a directory watched already (moved here from elsewhere in
         # the tree): it now belongs to this entry, and removing the old entry must leave it alone.
@@ -320,7 +316,7 @@ class Inotify:
     def remove(self, d: "_Dir") -> None:
         if d.wd is not None and self.watches.get(d.wd) is d:
             del self.watches[d.wd]
-            _libc.inotify_rm_watch(self.fd, d.wd)
+            inotify.rm_watch(self.fd, d.wd)
         d.wd = None
 
     def drain(self) -> None:
@@ -829,7 +825,7 @@ def serve(interval: float, commands: Any = None, results: Any = None, results_ev
 
 def _die_with_parent() -> None:
     PR_SET_PDEATHSIG = 1
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    syscalls.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:
         os._exit(0)
 

@@ -188,8 +188,8 @@ def atomic_write(path: str, data: bytes, *, durable: bool = True, mode: int = 0o
         os.close(directory)
 
 
-def atomic_write_json(path: str, doc: Any, *, durable: bool = True) -> None:
-    atomic_write(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode(), durable=durable)
+def atomic_write_json(path: str, doc: Any, *, durable: bool = True, mode: int = 0o644) -> None:
+    atomic_write(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode(), durable=durable, mode=mode)
 
 
 def read_bytes(path: str, *, limit: int, dir_fd: int | None = None) -> bytes | None:

@@ -95,23 +95,10 @@ def _hex(digest: str) -> str:
     return digest.removeprefix("sha256:")
 
 
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
 def _write_json(path: str, doc: Any) -> None:
-    """Atomic replace through a temp name unique per call, created O_EXCL|O_NOFOLLOW: whatever is planted
-    at a name, it is never opened, let alone followed."""
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    data = (json.dumps(doc, indent=1) + "\n").encode()
-    fd = os.open(tmp, _NEW_FILE, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """fsutil's atomic replace (a unique temp name created O_EXCL|O_NOFOLLOW: whatever is planted at a
+    name is never opened, let alone followed), 0600: the store is root's alone."""
+    fsutil.atomic_write_json(path, doc, durable=False, mode=0o600)
 
 
 def _read_json(path: str) -> Any | None:

@@ -1,0 +1,639 @@
+"""The registry client against real registries: Debian's docker-registry (distribution 2.8) on 127.0.0.1,
+storage in a temp dir, images pushed with skopeo from OCI layouts the tests build.
+
+Registries: plain http; htpasswd Basic auth (bcrypt file from apache2-utils' `htpasswd -B`); Bearer token
+auth with a token server written here (RS256 JWTs signed by `openssl dgst`, the cert in the `x5c` header);
+TLS with a test CA made by `openssl`. A proxy written here sits in front of the plain registry to tamper with,
+cut, stall or redirect blob responses and to record what the client asked for.
+
+Every process started here is killed and every temp dir removed by fixture finalizers, also on failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from reconciler.images.errors import DigestMismatch
+from reconciler.images.registry import (OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST, BlobMismatch, Descriptor,
+                                        Platform, RegistryClient, RegistryError, docker_config_credentials,
+                                        host_platform)
+from tests.imagebuild import File, build, layer
+
+for tool in ("docker-registry", "skopeo", "openssl", "htpasswd"):
+    if not shutil.which(tool):
+        pytest.skip(f"'{tool}' is not installed (apt-get install -y docker-registry skopeo apache2-utils openssl)",
+                    allow_module_level=True)
+
+HOST_ARCH = host_platform().architecture
+OTHER_ARCH = "arm64" if HOST_ARCH != "arm64" else "amd64"
+USER, PASSWORD = "puller", "s3cret-pw"
+
+
+# ---------------------------------------------------------------- processes and servers
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen | None, log: Path | None = None, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited {proc.returncode}: {log.read_text()[-2000:] if log else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@dataclass
+class Registry:
+    host: str              # 127.0.0.1:PORT
+    root: Path             # its storage
+    scheme: str = "http"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    def blob_file(self, digest: str) -> Path:
+        hex_ = digest.removeprefix("sha256:")
+        return self.root / "docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.servers: list[http.server.HTTPServer] = []
+
+    def registry(self, base: Path, auth: str = "", tls: tuple[str, str] | None = None) -> Registry:
+        port = _free_port()
+        base.mkdir(parents=True)
+        root = base / "storage"
+        tls_yaml = f"\n  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}" if tls else ""
+        (base / "config.yml").write_text(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
+            f"    rootdirectory: {root}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n  secret: test-secret{tls_yaml}\n{auth}")
+        log = base / "registry.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["docker-registry", "serve", str(base / "config.yml")], stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        _wait_port(port, proc, log)
+        return Registry(f"127.0.0.1:{port}", root, "https" if tls else "http")
+
+    def serve(self, handler: type[http.server.BaseHTTPRequestHandler]) -> int:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.servers.append(server)
+        return server.server_address[1]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+
+
+def _skopeo_copy(src: str, dest: str, *extra: str) -> None:
+    cmd = ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false", *extra, src, dest]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"{cmd}: {r.stderr}"
+
+
+def _skopeo_inspect(ref: str, *extra: str) -> dict[str, Any]:
+    r = subprocess.run(["skopeo", "inspect", "--tls-verify=false", *extra, f"docker://{ref}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@dataclass
+class Image:
+    layout: str                 # oci:DIR:TAG source for skopeo
+    manifest_digest: str
+    layer_digests: list[str]
+    config_digest: str
+    files: dict[str, bytes]
+
+
+def _image(tmp: Path, name: str, files: dict[str, bytes]) -> Image:
+    """A two-layer gzip OCI layout with the given files spread over the layers."""
+    items = list(files.items())
+    layers = [layer(*(File(p, d) for p, d in items[:1])), layer(*(File(p, d) for p, d in items[1:]))]
+    built = build(str(tmp), f"{name}:1", layers=layers, fmt="oci", compress="gzip", archive_name=name)
+    index = json.loads((tmp / name / "index.json").read_text())
+    manifest = json.loads((tmp / name / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
+    return Image(f"oci:{tmp / name}:1", built.manifest_digest or "", [d["digest"] for d in manifest["layers"]],
+                 manifest["config"]["digest"], files)
+
+
+def _put_manifest(reg: Registry, name: str, tag: str, body: bytes, media_type: str) -> str:
+    conn = http.client.HTTPConnection(reg.host, timeout=10)
+    conn.request("PUT", f"/v2/{name}/manifests/{tag}", body=body, headers={"Content-Type": media_type})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 201, resp.status
+    return resp.getheader("Docker-Content-Digest") or ""
+
+
+# ---------------------------------------------------------------- the proxy
+
+class Proxy:
+    """Forwards to a registry; `mode` decides what it does to blob GETs. Records every request."""
+
+    def __init__(self, upstream: str, storage_auth: str | None = None) -> None:
+        self.upstream, self.storage_auth = upstream, storage_auth
+        self.mode = "pass"
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.stop = threading.Event()
+        self.port = 0
+
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                proxy.requests.append(("GET", self.path, dict(headers)))  # as the client sent them
+                blob = "/blobs/sha256:" in self.path
+                if self.path.startswith("/_storage/"):  # the "blob storage" a redirect points at
+                    self.path = self.path.removeprefix("/_storage")
+                    headers.pop("Authorization", None)
+                    if proxy.storage_auth:  # storage's own credentials, as a signed URL would carry
+                        headers["Authorization"] = proxy.storage_auth
+                elif blob and proxy.mode == "redirect":
+                    self.send_response(307)
+                    self.send_header("Location", f"http://localhost:{proxy.port}/_storage{self.path}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                asked_range = "Range" in headers
+                if proxy.mode == "cut-no-range":   # a server without Range support
+                    headers.pop("Range", None)
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=10)
+                conn.request("GET", self.path, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+                conn.close()
+                mode = proxy.mode if blob and resp.status in (200, 206) else "pass"
+                if proxy.mode == "tamper-manifest" and "/manifests/" in self.path:
+                    body += b" "   # still valid JSON, no longer the bytes the digest names
+                if mode == "tamper":
+                    body = body[:-1] + bytes([body[-1] ^ 0xFF])
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if mode in ("cut", "cut-no-range") and not asked_range:
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if mode == "stall":
+                    self.wfile.write(body[:10])
+                    self.wfile.flush()
+                    proxy.stop.wait(5)
+                    return
+                self.wfile.write(body)
+
+        return Handler
+
+
+# ---------------------------------------------------------------- the token server
+
+class TokenServer:
+    """Issues RS256 JWTs the registry trusts (its cert in x5c); `lifetime` seconds past the registry's 60 s leeway."""
+
+    def __init__(self, key: Path, cert_der: bytes, service: str) -> None:
+        self.key, self.x5c, self.service = key, base64.b64encode(cert_der).decode(), service
+        self.lifetime = 600.0
+        self.port = 0
+        self.issued: list[str] = []   # scopes asked for
+        self.basic: list[str | None] = []
+
+    def token(self, scope: str) -> str:
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        now = int(time.time())
+        access = []
+        if scope:
+            kind, name, actions = scope.split(":")
+            access = [{"type": kind, "name": name, "actions": actions.split(",")}]
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
+        claims = {"iss": "test-issuer", "sub": USER, "aud": self.service, "iat": now, "nbf": now - 5,
+                  "exp": int(now - 60 + self.lifetime), "jti": os.urandom(8).hex(), "access": access}
+        signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(),
+                             capture_output=True, check=True).stdout
+        return f"{signing_input}.{b64(sig)}"
+
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                from urllib.parse import parse_qs, urlsplit
+                query = parse_qs(urlsplit(self.path).query)
+                auth = self.headers.get("Authorization")
+                server.basic.append(auth)
+                expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+                if auth != expected:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                scope = query.get("scope", [""])[0]
+                server.issued.append(scope)
+                body = json.dumps({"token": server.token(scope), "expires_in": 60}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+
+# ---------------------------------------------------------------- fixtures
+
+@dataclass
+class World:
+    tmp: Path
+    plain: Registry
+    basic: Registry
+    proxy: Proxy
+    app: Image                  # team/app:1 (OCI), team/app:docker (Docker schema2)
+    multi: dict[str, Image]     # arch → image in the index team/multi:1
+    multi_index_digest: str
+    procs: Processes
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    tmp = Path(tempfile.mkdtemp(prefix="test-registry-"))
+    procs = Processes()
+    try:
+        plain = procs.registry(tmp / "plain")
+        htpasswd = subprocess.run(["htpasswd", "-nbB", USER, PASSWORD], capture_output=True, text=True,
+                                  check=True).stdout
+        (tmp / "htpasswd").write_text(htpasswd)
+        basic = procs.registry(tmp / "basic", auth=f"auth:\n  htpasswd:\n    realm: test\n    path: {tmp / 'htpasswd'}\n")
+
+        images = tmp / "images"
+        app = _image(images, "app", {"etc/app.conf": b"answer=42\n", "bin/hello": b"#!/bin/sh\necho hello\n" * 200})
+        _skopeo_copy(app.layout, f"docker://{plain.host}/team/app:1")
+        _skopeo_copy(app.layout, f"docker://{plain.host}/team/app:docker", "--format", "v2s2")
+        _skopeo_copy(app.layout, f"docker://{basic.host}/team/app:1", "--dest-creds", f"{USER}:{PASSWORD}")
+
+        multi = {arch: _image(images, f"multi-{arch}", {"etc/arch": arch.encode(), "data": os.urandom(50000)})
+                 for arch in (HOST_ARCH, OTHER_ARCH)}
+        entries = []
+        # The host's entry comes last, after an attestation-like one, so picking the first would be wrong.
+        for arch in (OTHER_ARCH, "unknown", HOST_ARCH):
+            img = multi[OTHER_ARCH if arch == "unknown" else arch]
+            _skopeo_copy(img.layout, f"docker://{plain.host}/team/multi:{arch}")
+            raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                  f"docker://{plain.host}/team/multi:{arch}"], capture_output=True, check=True).stdout
+            entries.append({"mediaType": OCI_MANIFEST, "digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
+                            "size": len(raw), "platform": {"os": "unknown" if arch == "unknown" else "linux",
+                                                           "architecture": arch}})
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+        index_digest = _put_manifest(plain, "team/multi", "1", index, OCI_INDEX)
+
+        proxy = Proxy(plain.host)
+        proxy.port = procs.serve(proxy.handler())
+        yield World(tmp, plain, basic, proxy, app, multi, index_digest, procs)
+    finally:
+        procs.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _client(reg: Registry | str, **kw: Any) -> RegistryClient:
+    host = reg if isinstance(reg, str) else reg.host
+    kw.setdefault("insecure_http_hosts", [host])
+    return RegistryClient(f"http://{host}", **kw)
+
+
+def _layer_files(path: Path) -> dict[str, bytes]:
+    import gzip
+    import io
+    import tarfile
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(path.read_bytes()))) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- resolve
+
+def test_resolve_by_tag_returns_oci_manifest_and_its_descriptors(world: World) -> None:
+    m = _client(world.plain).resolve(f"{world.plain.host}/team/app:1")
+    inspected = _skopeo_inspect(f"{world.plain.host}/team/app:1")
+    assert m.media_type == OCI_MANIFEST
+    assert m.digest == inspected["Digest"] == "sha256:" + hashlib.sha256(m.manifest).hexdigest()
+    assert m.config.digest == world.app.config_digest
+    assert [d.digest for d in m.layers] == world.app.layer_digests == inspected["Layers"]
+    assert all(d.size > 0 and d.media_type.endswith("tar+gzip") for d in m.layers)
+    assert m.index_digest is None and m.pinned == m.digest
+
+
+def test_resolve_docker_schema2_manifest(world: World) -> None:
+    m = _client(world.plain).resolve("team/app:docker")
+    assert m.media_type == DOCKER_MANIFEST
+    assert m.digest == _skopeo_inspect(f"{world.plain.host}/team/app:docker")["Digest"]
+    assert m.config.media_type == "application/vnd.docker.container.image.v1+json"
+    assert len(m.layers) == 2
+
+
+def test_the_digest_skopeo_reports_pins_the_image(world: World) -> None:
+    digest = _skopeo_inspect(f"{world.plain.host}/team/app:1")["Digest"]
+    m = _client(world.plain).resolve(f"{world.plain.host}/team/app@{digest}")
+    assert m.digest == digest and [d.digest for d in m.layers] == world.app.layer_digests
+
+
+def test_index_chooses_the_host_platform(world: World) -> None:
+    client = _client(world.plain)
+    m = client.resolve("team/multi:1")
+    host = world.multi[HOST_ARCH]
+    assert m.index_digest == world.multi_index_digest
+    assert m.platform == Platform("linux", HOST_ARCH)
+    assert [d.digest for d in m.layers] == host.layer_digests
+    # skopeo reports the index digest for a multi-platform tag; it pins the same choice.
+    assert _skopeo_inspect(f"{world.plain.host}/team/multi:1")["Digest"] == m.pinned
+    pinned = client.resolve(f"team/multi@{m.pinned}")
+    assert pinned.digest == m.digest and pinned.index_digest == m.index_digest
+
+    other = _client(world.plain, platform=Platform("linux", OTHER_ARCH)).resolve("team/multi:1")
+    assert [d.digest for d in other.layers] == world.multi[OTHER_ARCH].layer_digests
+
+    with pytest.raises(RegistryError) as e:
+        _client(world.plain, platform=Platform("linux", "s390x")).resolve("team/multi:1")
+    assert e.value.code == "PLATFORM_UNKNOWN"
+    assert f"linux/{OTHER_ARCH}" in str(e.value) and "linux/s390x" in str(e.value)
+
+
+def test_unknown_tag_is_manifest_unknown(world: World) -> None:
+    with pytest.raises(RegistryError) as e:
+        _client(world.plain).resolve("team/app:nope")
+    assert (e.value.status, e.value.code, e.value.registry) == (404, "MANIFEST_UNKNOWN", world.plain.host)
+    assert "MANIFEST_UNKNOWN" in str(e.value) and world.plain.host in str(e.value) and not e.value.temporary
+    assert len(str(e.value)) < 600
+
+
+def test_tampered_manifest_is_refused_by_tag_and_by_digest(world: World) -> None:
+    digest = _client(world.plain).resolve("team/app:1").digest
+    proxied = _client(f"127.0.0.1:{world.proxy.port}")
+    world.proxy.mode = "tamper-manifest"
+    try:
+        with pytest.raises(DigestMismatch, match=f"the registry stated {digest}"):
+            proxied.resolve("team/app:1")
+        with pytest.raises(DigestMismatch, match=f"manifest for digest {digest} hashes to sha256:"):
+            proxied.resolve(f"team/app@{digest}")
+        with pytest.raises(DigestMismatch, match=f"manifest for digest {world.multi_index_digest} hashes to"):
+            proxied.resolve(f"team/multi@{world.multi_index_digest}")
+    finally:
+        world.proxy.mode = "pass"
+
+
+def test_plain_http_only_for_named_hosts(world: World) -> None:
+    with pytest.raises(Exception, match="plain http is refused"):
+        RegistryClient(f"http://{world.plain.host}")
+
+
+# ---------------------------------------------------------------- blobs
+
+def test_blob_fetch_verified_into_path_and_writer(world: World, tmp_path: Path) -> None:
+    client = _client(world.plain)
+    m = client.resolve("team/app:1")
+    seen: list[int] = []
+    got = client.fetch_blob(m.name, m.layers[1], tmp_path / "layer", progress=lambda done, total: seen.append(done))
+    assert got.size == m.layers[1].size and got.resumed == 0 and seen[-1] == m.layers[1].size
+    assert _layer_files(tmp_path / "layer") == {"bin/hello": world.app.files["bin/hello"]}
+    with open(tmp_path / "config", "wb") as f:
+        client.fetch_blob(m.name, m.config, f)
+    assert json.loads((tmp_path / "config").read_bytes())["rootfs"]["type"] == "layers"
+
+
+def test_tampered_blob_is_refused_and_removed(world: World, tmp_path: Path) -> None:
+    m = _client(world.plain).resolve("team/app:1")
+    world.proxy.mode = "tamper"
+    try:
+        with pytest.raises(BlobMismatch) as e:
+            _client(f"127.0.0.1:{world.proxy.port}").fetch_blob(m.name, m.layers[0], tmp_path / "layer")
+    finally:
+        world.proxy.mode = "pass"
+    text = str(e.value)
+    assert m.layers[0].digest in text and "team/app" in text and f"127.0.0.1:{world.proxy.port}" in text
+    assert isinstance(e.value, DigestMismatch) and not (tmp_path / "layer").exists()
+
+
+def test_corrupted_blob_in_registry_storage_is_refused(world: World, tmp_path: Path) -> None:
+    img = _image(world.tmp / "images", "victim", {"a": b"victim a\n", "b": b"victim b\n" * 100})
+    _skopeo_copy(img.layout, f"docker://{world.plain.host}/team/victim:1")
+    blob = world.plain.blob_file(img.layer_digests[1])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    client = _client(world.plain)
+    m = client.resolve("team/victim:1")
+    with pytest.raises(BlobMismatch, match=img.layer_digests[1]):
+        client.fetch_blob(m.name, m.layers[1], tmp_path / "b")
+    # The same blob with the wrong size in its descriptor is refused as well.
+    short = Descriptor(m.layers[0].media_type, m.layers[0].digest, m.layers[0].size - 1)
+    with pytest.raises(BlobMismatch, match="descriptor"):
+        client.fetch_blob(m.name, short, tmp_path / "a")
+
+
+def test_interrupted_blob_resumes_with_range(world: World, tmp_path: Path) -> None:
+    m = _client(world.plain).resolve("team/multi:1")
+    big = max(m.layers, key=lambda d: d.size)
+    world.proxy.mode, world.proxy.requests[:] = "cut", []
+    try:
+        got = _client(f"127.0.0.1:{world.proxy.port}").fetch_blob(m.name, big, tmp_path / "blob")
+        blob_requests = [h for _, p, h in world.proxy.requests if big.digest in p]
+        with pytest.raises(RegistryError, match="interrupted after"):
+            _client(f"127.0.0.1:{world.proxy.port}").fetch_blob(m.name, big, tmp_path / "no-resume", resume=False)
+    finally:
+        world.proxy.mode = "pass"
+    assert got.resumed == 1
+    assert [h.get("Range") for h in blob_requests] == [None, f"bytes={big.size // 2}-"]
+    assert hashlib.sha256((tmp_path / "blob").read_bytes()).hexdigest() == big.hex
+    # The refused-to-resume download left its verified prefix; a later call continues from it.
+    assert (tmp_path / "no-resume").stat().st_size == big.size // 2
+    world.proxy.requests[:] = []
+    again = _client(f"127.0.0.1:{world.proxy.port}").fetch_blob(m.name, big, tmp_path / "no-resume")
+    assert again.size == big.size
+    assert [h.get("Range") for _, p, h in world.proxy.requests if big.digest in p] == [f"bytes={big.size // 2}-"]
+
+
+def test_interrupted_blob_without_range_support_restarts_into_a_writer(world: World, tmp_path: Path) -> None:
+    m = _client(world.plain).resolve("team/multi:1")
+    big = max(m.layers, key=lambda d: d.size)
+    world.proxy.mode = "cut-no-range"
+    try:
+        with open(tmp_path / "blob", "wb") as f:
+            got = _client(f"127.0.0.1:{world.proxy.port}").fetch_blob(m.name, big, f)
+    finally:
+        world.proxy.mode = "pass"
+    assert got.resumed == 1 and got.size == big.size
+    assert hashlib.sha256((tmp_path / "blob").read_bytes()).hexdigest() == big.hex
+
+
+def test_stalled_blob_fails_after_the_stall_timeout(world: World, tmp_path: Path) -> None:
+    m = _client(world.plain).resolve("team/app:1")
+    world.proxy.mode = "stall"
+    try:
+        start = time.monotonic()
+        with pytest.raises(RegistryError, match="stalled: no byte for 0.5 s"):
+            _client(f"127.0.0.1:{world.proxy.port}", stall_timeout=0.5).fetch_blob(m.name, m.layers[1],
+                                                                                  tmp_path / "l")
+        assert time.monotonic() - start < 4
+    finally:
+        world.proxy.mode = "pass"
+        world.proxy.stop.set()
+        world.proxy.stop = threading.Event()
+
+
+def test_redirect_to_blob_storage_drops_authorization(world: World, tmp_path: Path) -> None:
+    basic = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    proxy = Proxy(world.basic.host, storage_auth=basic)
+    proxy.port = world.procs.serve(proxy.handler())
+    registry, storage = f"127.0.0.1:{proxy.port}", f"localhost:{proxy.port}"   # two hosts, one server
+    client = _client(registry, credentials={registry: (USER, PASSWORD)}, insecure_http_hosts=[registry, storage])
+    m = client.resolve("team/app:1")
+    proxy.mode, proxy.requests[:] = "redirect", []
+    client.fetch_blob(m.name, m.layers[0], tmp_path / "l")
+    assert _layer_files(tmp_path / "l") == {"etc/app.conf": b"answer=42\n"}
+    (first, second) = [(p, h) for _, p, h in proxy.requests]
+    assert first[1].get("Authorization") == basic
+    assert second[0].startswith("/_storage/") and "Authorization" not in second[1]
+
+    # A redirect to plain http on a host not named insecure is refused.
+    with pytest.raises(RegistryError, match=f"refusing plain http to '{storage}'"):
+        _client(registry, credentials={registry: (USER, PASSWORD)}).fetch_blob(m.name, m.layers[0], tmp_path / "l2")
+
+
+# ---------------------------------------------------------------- auth
+
+def test_basic_auth_from_docker_config(world: World, tmp_path: Path) -> None:
+    with pytest.raises(RegistryError) as e:
+        _client(world.basic).resolve("team/app:1")
+    assert e.value.status == 401 and e.value.code == "UNAUTHORIZED" and "--docker_config" in str(e.value)
+
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"auths": {world.basic.host: {"auth": base64.b64encode(b"puller:nope").decode()}}}))
+    with pytest.raises(RegistryError) as e:
+        _client(world.basic, credentials=docker_config_credentials(str(wrong))).resolve("team/app:1")
+    assert e.value.status == 401
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {f"http://{world.basic.host}/v2/": {
+        "auth": base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}}}))
+    client = _client(world.basic, credentials=docker_config_credentials(str(config)))
+    m = client.resolve("team/app:1")
+    assert [d.digest for d in m.layers] == world.app.layer_digests
+    client.fetch_blob(m.name, m.layers[0], tmp_path / "l")
+    assert _layer_files(tmp_path / "l") == {"etc/app.conf": b"answer=42\n"}
+
+
+@pytest.fixture(scope="module")
+def token_registry(world: World) -> Iterator[tuple[Registry, TokenServer]]:
+    base = world.tmp / "token-auth"
+    base.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "2",
+             "-subj", "/CN=test token issuer", cwd=base)
+    _openssl("x509", "-in", "cert.pem", "-outform", "DER", "-out", "cert.der", cwd=base)
+    tokens = TokenServer(base / "key.pem", (base / "cert.der").read_bytes(), "test-registry")
+    port = tokens.port = world.procs.serve(tokens.handler())
+    reg = world.procs.registry(base / "registry", auth=(
+        f"auth:\n  token:\n    realm: http://127.0.0.1:{port}/token\n    service: test-registry\n"
+        f"    issuer: test-issuer\n    rootcertbundle: {base / 'cert.pem'}\n"))
+    _skopeo_copy(world.app.layout, f"docker://{reg.host}/team/app:1", "--dest-creds", f"{USER}:{PASSWORD}")
+    yield reg, tokens
+
+
+def test_bearer_token_auth_and_refresh_when_it_expires(token_registry: tuple[Registry, TokenServer],
+                                                       world: World, tmp_path: Path) -> None:
+    reg, tokens = token_registry
+    creds = {reg.host: (USER, PASSWORD)}
+    insecure = [reg.host, f"127.0.0.1:{tokens.port}"]   # the token realm is plain http too
+    with pytest.raises(RegistryError) as e:
+        _client(reg, insecure_http_hosts=insecure).resolve("team/app:1")   # anonymous: the token server refuses
+    assert e.value.status == 401
+
+    tokens.issued[:], tokens.lifetime = [], 2.0
+    try:
+        client = _client(reg, credentials=creds, insecure_http_hosts=insecure)
+        m = client.resolve("team/app:1")
+        client.fetch_blob(m.name, m.layers[0], tmp_path / "l0")
+        assert tokens.issued == ["repository:team/app:pull"]
+        time.sleep(2.5)                      # the token has expired in the middle of the pull
+        client.fetch_blob(m.name, m.layers[1], tmp_path / "l1")
+    finally:
+        tokens.lifetime = 600.0
+    assert tokens.issued == ["repository:team/app:pull"] * 2
+    assert _layer_files(tmp_path / "l1") == {"bin/hello": world.app.files["bin/hello"]}
+
+
+# ---------------------------------------------------------------- TLS
+
+def test_tls_registry_with_a_test_ca(world: World, tmp_path: Path) -> None:
+    base = world.tmp / "tls"
+    base.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=reconciler test CA", cwd=base)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=127.0.0.1", cwd=base)
+    (base / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=base)
+    reg = world.procs.registry(base / "registry", tls=(str(base / "server.pem"), str(base / "server.key")))
+    _skopeo_copy(world.app.layout, f"docker://{reg.host}/team/app:1")
+
+    with pytest.raises(RegistryError, match="CA bundle") as e:
+        RegistryClient(f"https://{reg.host}").resolve("team/app:1")
+    assert e.value.temporary
+    with pytest.raises(Exception, match="plain http is refused"):
+        RegistryClient(f"http://{reg.host}")
+    client = RegistryClient(reg.host, ca_file=str(base / "ca.pem"))
+    m = client.resolve("team/app:1")
+    client.fetch_blob(m.name, m.layers[0], tmp_path / "l")
+    assert _layer_files(tmp_path / "l") == {"etc/app.conf": b"answer=42\n"}

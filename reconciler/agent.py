@@ -61,10 +61,10 @@ def build_image_store(config: AgentConfig):  # noqa: ANN201 - reconciler.images.
     from reconciler.images.errors import ImageError
     from reconciler.images.store import ImageStore
     try:
-        store = ImageStore(config.docker_registry_path, config.docker_store_path,
-                           max_image_bytes=config.docker_max_image_size)
+        store = ImageStore.for_agent(config)
     except ImageError as exc:
-        raise IsolatorSetupError(f"flag --docker_store_dir: {exc}") from None
+        flag = "docker_registry" if "--docker_registry" in str(exc) or config.docker_registry_url else "docker_store_dir"
+        raise IsolatorSetupError(f"flag --{flag}: {str(exc).removeprefix('--docker_registry ')}") from None
     store.clean_leftovers()
     return store
 

@@ -342,8 +342,7 @@ def _images(args: argparse.Namespace) -> int:
 
     try:
         config = config_module.load(args)
-        store = ImageStore(config.docker_registry_path, config.docker_store_path,
-                           max_image_bytes=config.docker_max_image_size)
+        store = ImageStore.for_agent(config)
         if args.action == "prune":
             removed = store.prune(set(), work_dir=config.work_dir)   # what is in use is read under the lock
             for layer_id in removed:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,9 +48,11 @@ DURATION_FLOORS: dict[str, tuple[float, str, str]] = {
     "resync_interval": (0.1, "100ms", "each resync re-lists the manifests and rewrites _agent.json"),
     "container_disk_watch_interval": (0.001, "1ms", "Mesos's own tests go down to 1ms"),
     "network_cni_plugin_timeout": (0.1, "100ms", "a plugin is given at least that long to attach a container"),
+    "fetcher_stall_timeout": (0.1, "100ms", "a registry is given at least that long to send the next byte"),
 }
 MAX_FLAG_DURATION = 365 * 86400.0     # past a year is a typo, and past the timers' own range soon after
 
+_REGISTRY_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?")
 FIRST_PROJECT_ID, LAST_PROJECT_ID = 1, 0xFFFFFFFF   # prid_t is 32 bits; 0 is "no project"
 _HANDLE_RE = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")   # ASCII: int() would take '1_000' and '٣'
 _WHOLE_RE = re.compile(r"[0-9]+")
@@ -217,6 +220,11 @@ class AgentConfig(BaseModel):
     docker_ignore_image_user: bool = False     # Mesos's behaviour: an image's User is ignored (warning)
     manifests_strict_modes: bool = True        # sshd's StrictModes for the manifest directory and files
     docker_max_image_size: int = 20 * 1024 ** 3   # bytes an image's layers may expand to, all together
+    # --docker_registry as a URL: the registry's credentials, CA bundle, plain-http hosts, and stall timeout.
+    docker_config: str | None = None
+    docker_registry_ca_file: str | None = None
+    docker_insecure_registries: list[str] = []
+    fetcher_stall_timeout: float = 60.0
     # network/cni (Mesos's flags): CNI network configurations, and the plugins' search path.
     network_cni_config_dir: str | None = None
     network_cni_plugins_dir: str | None = None      # "dir[:dir...]", as CNI_PATH
@@ -225,7 +233,7 @@ class AgentConfig(BaseModel):
     default_container_dns: dict[str, Any] | None = None   # Mesos's JSON {"mesos": [...]} for networks without DNS
     egress_rate_limit_per_container: int | None = None    # bytes/s a container on CNI networks may send, by default
 
-    @field_validator("isolation", "image_providers", mode="before")
+    @field_validator("isolation", "image_providers", "docker_insecure_registries", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -277,7 +285,33 @@ class AgentConfig(BaseModel):
         # Sandboxes and checkpoints are used by processes whose working directory is not ours.
         return value if info.field_name == "manifests" else os.path.abspath(value)
 
-    @field_validator("status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir", "network_cni_config_dir")
+    @field_validator("docker_registry", mode="before")
+    @classmethod
+    def _registry(cls, value: Any) -> Any:
+        """A local directory (Mesos's local registry), or a registry's URL: https://HOST[:PORT], or http://
+        for a host named in --docker_insecure_registries (checked when the store is made)."""
+        if isinstance(value, str) and value.startswith(("https://", "http://")):
+            parts = urllib.parse.urlsplit(value)
+            if not parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ValueError(f"{_quote(value)} is not a registry URL: https://HOST[:PORT], nothing after it")
+            return f"{parts.scheme}://{parts.netloc}"
+        if value is None or value == "":
+            return None      # empty is unset: <work_dir>/images
+        if not isinstance(value, str):
+            raise ValueError(f"expected a directory or a registry URL (https://HOST[:PORT]), got {_quote(value)}")
+        _check_path(value)
+        return os.path.abspath(value)
+
+    @field_validator("docker_insecure_registries")
+    @classmethod
+    def _registry_hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if len(host) > 259 or not _REGISTRY_HOST.fullmatch(host):
+                raise ValueError(f"{_quote(host)} is not a registry's HOST[:PORT]")
+        return value
+
+    @field_validator("status_dir", "docker_store_dir", "seccomp_config_dir", "network_cni_config_dir",
+                     "docker_config", "docker_registry_ca_file")
     @classmethod
     def _optional_path(cls, value: str | None) -> str | None:
         if not value:
@@ -331,7 +365,8 @@ class AgentConfig(BaseModel):
         DefaultContainerDns.from_mesos_json(value)   # refused here, with the flag's name, not at a launch
         return value
 
-    @field_validator("container_disk_watch_interval", "resync_interval", "network_cni_plugin_timeout", mode="before")
+    @field_validator("container_disk_watch_interval", "resync_interval", "network_cni_plugin_timeout",
+                     "fetcher_stall_timeout", mode="before")
     @classmethod
     def _duration(cls, value: Any, info: ValidationInfo) -> float:
         seconds = parse_duration(value)
@@ -550,8 +585,16 @@ class AgentConfig(BaseModel):
         return os.path.join(self.work_dir, "sandboxes")
 
     @property
+    def docker_registry_url(self) -> str | None:
+        """--docker_registry when it is a registry's URL rather than a directory."""
+        return self.docker_registry if self.docker_registry and "://" in self.docker_registry else None
+
+    @property
     def docker_registry_path(self) -> str:
-        return self.docker_registry or os.path.join(self.work_dir, "images")
+        """The local registry's directory (unused when --docker_registry is a URL)."""
+        if self.docker_registry and self.docker_registry_url is None:
+            return self.docker_registry
+        return os.path.join(self.work_dir, "images")
 
     @property
     def network_cni_plugin_path(self) -> list[str]:
@@ -697,8 +740,25 @@ FLAG_HELP: dict[str, FlagHelp] = {
     "docker_registry": FlagHelp(
         "Images",
         "Where images come from: a local directory of `<reference>.tar` archives or OCI layouts (Mesos's local "
-        "registry).",
+        "registry), or a registry's URL, `https://HOST[:PORT]` (Docker Registry v2 / OCI distribution; a "
+        "reference without a host is looked up there).",
         default="`<work_dir>/images`"),
+    "docker_config": FlagHelp(
+        "Images",
+        "With `--docker_registry` a URL: Docker's `config.json`, whose `auths` give the registry's credentials "
+        "(Basic, or for its token server)."),
+    "docker_registry_ca_file": FlagHelp(
+        "Images",
+        "With `--docker_registry` a URL: a CA bundle (PEM) for a registry whose certificate the host does not trust."),
+    "docker_insecure_registries": FlagHelp(
+        "Images",
+        "Registries (`HOST:PORT`, comma-separated) that `--docker_registry http://...` may name: plain http is "
+        "refused for any other."),
+    "fetcher_stall_timeout": FlagHelp(
+        "Images",
+        "With `--docker_registry` a URL: a download with no byte for this long fails (and is retried, resuming "
+        "where it stopped); Mesos's flag.",
+        spelled="duration"),
     "image_providers": FlagHelp(
         "Images",
         "`docker` to run `container.image` (needs `filesystem/linux` and `docker/runtime` in `--isolation`)."),

@@ -154,16 +154,24 @@ FUZZ = {
 # What is legitimately valid: a path or a file name (a directory named 'nan' is one), and empty where
 # the flag's default is "unset" or "none". Every other value of FUZZ is refused, for every flag.
 NAMES = {"manifests", "work_dir", "status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir",
-         "cgroups_root", "seccomp_profile_name", "network_cni_config_dir", "network_cni_plugins_dir"}
+         "cgroups_root", "seccomp_profile_name", "network_cni_config_dir", "network_cni_plugins_dir", "docker_config",
+         "docker_registry_ca_file"}
 EMPTY_IS_UNSET = {"status_dir", "docker_registry", "docker_store_dir", "seccomp_config_dir", "default_container_info",
                   "cgroups_net_cls_primary_handle", "image_providers", "attributes", "effective_capabilities",
                   "bounding_capabilities", "http_address", "seccomp_profile_name", "network_cni_config_dir",
-                  "network_cni_plugins_dir", "default_container_dns", "egress_rate_limit_per_container"}
+                  "network_cni_plugins_dir", "default_container_dns", "egress_rate_limit_per_container",
+                  "docker_config", "docker_registry_ca_file", "docker_insecure_registries"}
+
+
+# Host names: "nan", "inf" and "1e308" are names a registry may have; "-1", "1_000" and "٣" are not.
+HOST_NAMES = {"docker_insecure_registries"}
 
 
 def accepted(flag: str, case: str) -> bool:
     if case == "empty":
         return flag in EMPTY_IS_UNSET
+    if flag in HOST_NAMES:
+        return case in ("big_float", "nan", "inf")
     return flag in NAMES and case in ("minus_one", "big_float", "nan", "inf", "underscore", "arabic_three")
 
 

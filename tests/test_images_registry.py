@@ -637,3 +637,64 @@ def test_tls_registry_with_a_test_ca(world: World, tmp_path: Path) -> None:
     m = client.resolve("team/app:1")
     client.fetch_blob(m.name, m.layers[0], tmp_path / "l")
     assert _layer_files(tmp_path / "l") == {"etc/app.conf": b"answer=42\n"}
+
+
+# --- the store pulling from a registry (--docker_registry as a URL) ------------------------------------
+
+def test_the_store_pulls_an_image_from_the_registry_and_fetches_a_layer_once(world: World, tmp_path: Path) -> None:
+    from reconciler.images import ImageStore
+    store = ImageStore(str(tmp_path / "unused"), str(tmp_path / "store"), registry=_client(world.plain))
+    ref = f"{world.plain.host}/team/app:1"
+    image = store.pull(ref)
+    assert image.id == world.app.config_digest and len(image.layers) == 2
+    files = {str(p.relative_to(layer)): p.read_bytes() for layer in map(Path, image.layers)
+             for p in layer.rglob("*") if p.is_file()}
+    assert files == world.app.files
+    # The same image again: the tag is asked for again, no layer is fetched again.
+    fetched = []
+    real = RegistryClient.fetch_blob
+
+    def counting(self: RegistryClient, name: str, descriptor: Any, dest: Any, **kw: Any) -> Any:
+        fetched.append(descriptor.digest)
+        return real(self, name, descriptor, dest, **kw)
+    RegistryClient.fetch_blob = counting   # type: ignore[method-assign]
+    try:
+        assert store.pull(ref).id == image.id
+        # Its Docker schema2 twin shares the layers: only its config is fetched.
+        assert store.pull(f"{world.plain.host}/team/app:docker").layers == image.layers
+    finally:
+        RegistryClient.fetch_blob = real   # type: ignore[method-assign]
+    assert fetched == [world.app.config_digest] * 2, fetched
+    # Pinned by the digest skopeo reports: served from the store without asking the registry.
+    pinned = f"{world.plain.host}/team/app@{world.app.manifest_digest}"
+    assert store.pull(pinned).id == image.id
+
+
+def test_the_store_refuses_a_tampered_layer_and_keeps_nothing(world: World, tmp_path: Path) -> None:
+    from reconciler.images import ImageStore
+    from reconciler.images.errors import ImageError
+    world.proxy.mode = "tamper"       # every blob served one bit off
+    try:
+        store = ImageStore(str(tmp_path / "unused"), str(tmp_path / "store"),
+                           registry=_client(f"127.0.0.1:{world.proxy.port}"))
+        with pytest.raises(ImageError) as refused:
+            store.pull(f"127.0.0.1:{world.proxy.port}/team/app:1")
+    finally:
+        world.proxy.mode = "pass"
+    assert any(d in str(refused.value) for d in [world.app.config_digest, *world.app.layer_digests]), refused.value
+    assert list((tmp_path / "store" / "layers").iterdir()) == []
+    assert list((tmp_path / "store" / "staging").iterdir()) == []
+
+
+def test_docker_registry_as_a_url_builds_a_store_on_that_registry(world: World, tmp_path: Path) -> None:
+    from reconciler.config import AgentConfig
+    from reconciler.images import ImageStore
+    from reconciler.images.errors import ImageError
+    base = dict(work_dir=str(tmp_path / "work"), docker_store_dir=str(tmp_path / "store"))
+    with pytest.raises(ImageError, match="plain http is refused"):
+        ImageStore.for_agent(AgentConfig(docker_registry=f"http://{world.plain.host}/", **base))
+    store = ImageStore.for_agent(AgentConfig(docker_registry=f"http://{world.plain.host}/",
+                                             docker_insecure_registries=world.plain.host, **base))
+    assert store.pull(f"{world.plain.host}/team/app:1").id == world.app.config_digest
+    with pytest.raises(ValueError, match="is not a registry URL"):
+        AgentConfig(docker_registry=f"https://{world.plain.host}/v2/team", **base)

@@ -47,13 +47,18 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from reconciler import fsutil
 from reconciler.images.archive import LayerBlob, ResolvedImage, Source, open_source, resolve
 from reconciler.images.errors import ArchiveError, DigestMismatch, ImageError, ImageNotFound, UnsafeArchive
 from reconciler.images.extract import extract_layer, hash_layer
 from reconciler.images.reference import DEFAULT_TAG, ImageReference, parse_reference
+from reconciler.images.registry import RegistryClient, docker_config_credentials
+from reconciler.images.remote import RegistrySource
+
+if TYPE_CHECKING:
+    from reconciler.config import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +176,27 @@ class _Pull:
 
 
 class ImageStore:
+    @classmethod
+    def for_agent(cls, config: "AgentConfig") -> "ImageStore":
+        """The store the flags describe: --docker_store_dir, --docker_max_image_size, and --docker_registry
+        as a directory, or as a registry's URL with its credentials, CA bundle and stall timeout."""
+        client = None
+        if config.docker_registry_url is not None:
+            credentials = docker_config_credentials(config.docker_config) if config.docker_config else None
+            client = RegistryClient(config.docker_registry_url, credentials=credentials,
+                                    ca_file=config.docker_registry_ca_file,
+                                    insecure_http_hosts=config.docker_insecure_registries,
+                                    stall_timeout=config.fetcher_stall_timeout)
+        return cls(config.docker_registry_path, config.docker_store_path, max_image_bytes=config.docker_max_image_size,
+                   registry=client)
+
     def __init__(self, registry_dir: str, store_dir: str, max_layer_bytes: int | None = None,
-                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, registry: RegistryClient | None = None) -> None:
         """max_image_bytes: --docker_max_image_size. max_layer_bytes: what one layer may expand to (and its
-        uncompressed tar stream); by default the image's limit."""
+        uncompressed tar stream); by default the image's limit. registry: --docker_registry given as a
+        URL: images come from that registry (each tag resolved again at each pull, layers fetched only
+        when the store lacks them) instead of the archives of `registry_dir`."""
+        self.registry = registry
         self.registry_dir = os.path.abspath(registry_dir)
         self.store_dir = os.path.abspath(store_dir)
         self.max_image_bytes = max_image_bytes
@@ -336,6 +358,8 @@ class ImageStore:
         doc = _read_json(os.path.join(self.images_dir, _hex(rec.get("image_id", "")) + ".json"))
         if not isinstance(doc, dict):
             return None
+        if ref.digest is None and self.registry is not None:
+            return None   # a tag may have moved: its manifest is asked for again (one request; layers stay)
         if ref.digest is None:
             path = self._archive_path(ref)
             if rec.get("archive") != path or list(rec.get("stat") or []) != list(self._stat_key(path) or []):
@@ -350,6 +374,15 @@ class ImageStore:
         return open_source(path)
 
     def _locate(self, ref: ImageReference) -> tuple[Source, ResolvedImage, str]:
+        if self.registry is not None:
+            with self._count_lock:
+                self.archive_reads += 1
+            remote = RegistrySource(self.registry, ref, self.staging_dir)
+            try:
+                return remote, resolve(remote, ref), remote.path
+            except BaseException:
+                remote.close()
+                raise
         if ref.digest is None:
             path = self._archive_path(ref)
             if not os.path.exists(path):

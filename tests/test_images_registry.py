@@ -698,3 +698,23 @@ def test_docker_registry_as_a_url_builds_a_store_on_that_registry(world: World, 
     assert store.pull(f"{world.plain.host}/team/app:1").id == world.app.config_digest
     with pytest.raises(ValueError, match="is not a registry URL"):
         AgentConfig(docker_registry=f"https://{world.plain.host}/v2/team", **base)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not os.path.exists("/bin/busybox"), reason="needs /bin/busybox (Debian's busybox-static)")
+def test_the_agent_runs_a_container_from_a_registry_image(world: World) -> None:
+    """--docker_registry https?://...: the real agent pulls busybox from a real registry and runs it."""
+    from tests.imagebuild import build, busybox_layer
+    from tests.test_images_e2e import image_env
+    with image_env("registry") as env:
+        layout = env.registry / "layouts"
+        build(str(layout), "busybox:1", layers=[busybox_layer()], fmt="oci", compress="gzip",
+              archive_name="busybox", config={"Env": ["PATH=/bin"]})
+        _skopeo_copy(f"oci:{layout / 'busybox'}:1", f"docker://{world.plain.host}/tools/busybox:1")
+        env.agent.start(image_providers="docker", docker_registry=f"http://{world.plain.host}",
+                        docker_insecure_registries=world.plain.host, docker_store_dir=env.store)
+        env.write("hello", f"{world.plain.host}/tools/busybox:1", {"value": "echo pulled-and-ran; cat /etc/os* 2>/dev/null; true"})
+        status = env.wait("hello", timeout=30)
+        assert status["phase"] == "Succeeded", status
+        assert "pulled-and-ran" in env.stdout(status)
+        assert status["image"] == f"{world.plain.host}/tools/busybox:1" and status["image_id"].startswith("sha256:")

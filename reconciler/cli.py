@@ -66,10 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work_dir", default=None)
     p.set_defaults(handler=_logs)
 
-    p = sub.add_parser("images", help="the local image store: `images list`, `images prune`")
+    p = sub.add_parser("images", help="the local image store: `images list`, `images pull NAME...`, `images prune`")
     config_module.add_flags(p)
-    p.add_argument("action", choices=["list", "prune"],
-                   help="list: the stored images; prune: remove the layers no container uses")
+    p.add_argument("action", choices=["list", "pull", "prune"],
+                   help="list: the stored images; pull: fetch images into the store now (what a fleet rollout "
+                        "runs before switching manifests); prune: remove the layers no container uses")
+    p.add_argument("names", nargs="*", metavar="NAME", help="pull: the image references")
     p.add_argument("--json", action="store_true", help="list: print the images as JSON")
     p.set_defaults(handler=_images)
 
@@ -333,7 +335,8 @@ def _age(started_at: str | None, now: float) -> str:
 
 
 def _images(args: argparse.Namespace) -> int:
-    """`images list` / `images prune`: the store of --docker_store_dir, as the agent with the same flags uses it.
+    """`images list` / `images pull` / `images prune`: the store of --docker_store_dir, as the agent with the
+    same flags uses it (`pull` from --docker_registry, a directory or a registry).
     Prune keeps every layer a container of --work_dir uses (its checkpoint's image.json), under the store's
     lock, so it is safe while the agent runs."""
     from reconciler import config as config_module
@@ -343,6 +346,14 @@ def _images(args: argparse.Namespace) -> int:
     try:
         config = config_module.load(args)
         store = ImageStore.for_agent(config)
+        if args.action == "pull":
+            if not args.names:
+                print("reconciler images pull: name at least one image", file=sys.stderr)
+                return 2
+            for name in args.names:
+                image = store.pull(name)
+                print(f"{name}\t{image.id}\t{len(image.layers)} layer(s)")
+            return 0
         if args.action == "prune":
             removed = store.prune(set(), work_dir=config.work_dir)   # what is in use is read under the lock
             for layer_id in removed:

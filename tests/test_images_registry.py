@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -718,3 +719,19 @@ def test_the_agent_runs_a_container_from_a_registry_image(world: World) -> None:
         assert status["phase"] == "Succeeded", status
         assert "pulled-and-ran" in env.stdout(status)
         assert status["image"] == f"{world.plain.host}/tools/busybox:1" and status["image_id"].startswith("sha256:")
+
+
+def test_images_pull_prefetches_from_the_registry(world: World, tmp_path: Path) -> None:
+    """`reconciler images pull NAME`: what a fleet rollout runs before it switches manifests."""
+    flags = [f"--docker_registry=http://{world.plain.host}", f"--docker_insecure_registries={world.plain.host}",
+             f"--docker_store_dir={tmp_path / 'store'}", f"--work_dir={tmp_path / 'work'}"]
+    images = [sys.executable, "-m", "reconciler", "images"]
+    pulled = subprocess.run([*images, "pull", f"{world.plain.host}/team/app:1", *flags], capture_output=True,
+                            text=True, timeout=60)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.split("\t")[1] == world.app.config_digest
+    listed = subprocess.run([*images, "list", "--json", *flags], capture_output=True, text=True, timeout=60)
+    assert world.app.config_digest in listed.stdout, listed
+    missing = subprocess.run([*images, "pull", f"{world.plain.host}/team/nothing:1", *flags], capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 1 and "MANIFEST_UNKNOWN" in missing.stderr and "Traceback" not in missing.stderr

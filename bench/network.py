@@ -43,7 +43,6 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,42 +50,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import percentile, phase, remove_tempdir, require, runc_bundle, stop_agent_and_destroy_all, tempdir, wait_for, write_manifest  # noqa: E402
 from reconciler.network import cni  # noqa: E402
+# The host's rules and sysctls as the network tests record and compare them.
+from tests.test_network_cni import (  # noqa: E402
+    PORTMAP_SHARED_CHAINS, SYSCTLS, HostState, ipt, nft_tables, run, unused_subnet,
+)
 
 PLUGIN_DIR = "/usr/lib/cni"
 ISOLATION = "namespaces/pid,network/cni,posix/cpu,posix/mem"
 SPEC = {"kill_grace_period": "1secs", "resources": {"cpus": 0.01, "mem": 32},
         "command": {"shell": False, "value": "/bin/sleep", "arguments": ["sleep", "3600"]}}
-SYSCTLS = ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/conf/all/route_localnet")
-PORTMAP_SHARED_CHAINS = ("CNI-HOSTPORT-DNAT", "CNI-HOSTPORT-MASQ", "CNI-HOSTPORT-SETMARK")
 ROUNDS = 5
-
-
-def run(*argv: str) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
-
-
-# --- the host before and after -------------------------------------------------------------------
-
-def saved(command: str) -> list[str]:
-    """iptables-save/ip6tables-save without its dated comments and packet counters."""
-    return [re.sub(r"\[\d+:\d+\]", "[0:0]", line) for line in run(command).splitlines() if not line.startswith("#")]
-
-
-def nft_tables() -> set[str]:
-    return {line.removeprefix("table ") for line in run("nft", "list", "tables").splitlines() if line.strip()}
-
-
-@dataclass
-class HostState:
-    iptables: list[str]
-    ip6tables: list[str]
-    tables: set[str]
-    sysctls: dict[str, str]
-
-    @classmethod
-    def now(cls) -> HostState:
-        return cls(saved("iptables-save"), saved("ip6tables-save"), nft_tables(),
-                   {path: Path(path).read_text().strip() for path in SYSCTLS})
 
 
 def chains(lines: list[str]) -> set[str]:
@@ -110,10 +83,6 @@ def shared_portmap_line(line: str) -> bool:
         return False
     return ("CNI-HOSTPORT-" in line or line.startswith("*") or line == "COMMIT"
             or re.fullmatch(r":[A-Z]+ (ACCEPT|DROP) \[0:0\]", line) is not None)
-
-
-def ipt(binary: str, table: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([binary, "-w", "-t", table, *args], capture_output=True, text=True)
 
 
 def remove_portmap_shared_chains(before: HostState) -> list[str]:
@@ -151,19 +120,10 @@ def restore_sysctls(before: HostState) -> None:
 
 def free_subnet() -> ipaddress.IPv4Network:
     """A /24 under 10.199.0.0/16 that overlaps no route and no address of the host (as the tests pick theirs)."""
-    used = []
-    for line in run("ip", "-o", "route", "show", "table", "all").splitlines() + \
-            run("ip", "-o", "-4", "addr", "show").splitlines():
-        for word in line.split():
-            try:
-                used.append(ipaddress.ip_network(word, strict=False))
-            except ValueError:
-                pass
-    for _ in range(100):
-        candidate = ipaddress.IPv4Network(f"10.199.{random.randrange(1, 255)}.0/24")
-        if not any(candidate.overlaps(u) for u in used if u.version == 4 and u.prefixlen > 0):
-            return candidate
-    raise SystemExit("bench: no free /24 under 10.199.0.0/16 on this host")
+    subnet = unused_subnet()
+    if subnet is None:
+        raise SystemExit("bench: no free /24 under 10.199.0.0/16 on this host")
+    return subnet
 
 
 def free_ports(count: int) -> list[int]:

@@ -45,14 +45,19 @@ def _containers_detached(agent_env: Any, lab: Lab) -> Any:
     """Whatever a test leaves, its containers are destroyed through the agent (CNI DEL: host-local's
     addresses, portmap's rules, bandwidth's ifb devices) before the lab checks the host is as it was."""
     yield
-    for agent in agent_env.agents:
+    destroy_through_the_agent(agent_env, flags(lab))
+
+
+def destroy_through_the_agent(env: Any, network_flags: list[str]) -> None:
+    """Kill the test's agents, then destroy every container with a `once` over the emptied directory."""
+    for agent in env.agents:
         if agent.poll() is None:
             agent.kill()
             agent.wait()
-    for manifest in agent_env.manifests.iterdir():
+    for manifest in env.manifests.iterdir():
         manifest.unlink()
-    subprocess.run([sys.executable, "-m", "reconciler", "once", *agent_env.flags(), *flags(lab)], timeout=120,
-                   capture_output=True, cwd=agent_env.tmp)
+    subprocess.run([sys.executable, "-m", "reconciler", "once", *env.flags(), *network_flags], timeout=120,
+                   capture_output=True, cwd=env.tmp)
 
 
 def write(env: Any, name: str, command: str, networks: list[dict[str, Any]], **container: Any) -> None:

@@ -31,6 +31,7 @@ import pytest
 from reconciler.linux.mountinfo import read_mountinfo
 from reconciler.network import netns
 from tests.conftest import AgentEnv, running, wait_agent
+from tests.test_isolator_network_cni import destroy_through_the_agent, wait_file, write
 from tests.test_network_cni import PLUGIN_DIR, Lab, free_port, free_subnet, lab, needs_real_plugins, rules  # noqa: F401
 
 pytestmark = [pytest.mark.root, needs_real_plugins]
@@ -135,36 +136,9 @@ def setup(agent_env: AgentEnv, lab: Lab) -> Iterator[Setup]:  # noqa: F811 - lab
         yield s
     finally:
         # Before the lab checks the host: every container destroyed through the agent (CNI DEL).
-        for agent in agent_env.agents:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
-        for manifest in agent_env.manifests.iterdir():
-            manifest.unlink()
-        subprocess.run([sys.executable, "-m", "reconciler", "once", *agent_env.flags(), *s.flags()], timeout=120,
-                       capture_output=True, cwd=agent_env.tmp)
+        destroy_through_the_agent(agent_env, s.flags())
         if s.second is not None:
             s.second.remove()
-
-
-def write(env: AgentEnv, name: str, command: str, networks: list[dict[str, Any]]) -> Path:
-    doc = {"apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": name},
-           "spec": {"kill_grace_period": "1secs", "command": {"value": command},
-                    "container": {"network_infos": networks}}}
-    path = env.manifests / f"{name}.yaml"
-    tmp = env.manifests / f".{name}.tmp"
-    tmp.write_text(json.dumps(doc))
-    os.rename(tmp, path)
-    return path
-
-
-def wait_file(path: Path, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.stat().st_size:
-            return path.read_text()
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never appeared")
 
 
 # An agent that dies (os._exit: no cleanup of any kind, as SIGKILL) at the point RECONCILER_TEST_DIE names.

@@ -149,6 +149,11 @@ def changes(before: list[str], after: list[str]) -> str:
 
 def free_subnet() -> ipaddress.IPv4Network:
     """A /24 under 10.199.0.0/16 that overlaps no route and no address of the host."""
+    return unused_subnet() or pytest.fail("no free /24 under 10.199.0.0/16 on this host")
+
+
+def unused_subnet() -> ipaddress.IPv4Network | None:
+    """free_subnet's search (bench/network.py picks its subnet with it too); None when every /24 is taken."""
     used = []
     for line in run("ip", "-o", "route", "show", "table", "all").splitlines() + \
             run("ip", "-o", "-4", "addr", "show").splitlines():
@@ -161,7 +166,7 @@ def free_subnet() -> ipaddress.IPv4Network:
         candidate = ipaddress.IPv4Network(f"10.199.{random.randrange(1, 255)}.0/24")
         if not any(candidate.overlaps(u) for u in used if u.version == 4 and u.prefixlen > 0):
             return candidate
-    pytest.fail("no free /24 under 10.199.0.0/16 on this host")
+    return None
 
 
 def free_port() -> int:

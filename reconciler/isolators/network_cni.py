@@ -97,7 +97,8 @@ class NetworkCniIsolator(Isolator):
         return os.path.join(self._dir(container_id), CHECKPOINT)
 
     def _netns_path(self, container_id: str) -> str:
-        return netns.path_of(self.netns_dir, container_id)
+        # Through the directory's real path, as netns.create makes it (and CNI_NETNS names it).
+        return netns.path_of(os.path.realpath(self.netns_dir), container_id)
 
     # --- prepare: namespace, ADDs, /etc files ----------------------------------------------------
     def prepare(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
@@ -106,11 +107,13 @@ class NetworkCniIsolator(Isolator):
             return None
         joined = [network for network in networks if network.name != NONE_NETWORK]
         lists = [self._network_config(network.name) for network in joined]   # all known before anything is made
-        os.makedirs(self._dir(container_id), mode=0o700, exist_ok=True)
-        path = netns.create(self.netns_dir, container_id)
         bandwidth = self._bandwidth(config.spec.resources)
+        path = self._netns_path(container_id)
+        # Planned (and refused, for a limit no plugin can give) before the namespace is made.
         planned = [self._plan(container_id, path, index, network, config_list, bandwidth)
                    for index, (network, config_list) in enumerate(zip(joined, lists))]
+        os.makedirs(self._dir(container_id), mode=0o700, exist_ok=True)
+        netns.create(self.netns_dir, container_id)
         done: list[cni.Attachment] = []
         for attachment in planned:
             self._write_checkpoint(container_id, [*done, attachment])      # write-ahead: a crash still DELs it

@@ -547,13 +547,9 @@ class Reconciler:
                 counts[state.phase] = counts.get(state.phase, 0) + 1
         return counts
 
-    def converged(self) -> bool:
-        """`once`: every manifest is Running or Succeeded, none is invalid."""
-        return not self.unconverged()
-
     def unconverged(self) -> list[str]:
-        """Why `once` did not converge, a line each: the listing's problems, then each name not
-        Running or Succeeded with its phase and message."""
+        """Why `once` did not converge (every manifest Running or Succeeded, none invalid), a line each:
+        the listing's problems, then each name not Running or Succeeded with its phase and message."""
         listing = self.listing
         if listing is None:
             return ["the manifest directory was never listed"]

@@ -521,8 +521,7 @@ class _UnreadableFile(Exception):
     pass
 
 
-_SIZE_LIMIT = f"{MAX_MANIFEST_BYTES // 1024} KiB" if MAX_MANIFEST_BYTES < 1024 * 1024 else \
-    f"{MAX_MANIFEST_BYTES // (1024 * 1024)} MiB"
+_SIZE_LIMIT = f"{MAX_MANIFEST_BYTES // (1024 * 1024)} MiB"
 
 
 def _read_manifest_file(path: str, trust: _Trust | None = None) -> tuple[_StatKey, bytes]:

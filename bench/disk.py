@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import percentile, phase, stop_agent_and_destroy_all, require, tempdir, wait_for, write_manifest, remove_tempdir  # noqa: E402
-from reconciler.isolators.disk_du import Inotify, TreeUsage, du_measure, measure  # noqa: E402
+from reconciler.diskusage.walk import du_measure, measure  # noqa: E402
+from reconciler.diskusage.watch import Inotify, TreeUsage  # noqa: E402
 
 BASE_ISOLATION = "namespaces/pid,namespaces/ipc,posix/cpu,posix/mem"
 

@@ -9,11 +9,13 @@ resync re-lists anyway. The listing, never the event, is the truth.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
+import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
 from reconciler import isolators as isolator_registry
@@ -22,17 +24,55 @@ from reconciler.config import AgentConfig
 from reconciler.containerizer import Container, Containerizer, State
 from reconciler.http import HttpFace
 from reconciler.isolators.base import IsolatorSetupError
-from reconciler.launcher.base import LaunchHelper, Launcher, missing_pid1
+from reconciler.launcher.base import Launcher, LaunchHelper, missing_pid1
 from reconciler.logs import LogRotator, RotationPolicy
 from reconciler.loop import Reconciler, container_environment
 from reconciler.models import ContainerInfo
 from reconciler.source import Listing, ManifestSource
 from reconciler.status import StatusWriter, iso
 
+if TYPE_CHECKING:
+    from reconciler.images.store import ImageStore
+
 log = logging.getLogger(__name__)
 
 DEBOUNCE_MS = 100       # the longest a burst of events is grouped
 STEP_MS = 5             # quiet time that ends a burst (watchfiles' own default debounce is 1.6 s)
+HTTP_SWITCH_INTERVAL = 0.001   # the GIL's switch interval while the HTTP face runs (see ProcessTuning)
+
+
+class ProcessTuning:
+    """What the agent's process does while the HTTP face runs, so that its server thread answers while the
+    loop is busy.
+
+    The face answers from a thread (reconciler/http.py says why); what delays an answer then is the loop
+    holding the GIL, so:
+    - the switch interval is HTTP_SWITCH_INTERVAL (1 ms, not 5): each time the server thread comes back
+      from a blocking call while the loop computes, it waits at most that long; this costs nothing while
+      the loop runs alone;
+    - a garbage collection holds the GIL for its whole pass (10-30 ms for a full one over the agent's ~35k
+      start-up objects on a small VM): what exists at start (the modules) and once ready (recovered
+      containers) is long-lived, so it is moved out of the collector's sight with gc.freeze(), and full
+      passes walk only younger objects (the price: a frozen object that later becomes cyclic garbage
+      stays, e.g. a recovered container's record once it is replaced, a few KB each).
+    """
+
+    def __init__(self) -> None:
+        self._switch_interval: float | None = None
+
+    def start(self) -> None:
+        gc.freeze()   # the modules
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(HTTP_SWITCH_INTERVAL)
+
+    def ready(self) -> None:
+        gc.collect()
+        gc.freeze()   # and what recovery and the first listing made
+
+    def stop(self) -> None:
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
 
 def build_launcher(config: AgentConfig, helper: LaunchHelper) -> Launcher:
@@ -54,7 +94,7 @@ def build_launcher(config: AgentConfig, helper: LaunchHelper) -> Launcher:
     return LinuxLauncher(helper, config.cgroups_root, hierarchy)
 
 
-def build_image_store(config: AgentConfig):  # noqa: ANN201 - reconciler.images.ImageStore | None
+def build_image_store(config: AgentConfig) -> ImageStore | None:
     """The local image store with --image_providers=docker (Mesos's docker store), else None."""
     if "docker" not in config.image_providers:
         return None
@@ -63,7 +103,8 @@ def build_image_store(config: AgentConfig):  # noqa: ANN201 - reconciler.images.
     try:
         store = ImageStore.for_agent(config)
     except ImageError as exc:
-        flag = "docker_registry" if "--docker_registry" in str(exc) or config.docker_registry_url else "docker_store_dir"
+        from_registry = "--docker_registry" in str(exc) or config.docker_registry_url
+        flag = "docker_registry" if from_registry else "docker_store_dir"
         raise IsolatorSetupError(f"flag --{flag}: {str(exc).removeprefix('--docker_registry ')}") from None
     store.clean_leftovers()
     return store
@@ -75,7 +116,12 @@ class Agent:
         self.started_at = time.time()
         # --http_address binds first: a port in use stops the agent like a bad flag, before any isolator
         # touched the host.
-        self.http = HttpFace(self) if config.http_address else None
+        self.http = HttpFace(
+            config.http_address, resync_interval=config.resync_interval, work_dir=config.work_dir,
+            attributes=config.attributes, started_at=self.started_at, agent_doc=self.agent_doc,
+            running_spec=self.running_spec,
+        ) if config.http_address else None
+        self.tuning = ProcessTuning()
         self.isolators = isolator_registry.create(config)       # IsolatorSetupError: exit 2
         self.helper = LaunchHelper()
         self.launcher = build_launcher(config, self.helper)
@@ -90,7 +136,12 @@ class Agent:
         self.reconciler = Reconciler(self.containerizer, self.status, [i.name for i in self.isolators],
                                      container_environment())
         self.reconciler.log_rotator = LogRotator(RotationPolicy(
-            config.container_logger_max_stdout_size, config.container_logger_max_stderr_size, config.container_logger_keep))
+            config.container_logger_max_stdout_size, config.container_logger_max_stderr_size,
+            config.container_logger_keep))
+        if self.http is not None:
+            self.reconciler.on_published = self.http.published
+            self.reconciler.on_forgotten = self.http.forgotten
+            self.reconciler.on_reconciled = self.http.metrics.reconciled
         self.watch_mode = "inotify"
         self.last_listed_at: float | None = None
         self.last_reconcile_duration: float | None = None
@@ -103,6 +154,7 @@ class Agent:
     async def start(self) -> None:
         if self.http is not None:
             self.http.start()
+            self.tuning.start()
         self.status.ensure_dir()
         self.helper.start()   # now, not at the first launch: it is one interpreter start-up
         recovered = await self.containerizer.recover()
@@ -111,6 +163,7 @@ class Agent:
             self.containerizer.remove(stale.id)
         await self.relist()
         if self.http is not None:
+            self.tuning.ready()
             self.http.set_ready()
         assert self._settling is not None
         await self._settling
@@ -234,6 +287,7 @@ class Agent:
     def close(self) -> None:
         if self.http is not None:
             self.http.close()
+            self.tuning.stop()
         self.helper.close()
 
     # event sources ----------------------------------------------------------------------------
@@ -294,6 +348,12 @@ class Agent:
             self.reconciler.refresh_statistics()
             self.write_agent_status()
 
+    def running_spec(self, name: str) -> str | None:
+        """The spec hash the live container of `name` runs, None when it has none (what the HTTP face asks)."""
+        state = self.reconciler.names.get(name)
+        container = state.container if state is not None else None
+        return container.config.spec_hash if container is not None and container.alive else None
+
     # _agent.json -----------------------------------------------------------------------------
     def write_agent_status(self) -> None:
         self.status.write_agent(self.agent_doc(), time.time())
@@ -316,7 +376,8 @@ class Agent:
                 "last_listed_at": iso(self.last_listed_at), "files": list(listing.files) if listing else [],
                 "watch_mode": self.watch_mode,
             },
-            "invalid_files": [{"file": f.manifest, "error": f.message} for f in (listing.invalid_files if listing else [])],
+            "invalid_files": [{"file": f.manifest, "error": f.message}
+                              for f in (listing.invalid_files if listing else [])],
             "invalid_documents": invalid_docs,
             "last_reconcile_duration_secs": self.last_reconcile_duration,
             "counts": self.reconciler.counts(),

@@ -10,8 +10,9 @@ Every file is written write-ahead and atomically (temp file, rename): a reader, 
 crashed mid-write, sees the old file or the new one, and each is written before the step it
 describes. The agent is the only writer here, so a reader refuses a link or anything but a regular
 file at a checkpoint's name, and a file larger than a checkpoint can be (fsutil.read_json: a
-ValueError, as a document that does not parse). Only `termination` is also fsynced (with its directory): it must survive a power loss,
-or a `Never` job that finished would run again after the reboot. The others describe a process, and
+ValueError, as a document that does not parse). Only `termination` is also fsynced (with its
+directory): it must survive a power loss, or a `Never` job that finished would run again after the
+reboot. The others describe a process, and
 no process outlives a reboot (recovery compares boot ids): a power loss leaves nothing for them to
 describe, so they skip the fsync, which was most of a launch's cost (two fsyncs, ~5 ms, on this
 machine's disk).
@@ -24,8 +25,8 @@ import os
 import shutil
 from typing import Any
 
+from reconciler.container import ContainerConfig, ProvisionedImage
 from reconciler.fsutil import atomic_write_json, read_json
-from reconciler.isolators.base import ContainerConfig, ProvisionedImage
 from reconciler.models import ContainerSpec
 
 CONFIG = "config.json"

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -225,6 +226,7 @@ class AgentConfig(BaseModel):
     docker_registry_ca_file: str | None = None
     docker_insecure_registries: list[str] = []
     fetcher_stall_timeout: float = 60.0
+    docker_tag_refresh_interval: float | None = None   # a pulled tag is resolved again after this long; None: never
     # network/cni (Mesos's flags): CNI network configurations, and the plugins' search path.
     network_cni_config_dir: str | None = None
     network_cni_plugins_dir: str | None = None      # "dir[:dir...]", as CNI_PATH
@@ -370,11 +372,21 @@ class AgentConfig(BaseModel):
     @classmethod
     def _duration(cls, value: Any, info: ValidationInfo) -> float:
         seconds = parse_duration(value)
-        floor, spelled, why = DURATION_FLOORS[info.field_name]
+        floor, spelled, why = DURATION_FLOORS[info.field_name or ""]
         if seconds < floor:
             raise ValueError(f"{_quote(value)} is too short: at least {spelled} ({why})")
         if seconds > MAX_FLAG_DURATION:
             raise ValueError(f"{_quote(value)} is too long: at most 365days")
+        return seconds
+
+    @field_validator("docker_tag_refresh_interval", mode="before")
+    @classmethod
+    def _tag_refresh(cls, value: Any) -> float | None:
+        if value is None or (isinstance(value, str) and value.strip() == "never"):
+            return None
+        seconds = parse_duration(value)
+        if seconds > MAX_FLAG_DURATION:
+            raise ValueError(f"{_quote(value)} is too long: at most 365days (or never)")
         return seconds
 
     @field_validator("container_logger_max_stdout_size", "container_logger_max_stderr_size", mode="before")
@@ -759,6 +771,12 @@ FLAG_HELP: dict[str, FlagHelp] = {
         "With `--docker_registry` a URL: a download with no byte for this long fails (and is retried, resuming "
         "where it stopped); Mesos's flag.",
         spelled="duration"),
+    "docker_tag_refresh_interval": FlagHelp(
+        "Images",
+        "With `--docker_registry` a URL: how long a pulled tag is trusted before the next launch asks the "
+        "registry where it points again (`0s`: at every launch). `never` keeps it until `reconciler images "
+        "pull` or a manifest's `image.cached: false` (Mesos's Image.cached) asks again; a digest never moves.",
+        default="`never`", spelled="duration"),
     "image_providers": FlagHelp(
         "Images",
         "`docker` to run `container.image` (needs `filesystem/linux` and `docker/runtime` in `--isolation`)."),
@@ -896,9 +914,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f"--{name}", default=None, metavar=name.upper(), help=text)
 
 
-def load(args: argparse.Namespace, environ: dict[str, str] | None = None) -> AgentConfig:
+def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Build the config from file < environment < command line. Raises ConfigError."""
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        environ = os.environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     config_file = getattr(args, "config", None) or environ.get("RECONCILER_CONFIG")

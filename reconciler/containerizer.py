@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import enum
 import functools
 import logging
@@ -19,7 +20,6 @@ import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -137,7 +137,8 @@ class Containerizer:
                  on_change: Callable[[Container], None] = lambda c: None, image_store: Any = None) -> None:
         self.launcher = launcher
         self.image_store = image_store     # reconciler.images.ImageStore with --image_providers=docker
-        self._pull_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-pull")
+        # Pulls of one image share one flight in the store (the others wait in their threads).
+        self._pull_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-pull")
         self.isolators = isolators
         self.checkpoints = checkpoints
         self.on_change = on_change
@@ -201,7 +202,8 @@ class Containerizer:
                 container.pid_namespace = bool(pid_doc.get("pid_namespace"))
                 container.started_at = pid_doc.get("started_at")
                 same_boot = pid_doc.get("boot_id") == self.boot_id
-                if not (same_boot and container.identity.is_alive() and self.launcher.belongs(cid, container.identity.pid)):
+                alive = container.identity.is_alive()
+                if not (same_boot and alive and self.launcher.belongs(cid, container.identity.pid)):
                     # It ended while we were away; its status file says how. Whoever holds its pid now
                     # (pids and start times repeat across boots) is not ours: only its cgroup is killed.
                     if not same_boot or container.identity.is_alive():
@@ -246,10 +248,11 @@ class Containerizer:
         self.checkpoints.remove(cid)
 
     # provision (Mesos's provisioner) ----------------------------------------------------------
-    async def provision(self, config: ContainerConfig) -> None:
+    async def provision(self, config: ContainerConfig, progress: Callable[[int, int], None] | None = None) -> None:
         """The container's image in the store (pulled from --docker_registry once), set on `config`, and its
         layers recorded in the checkpoint as in use (before the store's lock is let go, so a concurrent
-        `reconciler images prune` cannot take them). Runs in a thread: extracting a layer takes time."""
+        `reconciler images prune` cannot take them). Runs in a thread: extracting a layer takes time.
+        progress(bytes fetched, bytes to fetch) is called from that thread while layers download."""
         container = config.spec.container
         image = container.mesos.image if container is not None and container.mesos is not None else None
         if image is None:
@@ -260,9 +263,14 @@ class Containerizer:
         from reconciler.images.store import IMAGE_RECORD
         record_dir = self.checkpoints.dir(config.container_id)
         os.makedirs(record_dir, mode=0o700, exist_ok=True)
-        pull = functools.partial(self.image_store.pull, image.docker.name,
-                                 in_use_record=os.path.join(record_dir, IMAGE_RECORD))
+        pull = functools.partial(self.image_store.pull, image.docker.name, refresh=not image.cached,
+                                 in_use_record=os.path.join(record_dir, IMAGE_RECORD), progress=progress)
         try:
+            # Ten containers of one image: one pull, which the others await here without a thread of
+            # theirs (then each takes the result from the store, with its own in-use record).
+            flight = self.image_store.join(image.docker.name, refresh=not image.cached, progress=progress)
+            if flight is not None:
+                pull = functools.partial(pull, resolved_since=await asyncio.wrap_future(flight))
             # Pulls get threads of their own: a long extraction must not hold up destroys and the
             # other work the loop hands to the default executor.
             pulled = await asyncio.get_running_loop().run_in_executor(self._pull_executor, pull)
@@ -352,7 +360,8 @@ class Containerizer:
 
     def _init_spec(self, config: ContainerConfig, info: LaunchInfo, environment: dict[str, str],
                    user: users.User | None = None) -> dict[str, Any]:
-        """What the init needs: argv, environment, files; Mesos's env precedence (agent < sandbox < isolators < user)."""
+        """What the init needs: argv, environment, files; Mesos's env precedence (agent < sandbox < isolators <
+        user)."""
         command = config.spec.command
         if info.command:   # docker/runtime: the image's Entrypoint/Cmd, argv[0] is the program
             executable, argv = info.command[0], list(info.command)
@@ -468,7 +477,8 @@ class Containerizer:
         return limited
 
     # destroy ----------------------------------------------------------------------------------
-    async def destroy(self, container_id: str, grace: float = 0.0, reason: str = "", message: str = "") -> Termination | None:
+    async def destroy(self, container_id: str, grace: float = 0.0, reason: str = "",
+                      message: str = "") -> Termination | None:
         """Kill (gracefully for `grace` seconds), clean up, and return how it ended. Unknown id: None."""
         container = self.containers.get(container_id)
         if container is None:

@@ -26,17 +26,11 @@ most every RENDER_DELAY while they change), and a server thread answers from the
 recv, a dictionary look-up and one send, done in the accepting thread itself when the request came
 with the connection (a thread per connection takes over only for keep-alive or slow requests).
 What can still delay an answer is the loop holding the GIL, so:
-- the switch interval is SWITCH_INTERVAL (1 ms, not 5) while the face runs: each time the server
-  thread comes back from a blocking call while the loop computes, it waits at most that long; this
-  costs nothing while the loop runs alone;
-- a garbage collection holds the GIL for its whole pass (10-30 ms for a full one over the agent's
-  start-up objects on a small VM): what exists at start and once ready is moved out of the
-  collector's sight with gc.freeze(), so full passes walk only younger objects (the price: a frozen
-  object that later becomes cyclic garbage stays, e.g. a recovered container's record once it is
-  replaced, a few KB each);
+- while the face runs, the agent tunes its process for it (agent.py, ProcessTuning): a 1 ms
+  switch interval, and gc.freeze() of what exists at start and once ready;
 - the server threads run at nice SERVER_NICE, so that container start-ups saturating the CPUs do
   not starve the probes (threads have their own nice value on Linux; needs root, else unchanged).
-bench/http.py measures it: p50/p99/max of /metrics and /state during a burst of 500 launches, a
+bench/http_endpoints.py measures it: p50/p99/max of /metrics and /state during a burst of 500 launches, a
 recovery and statistics passes.
 
 Clients are untrusted (anyone who reaches the address), so the server holds none of its resources
@@ -78,7 +72,6 @@ import _thread
 import asyncio
 import collections
 import errno
-import gc
 import json
 import logging
 import os
@@ -87,7 +80,6 @@ import selectors
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 import uuid
@@ -101,7 +93,6 @@ from reconciler.metrics import AgentMetrics, container_lines
 from reconciler.status import iso
 
 if TYPE_CHECKING:
-    from reconciler.agent import Agent
     from reconciler.source import Listing
 
 log = logging.getLogger(__name__)
@@ -111,7 +102,6 @@ RENDER_DELAY = 0.05          # renders at most this often while things change (t
 TICK = 1.0                   # the event loop's heartbeat
 LOOP_STALL_AFTER = 10.0      # /healthz fails when the loop has not ticked for this long
 LISTING_STALL_FLOOR = 30.0   # ... or no listing for max(3 × resync_interval, this)
-SWITCH_INTERVAL = 0.001
 SERVER_NICE = -10
 MAX_CONNECTIONS = 64         # served at once; past it only the probes are answered (see the docstring)
 REQUEST_DEADLINE = 5.0       # one request's head and body, from its first byte (the first: from the accept)
@@ -134,7 +124,8 @@ def response(status: str, content_type: str, body: bytes, extra: str = "") -> tu
     return head + body, len(head)
 
 
-NOT_FOUND = response("404 Not Found", TEXT, b"404 Not Found: /state, /monitor/statistics, /metrics, /healthz, /readyz\n")
+NOT_FOUND = response("404 Not Found", TEXT,
+                     b"404 Not Found: /state, /monitor/statistics, /metrics, /healthz, /readyz\n")
 NOT_ALLOWED = response("405 Method Not Allowed", TEXT, b"405 Method Not Allowed: only GET and HEAD\n",
                        "Allow: GET, HEAD\r\nConnection: close\r\n")
 BAD_REQUEST = response("400 Bad Request", TEXT, b"400 Bad Request\n", "Connection: close\r\n")
@@ -180,7 +171,8 @@ class Health:
             return f"the event loop has not run for {since_tick:.1f}s (limit {LOOP_STALL_AFTER:.0f}s)"
         if self.last_listing is not None and now - self.last_listing > self.listing_stall_after:
             return (f"no listing of the manifest directory for {now - self.last_listing:.1f}s "
-                    f"(limit {self.listing_stall_after:.0f}s: 3 x --resync_interval, at least {LISTING_STALL_FLOOR:.0f}s)")
+                    f"(limit {self.listing_stall_after:.0f}s: 3 x --resync_interval, "
+                    f"at least {LISTING_STALL_FLOOR:.0f}s)")
         return None
 
     def readiness(self) -> str | None:
@@ -639,21 +631,31 @@ def send_ignoring_errors(conn: socket.socket, data: bytes) -> None:
 
 
 class HttpFace:
-    """The loop's side: keeps each container's rendered pieces, renders whole responses, runs the server."""
+    """The loop's side: keeps each container's rendered pieces, renders whole responses, runs the server.
 
-    def __init__(self, agent: Agent) -> None:
-        config = agent.config
-        assert config.http_address is not None
-        self.agent = agent
+    It knows the agent only by what it is handed: a few flags, when the agent started, `agent_doc` (the
+    _agent.json document, asked for at each render) and `running_spec` (the spec hash the live container
+    of a name runs, None without one). The agent tells it the rest: listings, published and forgotten
+    status documents, passes done.
+    """
+
+    def __init__(self, address: str, *, resync_interval: float, work_dir: str, attributes: dict[str, str],
+                 started_at: float, agent_doc: Callable[[], dict[str, Any]],
+                 running_spec: Callable[[str], str | None]) -> None:
         self.metrics = AgentMetrics(__version__)
-        self.health = Health(config.resync_interval)
-        self.server = HttpServer(config.http_address, {
+        self.health = Health(resync_interval)
+        self.attributes = dict(attributes)
+        self.started_at = started_at
+        self.agent_doc = agent_doc
+        self.running_spec = running_spec
+        self.listing: Listing | None = None      # the last one the agent handed to the loop
+        self.server = HttpServer(address, {
             b"/state": self._state, b"/state.json": self._state,
             b"/monitor/statistics": self._statistics, b"/monitor/statistics.json": self._statistics,
             b"/metrics": self._metrics, b"/healthz": self._healthz, b"/readyz": self._readyz,
         })   # binds now: a busy port stops the agent at start (ConfigError, exit 2)
         self.snapshot: Snapshot | None = None
-        self.agent_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"reconciler:{socket.gethostname()}:{config.work_dir}"))
+        self.agent_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"reconciler:{socket.gethostname()}:{work_dir}"))
         # Per name: the status document last published, and its rendered pieces (None: to render).
         self.docs: dict[str, dict[str, Any]] = {}
         self.pieces: dict[str, tuple[bytes, bytes | None, tuple[str, str, str, str, str]]] = {}
@@ -663,19 +665,12 @@ class HttpFace:
         self._render_handle: asyncio.TimerHandle | None = None
         self._rendered_at = 0.0
         self._tick_handle: asyncio.TimerHandle | None = None
-        self._switch_interval = sys.getswitchinterval()
 
     # lifecycle (on the loop) ---------------------------------------------------------------------
     def start(self) -> None:
-        reconciler = self.agent.reconciler
-        reconciler.on_published = self.published
-        reconciler.on_forgotten = self.forgotten
-        reconciler.on_reconciled = self.metrics.reconciled
         self._loop = asyncio.get_running_loop()
         self._tick()
         self.render()
-        gc.freeze()   # the modules: see set_ready
-        sys.setswitchinterval(SWITCH_INTERVAL)
         self.server.start()
         log.info("Serving /state, /monitor/statistics, /metrics, /healthz, /readyz on http://%s", self.server.address)
 
@@ -684,7 +679,6 @@ class HttpFace:
             if handle is not None:
                 handle.cancel()
         self.server.close()
-        sys.setswitchinterval(self._switch_interval)
 
     def _tick(self) -> None:
         self.health.loop_tick = time.monotonic()
@@ -694,24 +688,17 @@ class HttpFace:
     # what the agent and the loop tell ----------------------------------------------------------
     def set_ready(self) -> None:
         self.health.ready = True
-        # What exists now (modules, recovered containers) is long-lived: frozen out of the collector, a
-        # full collection walks only what came after. A collection holds the GIL throughout, and on this
-        # kind of machine a full one over the agent's ~35k start-up objects alone takes 10-30 ms.
-        gc.collect()
-        gc.freeze()
         self.changed()
 
     def listed(self, listing: Listing, seen_at: float) -> None:
         """A listing was handed to the loop: the heartbeat of /healthz, and when each new spec was seen."""
         self.health.last_listing = time.monotonic()
-        names = self.agent.reconciler.names
+        self.listing = listing
         for name, desired in listing.desired.items():
             seen = self.seen.get(name)
             if seen is not None and seen[0] == desired.spec_hash:
                 continue
-            state = names.get(name)
-            container = state.container if state is not None else None
-            if container is not None and container.alive and container.config.spec_hash == desired.spec_hash:
+            if self.running_spec(name) == desired.spec_hash:
                 continue    # runs that spec already (recovered, or an unchanged spec)
             self.seen[name] = (desired.spec_hash, seen_at)
         self.changed()
@@ -755,7 +742,7 @@ class HttpFace:
         self._rendered_at = time.monotonic()
         try:
             self._render()
-        except Exception:  # noqa: BLE001 - the face must never stop the loop: serve the last snapshot
+        except Exception:   # the face must never stop the loop: serve the last snapshot (logged with its traceback)
             log.exception("Rendering the HTTP snapshots failed; serving the previous ones")
 
     def _render(self) -> None:
@@ -765,7 +752,7 @@ class HttpFace:
                 self.pieces[name] = (state_entry(doc), statistics_entry(doc), container_lines(name, doc))
         self.dirty.clear()
         names = sorted(self.pieces)
-        agent_doc = self.agent.agent_doc()
+        agent_doc = self.agent_doc()
         self.snapshot = Snapshot(
             state=response("200 OK", JSON, self._state_body(agent_doc, names)),
             statistics=response("200 OK", JSON, b"[" + b",".join(
@@ -774,11 +761,10 @@ class HttpFace:
         )
 
     def _state_body(self, agent_doc: dict[str, Any], names: list[str]) -> bytes:
-        config = self.agent.config
         head: dict[str, Any] = {
-            "id": self.agent_id, "pid": f"reconciler@{config.http_address}", "hostname": socket.gethostname(),
-            "version": __version__, "start_time": self.agent.started_at, "os_pid": os.getpid(),
-            "attributes": dict(config.attributes), "flags": agent_doc.get("flags", {}), "ready": self.health.ready,
+            "id": self.agent_id, "pid": f"reconciler@{self.server.address}", "hostname": socket.gethostname(),
+            "version": __version__, "start_time": self.started_at, "os_pid": os.getpid(),
+            "attributes": dict(self.attributes), "flags": agent_doc.get("flags", {}), "ready": self.health.ready,
         }
         for key, value in agent_doc.items():
             if key not in ("apiVersion", "kind", "pid", "flags"):
@@ -792,7 +778,7 @@ class HttpFace:
             phases[doc["phase"]] = phases.get(doc["phase"], 0) + 1
         net_cls = (agent_doc.get("isolator_status") or {}).get("cgroups/net_cls")
         cni = (agent_doc.get("isolator_status") or {}).get("network/cni")
-        listing = self.agent.reconciler.listing
+        listing = self.listing
         errors = {"invalid_document": len(listing.invalid), "invalid_file": len(listing.invalid_files),
                   "duplicate_name": len(listing.duplicates)} if listing is not None else {}
         return self.metrics.render({n: p[2] for n, p in self.pieces.items()}, phases, net_cls, errors, cni)
@@ -846,7 +832,8 @@ def statistics_entry(doc: dict[str, Any]) -> bytes | None:
     with a `statistics` block (the loop gives one to each live container), even an empty one (no limits,
     nothing measured yet), so that a container is listed from its first moment."""
     statistics = doc.get("statistics")
-    if statistics is None or not doc.get("container_id") or doc.get("phase") not in ("Running", "Pending", "Terminating"):
+    live = doc.get("phase") in ("Running", "Pending", "Terminating")
+    if statistics is None or not doc.get("container_id") or not live:
         return None
     if "timestamp" not in statistics:
         statistics = dict(statistics, timestamp=time.time())   # only the limits are known yet

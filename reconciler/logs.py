@@ -31,7 +31,6 @@ import ctypes
 import errno
 import logging
 import os
-import re
 import stat
 import time
 from contextlib import contextmanager
@@ -87,7 +86,7 @@ def rotate_if_needed(sandbox: str, policy: RotationPolicy) -> list[str]:
     Blocking (a copy of up to a few limits' worth of bytes): run it in a thread. A sandbox removed
     meanwhile is not an error.
     """
-    done = []
+    done: list[str] = []
     try:
         directory = open_sandbox(sandbox)
     except FileNotFoundError:
@@ -493,116 +492,6 @@ def follow(follower: Follower, still_running: Callable[[], bool], interval: floa
                 time.sleep(interval)
     finally:
         follower.close()
-
-
-# Finding a container's sandbox -------------------------------------------------------------------
-
-class LogsError(Exception):
-    """One line for the operator, naming the container and where we looked."""
-
-
-@dataclass(frozen=True)
-class FoundContainer:
-    name: str
-    container_id: str
-    sandbox: str
-    checkpoint_dir: str
-    status_path: str
-
-    def open_sandbox(self) -> int:
-        """The sandbox directory's fd (see open_sandbox); LogsError when it is gone or not a directory."""
-        try:
-            return open_sandbox(self.sandbox)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(self.sandbox):
-                raise LogsError(f"container {self.name!r} ({self.container_id}): {self.sandbox} is a symbolic "
-                                f"link, not the sandbox the agent made; not following it") from None
-            raise LogsError(f"container {self.name!r} ({self.container_id}) has no sandbox at {self.sandbox} "
-                            f"any more: {exc.strerror}") from None
-
-    def running(self) -> bool:
-        """Until it is destroyed: its termination checkpointed, its checkpoint removed, or its init gone."""
-        from reconciler.checkpoint import PID, TERMINATION
-        from reconciler.fsutil import read_json
-        from reconciler.linux import proc
-
-        try:
-            os.stat(os.path.dirname(self.checkpoint_dir))
-        except PermissionError:
-            return self._running_by_status()   # not the agent's user: checkpoints are private (0700)
-        except FileNotFoundError:
-            return False
-        if not os.path.isdir(self.checkpoint_dir) or os.path.exists(os.path.join(self.checkpoint_dir, TERMINATION)):
-            return False
-        try:
-            pid_doc = read_json(os.path.join(self.checkpoint_dir, PID))
-        except ValueError:
-            return True
-        if pid_doc is None:
-            return True   # not forked yet
-        return proc.ProcessIdentity(pid_doc["pid"], pid_doc["start_time"]).is_alive()
-
-    def _running_by_status(self) -> bool:
-        from reconciler.fsutil import read_json
-        try:
-            status = read_json(self.status_path) or {}
-        except (OSError, ValueError):
-            return True    # unreadable now: keep following, Ctrl-C ends it
-        return status.get("container_id") == self.container_id and status.get("phase") in ("Pending", "Running")
-
-
-def find_container(name: str, status_dir: str, work_dir: str) -> FoundContainer:
-    """The container a name runs as: the one its status file names, else its newest checkpoint."""
-    from reconciler.checkpoint import Checkpoints
-    from reconciler.fsutil import read_json
-
-    checkpoints = Checkpoints(os.path.join(work_dir, "containers"), os.path.join(work_dir, "sandboxes"))
-    status_path = os.path.join(status_dir, f"{name}.json")
-    try:
-        status = read_json(status_path)
-    except ValueError:
-        status = None
-    container_id = (status or {}).get("container_id")
-    if container_id is not None and not _is_container_id(container_id):
-        container_id = None    # not one the agent wrote: never a path out of the sandboxes directory
-    if not container_id:
-        newest = -1.0
-        for cid in checkpoints.ids():
-            if not _is_container_id(cid):
-                continue
-            try:
-                doc = read_json(os.path.join(checkpoints.dir(cid), "config.json"))
-            except (ValueError, PermissionError):
-                continue
-            if doc and doc.get("name") == name and float(doc.get("created_at") or 0) > newest:
-                container_id, newest = cid, float(doc.get("created_at") or 0)
-    if not container_id:
-        if status is not None:
-            raise LogsError(f"container {name!r} has no sandbox: it is {status.get('phase')}"
-                            + (f" ({status['message']})" if status.get("message") else ""))
-        raise LogsError(f"no container named {name!r}: no status file {status_path} and no checkpoint "
-                        f"of that name in {checkpoints.containers_dir} (see `reconciler status`, or give "
-                        f"--work_dir/--status_dir)")
-    # The path is the agent's: the sandboxes directory and the id (the checkpoint may name another
-    # sandboxes directory, from an earlier --work_dir or --sandbox_directory).
-    sandbox = checkpoints.sandbox(container_id)
-    try:
-        config = read_json(os.path.join(checkpoints.dir(container_id), "config.json"))
-        recorded = (config or {}).get("sandbox")
-        if isinstance(recorded, str) and os.path.isabs(recorded) and os.path.basename(recorded) == container_id:
-            sandbox = recorded
-    except (ValueError, PermissionError):
-        pass
-    if not os.path.isdir(sandbox):
-        raise LogsError(f"container {name!r} ({container_id}) has no sandbox at {sandbox} any more")
-    return FoundContainer(name, container_id, sandbox, checkpoints.dir(container_id), status_path)
-
-
-_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-def _is_container_id(value: object) -> bool:
-    return isinstance(value, str) and _CONTAINER_ID.fullmatch(value) is not None and ".." not in value
 
 
 # The agent's side ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from reconciler.logs import LogRotator
 from reconciler.models import ContainerSpec
 from reconciler.source import InvalidDocument, Listing
 from reconciler.status import StatusWriter, iso
+from reconciler.units import format_bytes_approx
 from reconciler.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ BACKOFF_RESET_AFTER = 600.0
 # Temporary errors (a fork that failed, a busy cgroup): 1 s doubling to 60 s.
 RETRY_INITIAL = 1.0
 RETRY_MAX = 60.0
+PULL_PROGRESS_EVERY = 0.5    # seconds between two status writes of a pull's progress
 
 
 def restart_delay(step: int) -> float:
@@ -146,6 +148,35 @@ class LaunchFailure:
 
 
 @dataclass
+class PullState:
+    """The name's image while a launch pulls it, or (state Failed) why the last pull failed."""
+    image: str
+    registry: str | None
+    started_at: float
+    bytes_done: int = 0
+    bytes_total: int = 0
+    published_at: float = 0.0
+    publish_pending: bool = False
+    failed: dict[str, Any] | None = None      # http_status, code, error of a failed pull
+
+    def doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"image": self.image, "state": "Failed" if self.failed else "Pulling",
+                               "registry": self.registry, "started_at": iso(self.started_at),
+                               "bytes_done": self.bytes_done, "bytes_total": self.bytes_total}
+        doc.update(self.failed or {})
+        return {k: v for k, v in doc.items() if v is not None}
+
+    def condition(self) -> tuple[bool, str, str]:
+        if self.failed:
+            return False, "PullFailed", self.failed["error"]
+        where = f" from {self.registry}" if self.registry else ""
+        if self.bytes_total:
+            return True, "Pulling", (f"Pulling image '{self.image}'{where}: {format_bytes_approx(self.bytes_done)} of "
+                                     f"{format_bytes_approx(self.bytes_total)}")
+        return True, "Pulling", f"Pulling image '{self.image}'{where}"
+
+
+@dataclass
 class NameState:
     container: Container | None = None
     failure: LaunchFailure | None = None
@@ -154,6 +185,7 @@ class NameState:
     statistics: dict[str, Any] | None = None
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
     phase: str | None = None          # as last published (what _agent.json counts)
+    pull: PullState | None = None     # its image while a launch pulls it, or the last pull's failure
 
 
 class Reconciler:
@@ -322,7 +354,7 @@ class Reconciler:
         )
         try:
             try:
-                await self.containerizer.provision(config)
+                await self._provision(name, state, config)
                 container = await self.containerizer.launch(config, self.environment)
             finally:
                 provisioned = (config.image.reference, config.image.id) if config.image is not None else None
@@ -338,8 +370,8 @@ class Reconciler:
         except Exception as exc:  # noqa: BLE001 - anything else is worth another try
             step = (failure.step + 1) if failure else 1
             delay = min(RETRY_INITIAL * 2 ** (step - 1), RETRY_MAX)
-            state.failure = LaunchFailure(target.spec_hash, f"Failed to launch container: {exc}", False, step, now + delay,
-                                          image=provisioned)
+            state.failure = LaunchFailure(target.spec_hash, f"Failed to launch container: {exc}", False, step,
+                                          now + delay, image=provisioned)
             if isinstance(exc, ImageError):
                 state.failure.reason, state.failure.failed = "ProvisioningFailed", True
             log.warning("Failed to launch %s (retrying in %.0fs): %s", name, delay, exc)
@@ -352,6 +384,56 @@ class Reconciler:
         if previous is not None:
             self.containerizer.remove(previous.id)
         log.info("Launched %s as container %s (pid %s)", name, container.id, container.pid)
+
+    async def _provision(self, name: str, state: NameState, config: ContainerConfig) -> None:
+        """The container's image, pulled (or found in the store) with its progress in the name's status."""
+        spec_container = config.spec.container
+        image = spec_container.mesos.image if spec_container is not None and spec_container.mesos is not None else None
+        if image is None:
+            state.pull = None
+            return
+        store = self.containerizer.image_store
+        registry = store.registry.host if store is not None and store.registry is not None else None
+        pull = state.pull = PullState(image.docker.name, registry, time.time())
+        self.publish(name)
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:    # the pulling thread's
+            loop.call_soon_threadsafe(self._pull_progress, name, pull, done, total)
+
+        try:
+            await self.containerizer.provision(config, progress)
+        except ImageError as exc:
+            if state.pull is pull:   # what the status shows until the next try (a RegistryError's status and code)
+                pull.failed = {"error": str(exc), "http_status": getattr(exc, "status", None),
+                               "code": getattr(exc, "code", None)}
+            raise
+        except BaseException:
+            if state.pull is pull:
+                state.pull = None
+            raise
+        if state.pull is pull:
+            state.pull = None
+
+    def _pull_progress(self, name: str, pull: PullState, done: int, total: int) -> None:
+        state = self.names.get(name)
+        if state is None or state.pull is not pull or pull.failed:
+            return
+        pull.bytes_done, pull.bytes_total = done, total
+        wait = pull.published_at + PULL_PROGRESS_EVERY - time.monotonic()
+        if wait <= 0 or done == total:
+            pull.published_at = time.monotonic()
+            self.publish(name)
+        elif not pull.publish_pending:     # the last figures of a burst are written too, a moment later
+            pull.publish_pending = True
+            asyncio.get_running_loop().call_later(wait, self._publish_pull, name, pull)
+
+    def _publish_pull(self, name: str, pull: PullState) -> None:
+        pull.publish_pending = False
+        state = self.names.get(name)
+        if state is not None and state.pull is pull:
+            pull.published_at = time.monotonic()
+            self.publish(name)
 
     async def _destroy(self, container: Container, reason: str, message: str) -> bool:
         """Destroy gracefully; False when some process could not be killed (retried with backoff)."""
@@ -456,6 +538,11 @@ class Reconciler:
                 doc["message"] += f" (retrying at {iso(failure.retry_at)})"
         if state.update_refused and container is not None and container.alive:
             doc["message"] = state.update_refused[1]
+        if state.pull is not None and (container is None or not container.alive):
+            doc["pull"] = state.pull.doc()
+            if not state.pull.failed:
+                doc["phase"], doc["reason"] = "Pending", "Pulling"
+                doc["message"] = state.pull.condition()[2]
         doc["conditions"] = self._conditions(state, doc, invalid)
         if invalid is not None and doc["phase"] != "Invalid":
             doc["message"] = invalid.message
@@ -494,6 +581,10 @@ class Reconciler:
             wanted["ManifestValid"] = (False, "InvalidManifest", invalid.message)
         elif doc["phase"] != "Invalid":
             wanted["ManifestValid"] = (True, "", "")
+        if state.pull is not None:
+            wanted["Pulling"] = state.pull.condition()
+        elif doc.get("image_id"):
+            wanted["Pulling"] = (False, "Pulled", f"Image '{doc['image']}' is in the store as {doc['image_id']}")
         duplicates = [d.message for d in (self.listing.duplicates if self.listing else []) if d.name == doc["name"]]
         if duplicates:
             # The losing declarations have no status file of their own (the name is this one's).

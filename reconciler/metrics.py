@@ -67,7 +67,8 @@ def header(name: str, kind: str, help_text: str) -> str:
 class Histogram:
     """One histogram family, children keyed by a tuple of label values."""
 
-    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...], label_names: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...],
+                 label_names: tuple[str, ...] = ()) -> None:
         self.name, self.help, self.buckets, self.label_names = name, help_text, buckets, label_names
         self.children: dict[tuple[str, ...], list[Any]] = {}   # values -> [bucket counts, sum, count]
 
@@ -88,9 +89,9 @@ class Histogram:
     def render(self) -> str:
         out = [header(self.name, "histogram", self.help)]
         for values, (counts, total, count) in sorted(self.children.items()):
-            base = list(zip(self.label_names, values))
+            base = list(zip(self.label_names, values, strict=True))
             cumulative = 0
-            for bound, n in zip(self.buckets, counts):
+            for bound, n in zip(self.buckets, counts, strict=True):
                 cumulative += n
                 out.append(f"{self.name}_bucket{labels(base + [('le', number(float(bound)))])} {cumulative}\n")
             out.append(f"{self.name}_bucket{labels(base + [('le', '+Inf')])} {count}\n")
@@ -110,7 +111,7 @@ class Counter:
     def render(self) -> str:
         out = [header(self.name, "counter", self.help)]
         for values, value in sorted(self.children.items()):
-            out.append(f"{self.name}{labels(zip(self.label_names, values))} {number(value)}\n")
+            out.append(f"{self.name}{labels(zip(self.label_names, values, strict=True))} {number(value)}\n")
         return "".join(out)
 
 
@@ -131,29 +132,37 @@ def container_lines(name: str, doc: dict[str, Any]) -> tuple[str, str, str, str,
     for mode in ("user", "system"):
         value = statistics.get(f"cpus_{mode}_time_secs")
         if value is not None:
-            cpu += f"reconciler_container_cpu_seconds_total{labels([('container', name), ('mode', mode)])} {number(value)}\n"
+            tags = labels([("container", name), ("mode", mode)])
+            cpu += f"reconciler_container_cpu_seconds_total{tags} {number(value)}\n"
     return restarts, used, limit, rss, cpu
 
 
 CONTAINER_FAMILIES = (
-    ("reconciler_container_restarts_total", "counter", "Restarts of the container under its current spec (status `restarts`)."),
-    ("reconciler_container_disk_used_bytes", "gauge", "Disk used by the container's sandbox, as the disk isolator last measured it."),
+    ("reconciler_container_restarts_total", "counter",
+     "Restarts of the container under its current spec (status `restarts`)."),
+    ("reconciler_container_disk_used_bytes", "gauge",
+     "Disk used by the container's sandbox, as the disk isolator last measured it."),
     ("reconciler_container_disk_limit_bytes", "gauge", "The container's disk limit (its `disk` resource)."),
     ("reconciler_container_memory_rss_bytes", "gauge", "Resident memory of the container (statistics mem_rss_bytes)."),
-    ("reconciler_container_cpu_seconds_total", "counter", "CPU time of the container (statistics cpus_user/system_time_secs)."),
+    ("reconciler_container_cpu_seconds_total", "counter",
+     "CPU time of the container (statistics cpus_user/system_time_secs)."),
 )
 
 
 def cni_lines(operations: list[dict[str, Any]]) -> list[str]:
     """network/cni: CNI ADD and DEL of each network, by result, and the time they took (a sum: its rate
     over the count's is the mean latency)."""
-    out = [header("reconciler_cni_operations_total", "counter", "CNI plugin chain runs (ADD, DEL) per network, by result.")]
+    def tags(op: dict[str, Any]) -> str:
+        return labels([("network", op["network"]), ("command", op["command"].upper()), ("result", op["result"])])
+
+    out = [header("reconciler_cni_operations_total", "counter",
+                  "CNI plugin chain runs (ADD, DEL) per network, by result.")]
     for op in operations:
-        out.append(f"reconciler_cni_operations_total{labels([('network', op['network']), ('command', op['command'].upper()), ('result', op['result'])])} {op['count']}\n")
+        out.append(f"reconciler_cni_operations_total{tags(op)} {op['count']}\n")
     out.append(header("reconciler_cni_operation_seconds_total", "counter",
                       "Time spent in CNI plugin chains (ADD, DEL) per network, by result."))
     for op in operations:
-        out.append(f"reconciler_cni_operation_seconds_total{labels([('network', op['network']), ('command', op['command'].upper()), ('result', op['result'])])} {number(op['seconds'])}\n")
+        out.append(f"reconciler_cni_operation_seconds_total{tags(op)} {number(op['seconds'])}\n")
     return out
 
 
@@ -203,11 +212,12 @@ class AgentMetrics:
             for state in ("used", "free", "total"):
                 value = net_cls.get(f"handles_{state}")
                 if value is not None:
-                    out.append(f"reconciler_net_cls_handles{labels([('primary', primary), ('state', state)])} {value}\n")
+                    tags = labels([("primary", primary), ("state", state)])
+                    out.append(f"reconciler_net_cls_handles{tags} {value}\n")
         if cni is not None:
             out.extend(cni_lines(cni.get("operations") or []))
-        out.append(header("reconciler_manifest_errors", "gauge",
-                          "Problems in the manifest directory now: invalid documents, unparseable files, duplicate names."))
+        out.append(header("reconciler_manifest_errors", "gauge", "Problems in the manifest directory now: "
+                          "invalid documents, unparseable files, duplicate names."))
         for kind in ("invalid_document", "invalid_file", "duplicate_name"):
             out.append(f"reconciler_manifest_errors{labels([('kind', kind)])} {manifest_errors.get(kind, 0)}\n")
         return "".join(out).encode()

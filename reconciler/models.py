@@ -330,7 +330,8 @@ class CommandInfo(BaseModel):
 
 # reconciler.images.reference's grammar, for editors: registry host first only when it looks like one.
 _COMPONENT_PATTERN = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_HOST_PATTERN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?/)?"
+_HOST_PATTERN = (r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                 r"(?::[0-9]{1,5})?/)?")
 DOCKER_REFERENCE_PATTERN = (f"^{_HOST_PATTERN}{_COMPONENT_PATTERN}(?:/{_COMPONENT_PATTERN})*"
                             r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?" + END_OF_TEXT)
 
@@ -356,6 +357,9 @@ class Image(BaseModel):
 
     type: Literal["DOCKER"]
     docker: DockerImage
+    cached: bool = Field(default=True, description=(
+        "Mesos's Image.cached: false resolves the reference again at every launch, even when the store has it "
+        "(a tag that moves); true uses the stored image (see --docker_tag_refresh_interval)"))
 
 
 class MesosInfo(BaseModel):
@@ -399,7 +403,8 @@ class Volume(BaseModel):
             raise ValueError("host_path must not be empty; leave it out instead")
         # A relative host_path is resolved inside the sandbox; '..' would reach outside it.
         if not path.startswith("/") and _has_dotdot(path):
-            raise ValueError(f"relative host_path {brief(path)} must not contain a '..' component (it is a path in the sandbox)")
+            raise ValueError(f"relative host_path {brief(path)} must not contain a '..' component "
+                             "(it is a path in the sandbox)")
         return path
 
 
@@ -422,7 +427,8 @@ def _check_capability(value: Any) -> Any:
     if isinstance(value, str) and value not in CAPABILITY_NUMBERS:
         if value.startswith("CAP_") and value[4:] in CAPABILITY_NUMBERS:
             raise ValueError(f"unknown capability {brief(value)}: Mesos names have no CAP_ prefix, use {value[4:]!r}")
-        raise ValueError(f"unknown capability {brief(value)}: expected a Linux capability name such as NET_BIND_SERVICE")
+        raise ValueError(f"unknown capability {brief(value)}: expected a Linux capability name "
+                         "such as NET_BIND_SERVICE")
     return value
 
 
@@ -700,7 +706,8 @@ RestartPolicy = Literal["Always", "OnFailure", "Never"]
 class ContainerSpec(BaseModel):
     model_config = _MANIFEST_CONFIG
 
-    node_selector: dict[str, str] = Field(default={}, description="Run only on nodes whose --attributes match every key")
+    node_selector: dict[str, str] = Field(default={},
+                                          description="Run only on nodes whose --attributes match every key")
     restart_policy: RestartPolicy = "Always"
     kill_grace_period: Duration = Field(default=10.0, description="SIGTERM, then SIGKILL after this long")
     resources: Resources = Resources()
@@ -884,6 +891,29 @@ class SecurityInfo(BaseModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
+class PullStatus(BaseModel):
+    """The container's image while it is pulled, or why its last pull failed."""
+
+    model_config = _STATUS_CONFIG
+
+    image: str
+    state: Literal["Pulling", "Failed"]
+    registry: str | None = Field(default=None,
+                                 description="host[:port] of --docker_registry as a URL; absent for a directory")
+    started_at: str
+    bytes_done: int = Field(default=0, description="Layer bytes fetched so far (layers the store lacks only)")
+    bytes_total: int = Field(default=0, description="Layer bytes to fetch (0 until the manifest is read)")
+    http_status: int | None = Field(default=None,
+                                    description="A failed pull: the registry's HTTP status, if it answered")
+    code: str | None = Field(default=None,
+                             description="A failed pull: the registry's error code, e.g. MANIFEST_UNKNOWN")
+    error: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class ContainerStatus(BaseModel):
     """<status_dir>/<name>.json"""
 
@@ -905,8 +935,11 @@ class ContainerStatus(BaseModel):
     message: str = ""
     conditions: list[Condition] = []
     isolators: list[str] = []
-    image: str | None = Field(default=None, description="The image reference the container runs (container.mesos.image)")
-    image_id: str | None = Field(default=None, description="The image it resolved to in the store (sha256 of its config)")
+    image: str | None = Field(default=None,
+                              description="The image reference the container runs (container.mesos.image)")
+    image_id: str | None = Field(default=None,
+                                 description="The image it resolved to in the store (sha256 of its config)")
+    pull: PullStatus | None = None
     net_cls: NetClsInfo | None = None
     disk: DiskInfo | None = None
     security: SecurityInfo | None = None
@@ -963,5 +996,6 @@ class AgentStatus(BaseModel):
     counts: dict[Phase, int] = {}
     destroy_errors: int = Field(default=0, description="Destroys that failed since the agent started")
     isolator_status: dict[str, dict[str, Any]] = Field(
-        default={}, description="What each isolator reports of itself, by isolator name (e.g. net_cls handles used and free)")
+        default={},
+        description="What each isolator reports of itself, by isolator name (e.g. net_cls handles used and free)")
     updated_at: str

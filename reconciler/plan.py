@@ -133,7 +133,8 @@ def _ended_while_away(status: dict[str, Any] | None) -> Termination:
 
 def make_plan(config: AgentConfig, now: float | None = None) -> Plan:
     now = time.time() if now is None else now
-    default_info = ContainerInfo.model_validate(config.default_container_info) if config.default_container_info else None
+    default_info = (ContainerInfo.model_validate(config.default_container_info)
+                    if config.default_container_info else None)
     listing = ManifestSource(config.manifests, node_attributes=config.attributes,
                              default_container_info=default_info, strict_modes=config.manifests_strict_modes).list()
     observed = observe(config)

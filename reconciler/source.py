@@ -579,7 +579,8 @@ def _validate_document(
         manifest = Manifest.model_validate(document)
     except ValidationError as exc:
         details = exc.errors(include_url=False)
-        errors = [_bounded(_format_error(error, Manifest, quote_input=False)) + positions.of(index, error["loc"], error["type"])
+        errors = [_bounded(_format_error(error, Manifest, quote_input=False))
+                  + positions.of(index, error["loc"], error["type"])
                   for error in details[:MAX_ERRORS_PER_DOCUMENT]]
         if len(details) > MAX_ERRORS_PER_DOCUMENT:
             errors.append(f"and {len(details) - MAX_ERRORS_PER_DOCUMENT} more errors")

@@ -34,7 +34,9 @@ def quoted(value: Any, limit: int = MAX_QUOTED) -> str:
         return f"a number of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     if isinstance(value, (bool, int, float)) or value is None:
         return repr(value)
-    kind = "mapping" if isinstance(value, dict) else "list" if isinstance(value, (list, tuple)) else type(value).__name__
+    if isinstance(value, dict):
+        return "a mapping"
+    kind = "list" if isinstance(value, (list, tuple)) else type(value).__name__
     return f"a {kind}"
 
 
@@ -173,6 +175,15 @@ def format_bytes(size: int) -> str:
     for unit in ("TB", "GB", "MB", "KB"):
         if size and size % _BYTES_UNITS[unit] == 0:
             return f"{size // _BYTES_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+def format_bytes_approx(size: int) -> str:
+    """A size for reading, not for parsing back: one decimal in the largest unit it reaches, in Mesos's unit
+    names (1431854 -> '1.4MB', 512 -> '512B'), as `images list` and a pull's progress show them."""
+    for unit in ("TB", "GB", "MB", "KB"):
+        if size >= _BYTES_UNITS[unit]:
+            return f"{size / _BYTES_UNITS[unit]:.1f}{unit}"
     return f"{size}B"
 
 

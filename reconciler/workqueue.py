@@ -57,7 +57,7 @@ class WorkQueue:
                     await self._handler(name)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # noqa: BLE001 - a bug in one name must not stop the others
+                except Exception:    # a bug in one name must not stop the others
                     log.exception("reconcile of %s failed", name)
                 if name not in self._dirty:
                     return

@@ -34,7 +34,7 @@ def first_past_limits(data: bytes, max_values: int, max_depth: int) -> Past | No
             sizes.clear()
         elif isinstance(event, yaml.AliasEvent):
             # Missing: undefined, or inside its own anchor; the loader refuses both.
-            count += sizes.get(event.anchor, 0)
+            count += sizes.get(event.anchor, 0) if event.anchor is not None else 0
         elif isinstance(event, yaml.CollectionStartEvent):
             open_nodes.append((event.anchor, count))
             count += 1
@@ -47,5 +47,6 @@ def first_past_limits(data: bytes, max_values: int, max_depth: int) -> Past | No
             if anchor is not None:
                 sizes[anchor] = count - before
         if count > max_values or len(open_nodes) > max_depth:
-            return Past(max(document, 0), event.start_mark.line + 1)
+            line = event.start_mark.line + 1 if event.start_mark is not None else 0   # the parser marks every event
+            return Past(max(document, 0), line)
     return None

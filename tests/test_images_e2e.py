@@ -65,9 +65,11 @@ class ImageEnv:
                                 docker_store_dir=self.store, **overrides)
 
     def write(self, name: str, image: str, command: dict[str, Any], *, volumes: list[dict] | None = None,
-              linux_info: dict[str, Any] | None = None, **spec: Any) -> None:
+              linux_info: dict[str, Any] | None = None, cached: bool | None = None, **spec: Any) -> None:
         container: dict[str, Any] = {"type": "MESOS",
                                      "mesos": {"image": {"type": "DOCKER", "docker": {"name": image}}}}
+        if cached is not None:
+            container["mesos"]["image"]["cached"] = cached
         if volumes:
             container["volumes"] = volumes
         if linux_info:

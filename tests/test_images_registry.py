@@ -18,7 +18,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from reconciler.images.registry import (OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST
                                         Platform, RegistryClient, RegistryError, docker_config_credentials,
                                         host_platform)
 from tests.imagebuild import File, build, layer
+from tests.registries import Processes, Proxy, Registry, skopeo_copy, skopeo_inspect
 
 for tool in ("docker-registry", "skopeo", "openssl", "htpasswd"):
     if not shutil.which(tool):
@@ -44,94 +44,6 @@ for tool in ("docker-registry", "skopeo", "openssl", "htpasswd"):
 HOST_ARCH = host_platform().architecture
 OTHER_ARCH = "arm64" if HOST_ARCH != "arm64" else "amd64"
 USER, PASSWORD = "puller", "s3cret-pw"
-
-
-# ---------------------------------------------------------------- processes and servers
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen | None, log: Path | None = None, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited {proc.returncode}: {log.read_text()[-2000:] if log else ''}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-@dataclass
-class Registry:
-    host: str              # 127.0.0.1:PORT
-    root: Path             # its storage
-    scheme: str = "http"
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.host}"
-
-    def blob_file(self, digest: str) -> Path:
-        hex_ = digest.removeprefix("sha256:")
-        return self.root / "docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
-
-
-class Processes:
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self.servers: list[http.server.HTTPServer] = []
-
-    def registry(self, base: Path, auth: str = "", tls: tuple[str, str] | None = None) -> Registry:
-        port = _free_port()
-        base.mkdir(parents=True)
-        root = base / "storage"
-        tls_yaml = f"\n  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}" if tls else ""
-        (base / "config.yml").write_text(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
-            f"    rootdirectory: {root}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{port}\n  secret: test-secret{tls_yaml}\n{auth}")
-        log = base / "registry.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(["docker-registry", "serve", str(base / "config.yml")], stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
-        _wait_port(port, proc, log)
-        return Registry(f"127.0.0.1:{port}", root, "https" if tls else "http")
-
-    def serve(self, handler: type[http.server.BaseHTTPRequestHandler]) -> int:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.servers.append(server)
-        return server.server_address[1]
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.shutdown()
-            server.server_close()
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-
-
-def _skopeo_copy(src: str, dest: str, *extra: str) -> None:
-    cmd = ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false", *extra, src, dest]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"{cmd}: {r.stderr}"
-
-
-def _skopeo_inspect(ref: str, *extra: str) -> dict[str, Any]:
-    r = subprocess.run(["skopeo", "inspect", "--tls-verify=false", *extra, f"docker://{ref}"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 @dataclass
@@ -162,74 +74,6 @@ def _put_manifest(reg: Registry, name: str, tag: str, body: bytes, media_type: s
     conn.close()
     assert resp.status == 201, resp.status
     return resp.getheader("Docker-Content-Digest") or ""
-
-
-# ---------------------------------------------------------------- the proxy
-
-class Proxy:
-    """Forwards to a registry; `mode` decides what it does to blob GETs. Records every request."""
-
-    def __init__(self, upstream: str, storage_auth: str | None = None) -> None:
-        self.upstream, self.storage_auth = upstream, storage_auth
-        self.mode = "pass"
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self.stop = threading.Event()
-        self.port = 0
-
-    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                proxy.requests.append(("GET", self.path, dict(headers)))  # as the client sent them
-                blob = "/blobs/sha256:" in self.path
-                if self.path.startswith("/_storage/"):  # the "blob storage" a redirect points at
-                    self.path = self.path.removeprefix("/_storage")
-                    headers.pop("Authorization", None)
-                    if proxy.storage_auth:  # storage's own credentials, as a signed URL would carry
-                        headers["Authorization"] = proxy.storage_auth
-                elif blob and proxy.mode == "redirect":
-                    self.send_response(307)
-                    self.send_header("Location", f"http://localhost:{proxy.port}/_storage{self.path}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                asked_range = "Range" in headers
-                if proxy.mode == "cut-no-range":   # a server without Range support
-                    headers.pop("Range", None)
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=10)
-                conn.request("GET", self.path, headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-                conn.close()
-                mode = proxy.mode if blob and resp.status in (200, 206) else "pass"
-                if proxy.mode == "tamper-manifest" and "/manifests/" in self.path:
-                    body += b" "   # still valid JSON, no longer the bytes the digest names
-                if mode == "tamper":
-                    body = body[:-1] + bytes([body[-1] ^ 0xFF])
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if mode in ("cut", "cut-no-range") and not asked_range:
-                    self.wfile.write(body[:len(body) // 2])
-                    self.wfile.flush()
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if mode == "stall":
-                    self.wfile.write(body[:10])
-                    self.wfile.flush()
-                    proxy.stop.wait(5)
-                    return
-                self.wfile.write(body)
-
-        return Handler
 
 
 # ---------------------------------------------------------------- the token server
@@ -322,9 +166,9 @@ def world() -> Iterator[World]:
 
         images = tmp / "images"
         app = _image(images, "app", {"etc/app.conf": b"answer=42\n", "bin/hello": b"#!/bin/sh\necho hello\n" * 200})
-        _skopeo_copy(app.layout, f"docker://{plain.host}/team/app:1")
-        _skopeo_copy(app.layout, f"docker://{plain.host}/team/app:docker", "--format", "v2s2")
-        _skopeo_copy(app.layout, f"docker://{basic.host}/team/app:1", "--dest-creds", f"{USER}:{PASSWORD}")
+        skopeo_copy(app.layout, f"docker://{plain.host}/team/app:1")
+        skopeo_copy(app.layout, f"docker://{plain.host}/team/app:docker", "--format", "v2s2")
+        skopeo_copy(app.layout, f"docker://{basic.host}/team/app:1", "--dest-creds", f"{USER}:{PASSWORD}")
 
         multi = {arch: _image(images, f"multi-{arch}", {"etc/arch": arch.encode(), "data": os.urandom(50000)})
                  for arch in (HOST_ARCH, OTHER_ARCH)}
@@ -332,7 +176,7 @@ def world() -> Iterator[World]:
         # The host's entry comes last, after an attestation-like one, so picking the first would be wrong.
         for arch in (OTHER_ARCH, "unknown", HOST_ARCH):
             img = multi[OTHER_ARCH if arch == "unknown" else arch]
-            _skopeo_copy(img.layout, f"docker://{plain.host}/team/multi:{arch}")
+            skopeo_copy(img.layout, f"docker://{plain.host}/team/multi:{arch}")
             raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
                                   f"docker://{plain.host}/team/multi:{arch}"], capture_output=True, check=True).stdout
             entries.append({"mediaType": OCI_MANIFEST, "digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
@@ -367,7 +211,7 @@ def _layer_files(path: Path) -> dict[str, bytes]:
 
 def test_resolve_by_tag_returns_oci_manifest_and_its_descriptors(world: World) -> None:
     m = _client(world.plain).resolve(f"{world.plain.host}/team/app:1")
-    inspected = _skopeo_inspect(f"{world.plain.host}/team/app:1")
+    inspected = skopeo_inspect(f"{world.plain.host}/team/app:1")
     assert m.media_type == OCI_MANIFEST
     assert m.digest == inspected["Digest"] == "sha256:" + hashlib.sha256(m.manifest).hexdigest()
     assert m.config.digest == world.app.config_digest
@@ -379,13 +223,13 @@ def test_resolve_by_tag_returns_oci_manifest_and_its_descriptors(world: World) -
 def test_resolve_docker_schema2_manifest(world: World) -> None:
     m = _client(world.plain).resolve("team/app:docker")
     assert m.media_type == DOCKER_MANIFEST
-    assert m.digest == _skopeo_inspect(f"{world.plain.host}/team/app:docker")["Digest"]
+    assert m.digest == skopeo_inspect(f"{world.plain.host}/team/app:docker")["Digest"]
     assert m.config.media_type == "application/vnd.docker.container.image.v1+json"
     assert len(m.layers) == 2
 
 
 def test_the_digest_skopeo_reports_pins_the_image(world: World) -> None:
-    digest = _skopeo_inspect(f"{world.plain.host}/team/app:1")["Digest"]
+    digest = skopeo_inspect(f"{world.plain.host}/team/app:1")["Digest"]
     m = _client(world.plain).resolve(f"{world.plain.host}/team/app@{digest}")
     assert m.digest == digest and [d.digest for d in m.layers] == world.app.layer_digests
 
@@ -398,7 +242,7 @@ def test_index_chooses_the_host_platform(world: World) -> None:
     assert m.platform == Platform("linux", HOST_ARCH)
     assert [d.digest for d in m.layers] == host.layer_digests
     # skopeo reports the index digest for a multi-platform tag; it pins the same choice.
-    assert _skopeo_inspect(f"{world.plain.host}/team/multi:1")["Digest"] == m.pinned
+    assert skopeo_inspect(f"{world.plain.host}/team/multi:1")["Digest"] == m.pinned
     pinned = client.resolve(f"team/multi@{m.pinned}")
     assert pinned.digest == m.digest and pinned.index_digest == m.index_digest
 
@@ -468,7 +312,7 @@ def test_tampered_blob_is_refused_and_removed(world: World, tmp_path: Path) -> N
 
 def test_corrupted_blob_in_registry_storage_is_refused(world: World, tmp_path: Path) -> None:
     img = _image(world.tmp / "images", "victim", {"a": b"victim a\n", "b": b"victim b\n" * 100})
-    _skopeo_copy(img.layout, f"docker://{world.plain.host}/team/victim:1")
+    skopeo_copy(img.layout, f"docker://{world.plain.host}/team/victim:1")
     blob = world.plain.blob_file(img.layer_digests[1])
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -587,7 +431,7 @@ def token_registry(world: World) -> Iterator[tuple[Registry, TokenServer]]:
     reg = world.procs.registry(base / "registry", auth=(
         f"auth:\n  token:\n    realm: http://127.0.0.1:{port}/token\n    service: test-registry\n"
         f"    issuer: test-issuer\n    rootcertbundle: {base / 'cert.pem'}\n"))
-    _skopeo_copy(world.app.layout, f"docker://{reg.host}/team/app:1", "--dest-creds", f"{USER}:{PASSWORD}")
+    skopeo_copy(world.app.layout, f"docker://{reg.host}/team/app:1", "--dest-creds", f"{USER}:{PASSWORD}")
     yield reg, tokens
 
 
@@ -627,7 +471,7 @@ def test_tls_registry_with_a_test_ca(world: World, tmp_path: Path) -> None:
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=base)
     reg = world.procs.registry(base / "registry", tls=(str(base / "server.pem"), str(base / "server.key")))
-    _skopeo_copy(world.app.layout, f"docker://{reg.host}/team/app:1")
+    skopeo_copy(world.app.layout, f"docker://{reg.host}/team/app:1")
 
     with pytest.raises(RegistryError, match="CA bundle") as e:
         RegistryClient(f"https://{reg.host}").resolve("team/app:1")
@@ -651,7 +495,8 @@ def test_the_store_pulls_an_image_from_the_registry_and_fetches_a_layer_once(wor
     files = {str(p.relative_to(layer)): p.read_bytes() for layer in map(Path, image.layers)
              for p in layer.rglob("*") if p.is_file()}
     assert files == world.app.files
-    # The same image again: the tag is asked for again, no layer is fetched again.
+    # The same image again: served from the store (--docker_tag_refresh_interval is never by default);
+    # asked for again (image.cached false): its manifest only, which names a config the store has.
     fetched = []
     real = RegistryClient.fetch_blob
 
@@ -661,11 +506,12 @@ def test_the_store_pulls_an_image_from_the_registry_and_fetches_a_layer_once(wor
     RegistryClient.fetch_blob = counting   # type: ignore[method-assign]
     try:
         assert store.pull(ref).id == image.id
-        # Its Docker schema2 twin shares the layers: only its config is fetched.
+        assert store.pull(ref, refresh=True).id == image.id
+        # Its Docker schema2 twin has the same config, so the same layers: nothing is fetched.
         assert store.pull(f"{world.plain.host}/team/app:docker").layers == image.layers
     finally:
         RegistryClient.fetch_blob = real   # type: ignore[method-assign]
-    assert fetched == [world.app.config_digest] * 2, fetched
+    assert fetched == [], fetched
     # Pinned by the digest skopeo reports: served from the store without asking the registry.
     pinned = f"{world.plain.host}/team/app@{world.app.manifest_digest}"
     assert store.pull(pinned).id == image.id
@@ -711,7 +557,7 @@ def test_the_agent_runs_a_container_from_a_registry_image(world: World) -> None:
         layout = env.registry / "layouts"
         build(str(layout), "busybox:1", layers=[busybox_layer()], fmt="oci", compress="gzip",
               archive_name="busybox", config={"Env": ["PATH=/bin"]})
-        _skopeo_copy(f"oci:{layout / 'busybox'}:1", f"docker://{world.plain.host}/tools/busybox:1")
+        skopeo_copy(f"oci:{layout / 'busybox'}:1", f"docker://{world.plain.host}/tools/busybox:1")
         env.agent.start(image_providers="docker", docker_registry=f"http://{world.plain.host}",
                         docker_insecure_registries=world.plain.host, docker_store_dir=env.store)
         env.write("hello", f"{world.plain.host}/tools/busybox:1", {"value": "echo pulled-and-ran; cat /etc/os* 2>/dev/null; true"})

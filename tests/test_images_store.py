@@ -440,7 +440,7 @@ def test_images_lists_what_is_stored(registry: Path, store: ImageStore) -> None:
     assert image.last_used >= image.pulled_at > 0 and image.created
     table = images_table(store.images(), now=image.last_used + 90).splitlines()
     assert table[0].split() == ["REFERENCES", "IMAGE", "ID", "LAYERS", "SIZE", "CREATED", "PULLED", "LAST", "USED"]
-    assert table[1].split()[:4] == [f"busybox:latest,busybox@{built.id}", built.id[7:19], "1", "1.9MiB"]
+    assert table[1].split()[:4] == [f"busybox:latest,busybox@{built.id}", built.id[7:19], "1", "1.9MB"]
     assert table[1].endswith("1m ago")
     assert image_doc(image)["references"] == image.references
 

@@ -23,22 +23,15 @@ from typing import Any
 import pytest
 
 from reconciler.config import AgentConfig
-from reconciler.isolators import disk_du
+from reconciler.diskusage import process, schedule, walk
+from reconciler.diskusage.mounts import MountTable
+from reconciler.diskusage.schedule import DiskUsageCollector
+from reconciler.diskusage.walk import Cancelled, DiskUsage, du_measure, measure
+from reconciler.diskusage.watch import Inotify, TreeUsage
 from reconciler.isolators.base import ContainerConfig, Limitation
-from reconciler.isolators.disk_du import (
-    Cancelled,
-    DiskDuIsolator,
-    DiskUsage,
-    DiskUsageCollector,
-    Inotify,
-    MountTable,
-    TreeUsage,
-    _Tracked,
-    du_measure,
-    format_bytes,
-    measure,
-)
+from reconciler.isolators.disk_du import DiskDuIsolator, _Tracked
 from reconciler.models import ContainerSpec, Resources
+from reconciler.units import format_bytes
 from tests.conftest import alive
 
 IS_ROOT = os.geteuid() == 0
@@ -139,7 +132,7 @@ def test_the_du_full_walk_is_cancelled_by_killing_du(tmp_path: Path, monkeypatch
     slow_du = tmp_path / "du"
     slow_du.write_text("#!/bin/sh\nexec sleep 30\n")
     slow_du.chmod(0o755)
-    monkeypatch.setattr(disk_du, "_GNU_DU", [str(slow_du)])
+    monkeypatch.setattr(walk, "_GNU_DU", [str(slow_du)])
     asked = []
     started = time.monotonic()
     with pytest.raises(Cancelled):
@@ -149,7 +142,7 @@ def test_the_du_full_walk_is_cancelled_by_killing_du(tmp_path: Path, monkeypatch
 
 def test_without_gnu_du_the_full_walk_is_our_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(tmp_path / "f", 64 * KB)
-    monkeypatch.setattr(disk_du, "_GNU_DU", [None])
+    monkeypatch.setattr(walk, "_GNU_DU", [None])
     assert du_measure(str(tmp_path), entries=7) == measure(str(tmp_path))
 
 
@@ -172,7 +165,8 @@ def test_cancellation_stops_between_directories(tmp_path: Path) -> None:
 
 EXCLUDE_SCRIPT = r"""
 import json, os, subprocess, sys
-from reconciler.isolators.disk_du import MountTable, measure
+from reconciler.diskusage.mounts import MountTable
+from reconciler.diskusage.walk import measure
 sandbox, volume = sys.argv[1], sys.argv[2]
 # The mount points themselves are skipped too, as du --exclude skips them: leave their directories out.
 before = measure(sandbox).used_bytes - sum(os.lstat(os.path.join(sandbox, d)).st_blocks * 512 for d in ("vol", "tmp"))
@@ -295,7 +289,7 @@ def test_writes_no_event_reports_are_caught_by_the_periodic_full_walk(tmp_path: 
 def test_collector_measures_each_sandbox_repeatedly_one_walk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     active, peak, walks = [0], [0], []
     lock = threading.Lock()
-    real = disk_du.du_measure
+    real = schedule.du_measure
 
     def slow_measure(path: str, excludes: Any = (), cancelled: Any = None) -> DiskUsage:
         with lock:
@@ -308,7 +302,7 @@ def test_collector_measures_each_sandbox_repeatedly_one_walk_at_a_time(tmp_path:
             with lock:
                 active[0] -= 1
                 walks.append(path)
-    monkeypatch.setattr(disk_du, "du_measure", slow_measure)
+    monkeypatch.setattr(schedule, "du_measure", slow_measure)
     results: dict[str, list[int]] = {}
     collector = DiskUsageCollector(0.05, lambda t, u: results.setdefault(t.container_id, []).append(u.used_bytes))
     tracked = []
@@ -356,7 +350,7 @@ def test_the_measuring_process_speaks_json_lines(tmp_path: Path) -> None:
     results_r, results_w = os.pipe()
     with os.fdopen(commands_r) as commands, os.fdopen(results_w, "w") as results, \
             os.fdopen(commands_w, "w") as to_serve, os.fdopen(results_r) as from_serve:
-        server = threading.Thread(target=disk_du.serve, args=(0.05, commands, results, 0.02))
+        server = threading.Thread(target=process.serve, args=(0.05, commands, results, 0.02))
         server.start()
         to_serve.write(json.dumps({"add": "c1", "path": str(tmp_path / "a")}) + "\n")
         to_serve.flush()

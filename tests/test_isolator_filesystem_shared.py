@@ -19,7 +19,8 @@ import pytest
 
 from reconciler.config import AgentConfig
 from reconciler.isolators.base import ContainerConfig, PermanentError
-from reconciler.isolators.filesystem_shared import SharedFilesystemIsolator, remount_read_only_flags, submounts
+from reconciler.isolators.filesystem_shared import SharedFilesystemIsolator
+from reconciler.isolators.volumes import remount_read_only_flags, submounts
 from reconciler.linux import cgroups, syscalls
 from reconciler.models import ContainerInfo, ContainerSpec, Volume
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler import cli as cli_module
 from reconciler import logs
 from tests.test_fsutil import root_only_file
 
@@ -385,8 +386,8 @@ def test_the_sandbox_itself_is_never_reached_through_a_link(tmp_path: Path) -> N
     with pytest.raises(OSError):
         logs.rotate_if_needed(str(tmp_path / "sandbox"), logs.RotationPolicy(4096, 4096, 3))
     assert sorted(p.name for p in real.iterdir()) == ["stdout"]        # not rotated through the link
-    found = logs.FoundContainer("web", "c1", str(tmp_path / "sandbox"), str(tmp_path / "c1"), str(tmp_path / "s"))
-    with pytest.raises(logs.LogsError, match="is a symbolic link, not the sandbox the agent made"):
+    found = cli_module.FoundContainer("web", "c1", str(tmp_path / "sandbox"), str(tmp_path / "c1"), str(tmp_path / "s"))
+    with pytest.raises(cli_module.LogsError, match="is a symbolic link, not the sandbox the agent made"):
         found.open_sandbox()
 
 

@@ -596,7 +596,7 @@ SPEC_STATUS_EXAMPLE = {
 def test_the_spec_status_example_is_a_valid_container_status() -> None:
     status = ContainerStatus.model_validate(SPEC_STATUS_EXAMPLE)
     dumped = status.model_dump(mode="json")
-    expected = dict(SPEC_STATUS_EXAMPLE, reason="", image=None, image_id=None, security=None, network_infos=None)
+    expected = dict(SPEC_STATUS_EXAMPLE, reason="", image=None, image_id=None, security=None, network_infos=None, pull=None)
     assert dumped == expected
 
 

@@ -86,7 +86,7 @@ class TarSource(Source):
         self.path = path
         self._members: dict[str, tarfile.TarInfo] = {}
         try:
-            self._tar = tarfile.open(path, "r:*", tarinfo=BoundedTarInfo)
+            self._tar = tarfile.open(path, "r:*", tarinfo=BoundedTarInfo)  # noqa: SIM115 - closed by close()
             try:
                 members = self._tar.getmembers()
             except BaseException:
@@ -239,7 +239,8 @@ def _model(model: type[BaseModel], doc: Any, source: Source, name: str) -> Any:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "(document)"
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ArchiveError(f"Invalid '{name}' in archive '{source.path}': field '{loc}': {first['msg']}{more}") from None
+        raise ArchiveError(f"Invalid '{name}' in archive '{source.path}': field '{loc}': "
+                           f"{first['msg']}{more}") from None
 
 
 def sha256_hex(digest: str, what: str, source: Source) -> str:
@@ -383,7 +384,7 @@ def _load_oci(source: Source, desc: Descriptor, names: list[str]) -> ResolvedIma
     config_doc = _json(source, "config", _read_blob(source, manifest.config, "image config"))
     config, diff_ids = _check_config(source, f"config {manifest.config.digest}", config_doc, len(manifest.layers))
     layers = []
-    for layer, diff_id in zip(manifest.layers, diff_ids):
+    for layer, diff_id in zip(manifest.layers, diff_ids, strict=True):
         hexdigest = sha256_hex(layer.digest, "a layer", source)
         layers.append(LayerBlob(name=f"blobs/sha256/{hexdigest}", diff_id=diff_id, digest=layer.digest,
                                 size=layer.size, media_type=layer.mediaType))
@@ -411,7 +412,8 @@ def _save_candidates(source: Source) -> list[Candidate]:
 def _load_save(source: Source, entry: SaveEntry, config_bytes: bytes, image_id: str) -> ResolvedImage:
     config_doc = _json(source, entry.Config, config_bytes)
     config, diff_ids = _check_config(source, entry.Config, config_doc, len(entry.Layers))
-    layers = [LayerBlob(name=_clean(name, source.path), diff_id=d) for name, d in zip(entry.Layers, diff_ids)]
+    layers = [LayerBlob(name=_clean(name, source.path), diff_id=d)
+              for name, d in zip(entry.Layers, diff_ids, strict=True)]
     return ResolvedImage(id=image_id, manifest_digest=None, config=_runtime(config_doc), created=config.created,
                          layers=layers, names=list(entry.RepoTags or []), format="docker-save", archive=source.path)
 
@@ -504,4 +506,5 @@ def resolve(source: Source, ref: ImageReference) -> ResolvedImage:
     held = sorted({n for c in candidates for n in c.names if c.platform_ok})
     if candidates and not any(c.platform_ok for c in candidates):
         raise ArchiveError(f"Image '{ref}': archive '{source.path}' has no image for {'/'.join(host_platform())}")
-    raise ArchiveError(f"Image '{ref}' is not in archive '{source.path}' (it holds: {', '.join(held) or 'no named images'})")
+    raise ArchiveError(f"Image '{ref}' is not in archive '{source.path}' "
+                       f"(it holds: {', '.join(held) or 'no named images'})")

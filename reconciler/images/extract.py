@@ -38,7 +38,7 @@ import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, cast
 
 from reconciler.images.errors import ArchiveError, DigestMismatch, ImageError, UnsafeArchive
 
@@ -96,7 +96,7 @@ class BoundedTarInfo(tarfile.TarInfo):
     recursion: all that one member's header processing reads is bounded here by MAX_HEADER_BYTES, and
     the recursion by MAX_HEADER_CHAIN. Member data is read by the caller, outside this."""
 
-    def _proc_member(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def _proc_member(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
         depth = getattr(tarfile, "_header_depth", 0)
         if depth >= MAX_HEADER_CHAIN:
             raise HeadersTooLarge()
@@ -114,34 +114,145 @@ class BoundedTarInfo(tarfile.TarInfo):
 class _Counted(io.RawIOBase):
     """Hashes and counts what passes through; past `limit` bytes it raises `over_limit()`."""
 
-    def __init__(self, f: IO[bytes], limit: int | None = None, over_limit: object = None) -> None:
+    def __init__(self, f: IO[bytes], limit: int | None = None, over_limit: object = None, hashing: bool = True) -> None:
         self.f, self.limit, self.over_limit = f, limit, over_limit
         self.sha = hashlib.sha256()
+        self.hashing = hashing
         self.count = 0
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
-        data = self.f.read(len(buf))
+    def read(self, n: int | None = -1) -> bytes:
+        """What the stream gives, as it gives it (RawIOBase.read would copy it twice)."""
+        data = self.f.read(-1 if n is None else n)
         if not data:
-            return 0
+            return b""
         self.count += len(data)
         if self.limit is not None and self.count > self.limit:
-            raise self.over_limit()  # type: ignore[misc,operator]
-        self.sha.update(data)
+            raise self.over_limit()  # type: ignore[operator]
+        if self.hashing:
+            self.sha.update(data)
+        return data
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buf))
         buf[:len(data)] = data
         return len(data)
+
+
+_GZIP_FEXTRA, _GZIP_FNAME, _GZIP_FCOMMENT, _GZIP_FHCRC = 4, 8, 16, 2
+_GZIP_MAX_FIELD = 64 << 10     # of a member's file name or comment
+
+
+class _Gunzip(io.RawIOBase):
+    """gzip members one after the other (RFC 1952, NUL padding after the last tolerated, as gzip does),
+    inflated by zlib without the CRC-32 of each member: the layer's sha256 digests (of the blob, and of
+    the tar, its diff_id) are what vouch for its bytes, and the CRC took as long as inflating. Each
+    member's length (ISIZE) is still checked. Errors are gzip.BadGzipFile, EOFError or zlib.error."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.pending = b""           # read past a member's end: the next member's header
+        self.inflater: Any = None
+        self.size = 0
+        self.done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _read(self, n: int) -> bytes:
+        if self.pending:
+            data, self.pending = self.pending[:n], self.pending[n:]
+            return data
+        return self.f.read(n)
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            more = self._read(n - len(data))
+            if not more:
+                raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+            data += more
+        return data
+
+    def _zero_terminated(self) -> None:
+        for _ in range(_GZIP_MAX_FIELD):
+            if self._exact(1) == b"\0":
+                return
+        raise gzip.BadGzipFile(f"a gzip header field is longer than {_GZIP_MAX_FIELD} bytes")
+
+    def _start_member(self) -> bool:
+        magic = self._read(1)
+        while magic == b"\0":       # padding after the last member
+            magic = self._read(1)
+        if not magic:
+            return False
+        magic += self._exact(1)
+        if magic != b"\x1f\x8b":
+            raise gzip.BadGzipFile(f"Not a gzipped file ({magic!r})")
+        method, flags = self._exact(2)
+        if method != 8:
+            raise gzip.BadGzipFile("Unknown compression method")
+        self._exact(6)              # mtime, extra flags, OS
+        if flags & _GZIP_FEXTRA:
+            self._exact(int.from_bytes(self._exact(2), "little"))
+        if flags & _GZIP_FNAME:
+            self._zero_terminated()
+        if flags & _GZIP_FCOMMENT:
+            self._zero_terminated()
+        if flags & _GZIP_FHCRC:
+            self._exact(2)
+        self.inflater, self.size = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        return True
+
+    def _end_member(self) -> None:
+        self.pending = self.inflater.unused_data + self.pending
+        trailer = self._exact(8)
+        if int.from_bytes(trailer[4:], "little") != self.size & 0xFFFFFFFF:
+            raise gzip.BadGzipFile("Incorrect length of data produced")
+        self.inflater = None
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def read(self, n: int | None = -1) -> bytes:
+        """Up to n inflated bytes (any positive number when n is -1 or None), b"" at the end."""
+        n = n if n is not None and n > 0 else _CHUNK
+        while not self.done:
+            if self.inflater is None and not self._start_member():
+                self.done = True
+                break
+            inflater = self.inflater
+            if inflater.eof:
+                self._end_member()
+                continue
+            if inflater.unconsumed_tail:
+                data = inflater.decompress(inflater.unconsumed_tail, n)
+            else:
+                chunk = self._read(_GZIP_READ)
+                data = inflater.decompress(chunk, n)
+                if not chunk and not data:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+            if data:
+                self.size += len(data)
+                return data
+        return b""
+
+
+_GZIP_READ = 256 << 10
 
 
 def _decompressed(buffered: Any, where: str) -> IO[bytes]:
     magic = buffered.peek(6)[:6]
     if magic[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+        return cast(IO[bytes], _Gunzip(buffered))
     if magic[:3] == b"BZh":
-        return bz2.BZ2File(buffered)  # type: ignore[return-value]
+        return bz2.BZ2File(buffered)
     if magic[:6] == b"\xfd7zXZ\x00":
-        return lzma.LZMAFile(buffered)  # type: ignore[return-value]
+        return lzma.LZMAFile(buffered)
     if magic[:4] == b"\x28\xb5\x2f\xfd":
         raise ArchiveError(f"{where} is zstd-compressed, which this store does not support "
                            "(re-save the image with gzip or uncompressed layers)")
@@ -150,7 +261,9 @@ def _decompressed(buffered: Any, where: str) -> IO[bytes]:
 
 class _Extractor:
     def __init__(self, root_fd: int, where: str, max_bytes: int, budget: int | None,
-                 over_budget: Callable[[str, int], ImageError] | None) -> None:
+                 over_budget: Callable[[str, int], ImageError] | None,
+                 charge: Callable[[str, int], None] | None = None) -> None:
+        self.charge = charge
         self.root_fd = root_fd
         self.where = where
         self.max_bytes = max_bytes
@@ -242,6 +355,8 @@ class _Extractor:
         if total > self.max_bytes:
             raise self.refuse(f"{size} take the layer to {total} bytes, over its size limit of "
                               f"{self.max_bytes} bytes")
+        if self.charge is not None:
+            self.charge(m.name, m.size)     # the image's budget, shared with layers extracted beside this one
         self.bytes = total
         return spans
 
@@ -249,7 +364,7 @@ class _Extractor:
         """The map's data segments, ascending, apart and inside the file, holding no more than the stream has."""
         spans: list[tuple[int, int]] = []
         end = stored = 0
-        for offset, length in m.sparse or []:
+        for offset, length in cast("list[tuple[int, int]]", m.sparse or []):
             if offset < 0 or length < 0 or offset + length > m.size:
                 raise self.refuse(f"sparse map segment of {length} bytes at {offset} lies outside the "
                                   f"file's {m.size} bytes")
@@ -433,29 +548,35 @@ def _write_at(fd: int, data: bytes, offset: int | None) -> None:
 def extract_layer(stream: IO[bytes], rootfs: str, *, where: str, max_bytes: int = DEFAULT_MAX_LAYER_BYTES,
                   diff_id: str | None = None, digest: str | None = None, size: int | None = None,
                   budget: int | None = None,
-                  over_budget: Callable[[str, int], ImageError] | None = None) -> LayerStats:
+                  over_budget: Callable[[str, int], ImageError] | None = None,
+                  charge: Callable[[str, int], None] | None = None) -> LayerStats:
     """Unpack the layer tar (plain, gzip, bzip2 or xz) read from `stream` into the existing empty
     directory `rootfs`; verify the blob's `digest`/`size` and the uncompressed `diff_id` when given.
 
     `max_bytes` bounds both what the layer's files expand to and its uncompressed tar stream. `budget`:
     the bytes its files may expand to within the image; past it, `over_budget(member, bytes so far)` is
-    raised. `where` names the layer for messages ("layer 'x/layer.tar' of archive '/r/busybox.tar'"). On
-    any error the directory is left half-written: the caller extracts into a staging directory and drops it.
+    raised. `charge(member, size)`: called before a member's bytes are written (the image's budget
+    when layers are extracted side by side; it raises to refuse). `where` names the layer for messages
+    ("layer 'x/layer.tar' of archive '/r/busybox.tar'"). On any error the directory is left half-written:
+    the caller extracts into a staging directory and drops it.
     """
     def over() -> UnsafeArchive:
         return UnsafeArchive(f"Refusing {where}: the uncompressed layer is over the size limit of {max_bytes} bytes")
 
-    raw = _Counted(stream)
-    raw_buf = io.BufferedReader(raw, _CHUNK)
+    raw = _Counted(stream, hashing=digest is not None)
+    # A registry's stream is verified as it downloads (no digest or size given here): read as it is.
+    raw_buf = stream if digest is None and size is None and hasattr(stream, "peek") \
+        else io.BufferedReader(raw, _CHUNK)
     root_fd = os.open(rootfs, _DIR_FLAGS)
-    ex = _Extractor(root_fd, where, max_bytes, budget, over_budget)
+    ex = _Extractor(root_fd, where, max_bytes, budget, over_budget, charge)
     try:
         try:
             plain = _decompressed(raw_buf, where)
-            # Counted above any buffering, so the limit applies to what tarfile consumed (it reads ahead
-            # by one 10 KiB record), not to a read-ahead buffer.
-            tar_stream = _Counted(plain, max_bytes, over)
-            with tarfile.open(fileobj=tar_stream, mode="r|", tarinfo=BoundedTarInfo) as tar:
+            # Counted below tarfile's buffer, which reads ahead by up to _CHUNK (1 MiB reads: a tenth of
+            # the hashing and decompressing calls of its 10 KiB records): the stream may pass the limit by
+            # that read-ahead, so that a member over the limit is refused by name, at its header, first.
+            tar_stream = _Counted(plain, max_bytes + _CHUNK, over)
+            with tarfile.open(fileobj=tar_stream, mode="r|", tarinfo=BoundedTarInfo, bufsize=_CHUNK) as tar:
                 for m in tar:
                     ex.member(tar, m)
             while tar_stream.read(_CHUNK):  # the end-of-archive blocks and padding count in the digests
@@ -477,7 +598,8 @@ def extract_layer(stream: IO[bytes], rootfs: str, *, where: str, max_bytes: int 
     finally:
         os.close(root_fd)
     if digest is not None and "sha256:" + raw.sha.hexdigest() != digest:
-        raise DigestMismatch(f"{where[0].upper()}{where[1:]} has digest sha256:{raw.sha.hexdigest()}, expected {digest}")
+        raise DigestMismatch(f"{where[0].upper()}{where[1:]} has digest sha256:{raw.sha.hexdigest()}, "
+                             f"expected {digest}")
     if size is not None and raw.count != size:
         raise DigestMismatch(f"{where[0].upper()}{where[1:]} is {raw.count} bytes, its descriptor says {size}")
     actual = "sha256:" + tar_stream.sha.hexdigest()

@@ -1,7 +1,8 @@
 """A Docker Registry HTTP API v2 / OCI distribution client: resolves a reference to the manifest of this host's
 platform and streams blobs with their digest verified. It knows registries, not containers or the store.
 
-    client = RegistryClient("https://registry.local:5000", credentials=docker_config_credentials("/root/.docker/config.json"))
+    client = RegistryClient("https://registry.local:5000",
+                            credentials=docker_config_credentials("/root/.docker/config.json"))
     m = client.resolve("team/app:1.2")                     # or "team/app@sha256:…", or an ImageReference
     for layer in m.layers:
         client.fetch_blob(m.name, layer, f"/store/blobs/{layer.hex}")
@@ -30,7 +31,7 @@ import ssl
 import threading
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterable, Mapping, Union
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Protocol, Union, cast
 
 from reconciler.images.errors import DigestMismatch, ImageError
 from reconciler.images.reference import DOCKER_HUB, ImageReference, parse_reference
@@ -47,12 +48,17 @@ MAX_MANIFEST_BYTES = 4 << 20   # what distribution itself accepts on push
 MAX_ERROR_BODY = 64 << 10      # of an error response, read to find its code
 MAX_MESSAGE = 300              # characters of a registry's message kept in an error
 MAX_REDIRECTS = 5
-CHUNK = 1 << 16
+CHUNK = 1 << 20               # read from a response at a time (what arrived, up to this)
 _SHA256 = re.compile(r"sha256:([0-9a-f]{64})\Z")
 _DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 Credentials = Callable[[str], "tuple[str, str] | None"]  # registry host[:port] → (username, password)
-Writer = Union[str, "os.PathLike[str]", BinaryIO]
+class BlobWriter(Protocol):
+    """Where a blob's bytes go when no path is given: a binary file, a BytesIO, a pipe to an extractor."""
+    def write(self, data: bytes, /) -> int: ...
+
+
+Writer = Union[str, "os.PathLike[str]", BlobWriter]
 
 
 # ---------------------------------------------------------------- errors
@@ -247,7 +253,8 @@ class RegistryClient:
             raise ImageError(f"--docker_registry '{base_url}': plain http is refused for '{self.host}'; use https, "
                              "or name the host as an insecure registry")
         self._credentials = _as_credentials(credentials)
-        self._ssl = ssl.create_default_context(cafile=ca_file)
+        self._ca_file = ca_file
+        self._ssl_context: ssl.SSLContext | None = None     # made at the first https connection
         self.stall_timeout = stall_timeout
         self.platform = platform or host_platform()
         self.max_resumes = max_resumes
@@ -390,19 +397,22 @@ class RegistryClient:
         hasher = hashlib.sha256()
         done = 0
         path = os.fspath(dest) if isinstance(dest, (str, os.PathLike)) else None
+        file: BinaryIO | None = None
+        out: BlobWriter
         if path is not None:
             mode = "r+b" if resume and os.path.exists(path) else "wb"
-            out: BinaryIO = open(path, mode)
+            out = file = cast(BinaryIO, open(path, mode))  # noqa: SIM115 - closed in the finally below
             if mode == "r+b":
-                while chunk := out.read(CHUNK):
+                while chunk := file.read(CHUNK):
                     if done + len(chunk) > descriptor.size:
                         break
                     hasher.update(chunk)
                     done += len(chunk)
-                out.seek(done)
-                out.truncate()
+                file.seek(done)
+                file.truncate()
         else:
-            out = dest  # type: ignore[assignment]
+            assert not isinstance(dest, (str, os.PathLike))
+            out = dest
         resumed = failures = 0
         try:
             while done < descriptor.size:
@@ -421,20 +431,20 @@ class RegistryClient:
             if done != descriptor.size or actual != descriptor.digest:
                 raise BlobMismatch(self.host, f"blob {descriptor.digest} ({descriptor.size} bytes) arrived as "
                                    f"{actual} ({done} bytes); refusing it", image=image)
-            if path is not None:
-                out.flush()
-                os.fsync(out.fileno())
+            if file is not None:
+                file.flush()
+                os.fsync(file.fileno())
         except BlobMismatch:
-            if path is not None:
-                out.close()
+            if file is not None and path is not None:
+                file.close()
                 _remove(path)  # a refused blob must not be continued by the next try
             raise
         finally:
-            if path is not None:
-                out.close()  # an interrupted one keeps its prefix for the next try (hashed again then)
+            if file is not None:
+                file.close()  # an interrupted one keeps its prefix for the next try (hashed again then)
         return FetchedBlob(descriptor.digest, done, resumed)
 
-    def _stream_blob(self, name: str, descriptor: Descriptor, image: str, out: BinaryIO, hasher: Any, done: int,
+    def _stream_blob(self, name: str, descriptor: Descriptor, image: str, out: BlobWriter, hasher: Any, done: int,
                      progress: Callable[[int, int], None] | None) -> int:
         headers = {"Range": f"bytes={done}-"} if done else {}
         try:
@@ -494,7 +504,10 @@ class RegistryClient:
 
     def _connect(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         if scheme == "https":
-            return http.client.HTTPSConnection(netloc, timeout=self.stall_timeout, context=self._ssl)
+            with self._lock:
+                if self._ssl_context is None:   # loading the system's CA bundle takes a while: not for http
+                    self._ssl_context = ssl.create_default_context(cafile=self._ca_file)
+            return http.client.HTTPSConnection(netloc, timeout=self.stall_timeout, context=self._ssl_context)
         if netloc.lower() not in self._insecure:
             raise RegistryError(self.host, f"refusing plain http to '{netloc}': it is not an insecure registry host")
         return http.client.HTTPConnection(netloc, timeout=self.stall_timeout)

@@ -34,6 +34,7 @@ a digest reference is served from the store without reading any archive, since i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import glob
 import hashlib
@@ -46,15 +47,16 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from reconciler import fsutil
 from reconciler.images.archive import LayerBlob, ResolvedImage, Source, open_source, resolve
 from reconciler.images.errors import ArchiveError, DigestMismatch, ImageError, ImageNotFound, UnsafeArchive
 from reconciler.images.extract import extract_layer, hash_layer
 from reconciler.images.reference import DEFAULT_TAG, ImageReference, parse_reference
-from reconciler.images.registry import RegistryClient, docker_config_credentials
+from reconciler.images.registry import RegistryClient, ResolvedManifest, docker_config_credentials
 from reconciler.images.remote import RegistrySource
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 60.0           # seconds between two writes of an image's last_used by one process
 DEFAULT_MAX_IMAGE_BYTES = 20 << 30  # --docker_max_image_size's default
+MAX_EXTRACTIONS = 3         # a registry's layers extracted side by side
 IMAGE_RECORD = "image.json"  # <work_dir>/containers/<id>/image.json: the layers a container uses
 
 
@@ -71,7 +74,7 @@ IMAGE_RECORD = "image.json"  # <work_dir>/containers/<id>/image.json: the layers
 class PulledImage:
     reference: str              # the reference as pulled, in Mesos's form ("busybox:latest", "busybox@sha256:…")
     id: str                     # "sha256:<hex>" of the image config (legacy docker save: of the top layer id)
-    layers: list[str]           # absolute rootfs directory of each layer, LOWEST first (overlay lowerdir is the reverse)
+    layers: list[str]           # absolute rootfs directory of each layer, LOWEST first (overlay lowerdir: reversed)
     layer_ids: list[str]        # the store's layer ids (64 hex, sha256 of the diff_id), same order
     config: dict[str, Any]      # the image config's "config": Entrypoint, Cmd, Env, WorkingDir, User, …; {} if absent
     manifest_digest: str | None = None  # the OCI manifest digest, when the archive is an OCI layout
@@ -152,9 +155,26 @@ def layers_in_use(work_dir: str) -> set[str]:
             raise ImageError(f"Cannot tell which layers are in use: '{path}' is unreadable: {e}") from None
         ids = doc.get("layer_ids") if isinstance(doc, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ImageError(f"Cannot tell which layers are in use: '{path}': field 'layer_ids' must be a list of strings")
+            raise ImageError(f"Cannot tell which layers are in use: '{path}': field 'layer_ids' must be a list of "
+                             "strings")
         used.update(_hex(i) for i in ids)
     return used
+
+
+Progress = Callable[[int, int], None]   # (bytes fetched, bytes to fetch) while a pull downloads layers
+
+
+class _Flight:
+    """One pull of a reference in this process, which the other callers asking for it meanwhile wait for."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.future: Future[float] = Future()     # the time it started, or its error, once it ends
+        self.watchers: list[Progress] = []
+
+    def report(self, done: int, total: int) -> None:
+        for watcher in list(self.watchers):
+            watcher(done, total)
 
 
 @dataclass
@@ -165,9 +185,28 @@ class _Pull:
     expanded: dict[str, int] = field(default_factory=dict)         # layer id -> bytes, each layer once
     staged: dict[str, tuple[str, int]] = field(default_factory=dict)  # layer id -> (staging dir, entries)
     locks: dict[str, int] = field(default_factory=dict)           # layer id -> its flock, held until installed
+    parallel: bool = False       # layers extracted side by side (threads): never wait for a layer's lock
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def total(self) -> int:
-        return sum(self.expanded.values())
+        with self.lock:
+            return sum(self.expanded.values())
+
+    def count(self, layer_id: str, expanded: int, where: str) -> None:
+        """A layer's size in the image (found in the store, or extracted): refused past the limit."""
+        with self.lock:
+            self.expanded[layer_id] = expanded
+            total = sum(self.expanded.values())
+        if total > self.limit:
+            raise self.too_large(where, total, None)
+
+    def charge(self, layer_id: str, where: str, member: str, size: int) -> None:
+        """A member about to be written by one of the layers extracted side by side."""
+        with self.lock:
+            self.expanded[layer_id] = self.expanded.get(layer_id, 0) + size
+            total = sum(self.expanded.values())
+        if total > self.limit:
+            raise self.too_large(where, total, member)
 
     def too_large(self, where: str, total: int, member: str | None) -> UnsafeArchive:
         at = f" at member '{member}'" if member else " (already in the store)"
@@ -188,15 +227,20 @@ class ImageStore:
                                     insecure_http_hosts=config.docker_insecure_registries,
                                     stall_timeout=config.fetcher_stall_timeout)
         return cls(config.docker_registry_path, config.docker_store_path, max_image_bytes=config.docker_max_image_size,
-                   registry=client)
+                   registry=client, tag_refresh_interval=config.docker_tag_refresh_interval)
 
     def __init__(self, registry_dir: str, store_dir: str, max_layer_bytes: int | None = None,
-                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, registry: RegistryClient | None = None) -> None:
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, registry: RegistryClient | None = None,
+                 tag_refresh_interval: float | None = None) -> None:
         """max_image_bytes: --docker_max_image_size. max_layer_bytes: what one layer may expand to (and its
         uncompressed tar stream); by default the image's limit. registry: --docker_registry given as a
-        URL: images come from that registry (each tag resolved again at each pull, layers fetched only
-        when the store lacks them) instead of the archives of `registry_dir`."""
+        URL: images come from that registry (layers fetched only when the store lacks them) instead of
+        the archives of `registry_dir`. tag_refresh_interval: --docker_tag_refresh_interval, seconds after
+        which a pull resolves a registry's tag again (None: never, unless the pull asks to refresh)."""
         self.registry = registry
+        self.tag_refresh_interval = tag_refresh_interval
+        self._flights: dict[tuple[str, bool], _Flight] = {}
+        self._flights_lock = threading.Lock()
         self.registry_dir = os.path.abspath(registry_dir)
         self.store_dir = os.path.abspath(store_dir)
         self.max_image_bytes = max_image_bytes
@@ -295,19 +339,66 @@ class ImageStore:
     def layer_path(self, layer_id: str) -> str:
         return os.path.join(self.layers_dir, _hex(layer_id), "rootfs")
 
-    def pull(self, reference: str, *, in_use_record: str | None = None) -> PulledImage:
+    def pull(self, reference: str, *, in_use_record: str | None = None, refresh: bool = False,
+             progress: Progress | None = None, resolved_since: float | None = None) -> PulledImage:
         """Make the image available in the store and return it. Thread- and process-safe.
 
         in_use_record: a path (e.g. <work_dir>/containers/<id>/image.json) written with
         PulledImage.record() before the store lock is released, so that a prune running in another
         process cannot remove the layers between this pull and the caller recording them.
+        refresh: resolve the reference again even when the store has it (Mesos's Image.cached false).
+        progress(bytes fetched, bytes to fetch): called from the pulling thread while layers download
+        from a registry. resolved_since: a tag resolved since then counts as fresh (what `join` returns).
+
+        Pulls of one reference in this process share one flight: while one runs, the others wait for
+        it and take its result (or its error), so ten containers of one image cost one pull.
         """
         ref = parse_reference(reference)
+        flight_key = (str(ref), refresh)
+        with self._flights_lock:
+            flight = self._flights.get(flight_key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[flight_key] = _Flight()
+            if progress is not None:
+                flight.watchers.append(progress)
+        if not leader:
+            # What the flight pulled, from the store (under its lock, with this caller's in-use record).
+            return self._pull_locked(ref, in_use_record, refresh=False, resolved_since=flight.future.result())
+        try:
+            image = self._pull_locked(ref, in_use_record, refresh=refresh and resolved_since is None,
+                                      resolved_since=resolved_since, progress=flight.report)
+        except BaseException as e:
+            flight.future.set_exception(e)
+            raise
+        else:
+            flight.future.set_result(flight.started)
+        finally:
+            with self._flights_lock:
+                del self._flights[flight_key]
+        return image
+
+    def join(self, reference: str, *, refresh: bool = False, progress: Progress | None = None) -> Future[float] | None:
+        """The pull of this reference running in this process, if any, for a caller that waits without a
+        thread (the agent's event loop): `progress` is added to its watchers; the future gives the time
+        it started (pass it to `pull` as resolved_since, which then serves the result from the store)
+        or raises its error."""
+        ref = parse_reference(reference)
+        with self._flights_lock:
+            flight = self._flights.get((str(ref), refresh))
+            if flight is None:
+                return None
+            if progress is not None:
+                flight.watchers.append(progress)
+            return flight.future
+
+    def _pull_locked(self, ref: ImageReference, in_use_record: str | None, *, refresh: bool,
+                     resolved_since: float | None = None, progress: Progress | None = None) -> PulledImage:
         key = hashlib.sha256(str(ref).encode()).hexdigest()
         with self._flock("store", shared=True), self._flock(f"ref-{key}"):
-            image = self._cached(ref, key)
+            image = None if refresh and ref.digest is None else self._cached(ref, key, resolved_since)
             if image is None:
-                image = self._pull(ref, key)
+                image = self._pull(ref, key, progress)
             touched = (image.id, str(ref))
             if time.monotonic() - self._touched.get(touched, -TOUCH_EVERY) >= TOUCH_EVERY:
                 self._touch(image.id, str(ref))   # `last_used` is for `images list`: a minute's precision will do
@@ -351,7 +442,10 @@ class ImageStore:
                            layer_ids=list(layer_ids), config=doc.get("config") or {},
                            manifest_digest=(doc.get("manifest_digests") or [None])[0])
 
-    def _cached(self, ref: ImageReference, key: str) -> PulledImage | None:
+    def _cached(self, ref: ImageReference, key: str, resolved_since: float | None = None) -> PulledImage | None:
+        """The stored image the reference names, when it may be used without looking at its source again:
+        a digest always; a tag from a registry within --docker_tag_refresh_interval of its resolution (or
+        resolved since `resolved_since`); a local archive while its path, size and mtime are unchanged."""
         rec = _read_json(os.path.join(self.refs_dir, key + ".json"))
         if not isinstance(rec, dict) or rec.get("reference") != str(ref):
             return None
@@ -359,8 +453,15 @@ class ImageStore:
         if not isinstance(doc, dict):
             return None
         if ref.digest is None and self.registry is not None:
-            return None   # a tag may have moved: its manifest is asked for again (one request; layers stay)
-        if ref.digest is None:
+            resolved_at = rec.get("resolved_at")
+            if not isinstance(resolved_at, (int, float)):
+                return None
+            fresh = resolved_since is not None and resolved_at >= resolved_since
+            interval = self.tag_refresh_interval
+            expired = interval is not None and time.time() - resolved_at >= interval
+            if not fresh and (expired or rec.get("registry") != self._registry_url()):
+                return None   # the tag may have moved: its manifest is asked for again (one request; layers stay)
+        elif ref.digest is None:
             path = self._archive_path(ref)
             if rec.get("archive") != path or list(rec.get("stat") or []) != list(self._stat_key(path) or []):
                 return None  # the archive changed, moved or is gone: read it again (or fail as Mesos does)
@@ -373,11 +474,12 @@ class ImageStore:
             self.archive_reads += 1
         return open_source(path)
 
-    def _locate(self, ref: ImageReference) -> tuple[Source, ResolvedImage, str]:
+    def _locate(self, ref: ImageReference, progress: Progress | None = None,
+                manifest: ResolvedManifest | None = None) -> tuple[Source, ResolvedImage, str]:
         if self.registry is not None:
             with self._count_lock:
                 self.archive_reads += 1
-            remote = RegistrySource(self.registry, ref, self.staging_dir)
+            remote = RegistrySource(self.registry, ref, self.staging_dir, progress, manifest)
             try:
                 return remote, resolve(remote, ref), remote.path
             except BaseException:
@@ -386,7 +488,8 @@ class ImageStore:
         if ref.digest is None:
             path = self._archive_path(ref)
             if not os.path.exists(path):
-                fallback = "" if ref.tag or ref.digest else f" (nor at '{os.path.join(self.registry_dir, str(ref))}.tar')"
+                bare = os.path.join(self.registry_dir, str(ref))
+                fallback = "" if ref.tag or ref.digest else f" (nor at '{bare}.tar')"
                 raise ImageNotFound(f"Failed to find archive for image '{ref}' at '{path}'{fallback}")
             source = self._open(path)
             try:
@@ -449,19 +552,53 @@ class ImageStore:
         raise ImageNotFound(f"Failed to find archive for image '{ref}' at '{self._archive_path(ref)}' "
                             f"(and no archive in '{self.registry_dir}' holds an image with digest {ref.digest})")
 
-    def _pull(self, ref: ImageReference, key: str) -> PulledImage:
+    def _registry_url(self) -> str | None:
+        return f"{self.registry.scheme}://{self.registry.host}" if self.registry is not None else None
+
+    def _known(self, ref: ImageReference, key: str, manifest: ResolvedManifest,
+               resolved_at: float) -> PulledImage | None:
+        """A registry's tag resolved again to an image the store has (by its config digest, layers present):
+        recorded as the tag's image, without a blob fetched (its config included)."""
+        image_id = manifest.config.digest
+        with self._flock(f"image-{_hex(image_id)}"):
+            record_path = os.path.join(self.images_dir, _hex(image_id) + ".json")
+            doc = _read_json(record_path)
+            image = self._image_from_record(doc, str(ref)) if isinstance(doc, dict) else None
+            if image is None:
+                return None
+            assert isinstance(doc, dict)
+            changed = False
+            for field_name, value in (("references", str(ref)), ("manifest_digests", manifest.digest)):
+                if value not in doc.setdefault(field_name, []):
+                    doc[field_name].append(value)
+                    changed = True
+            if changed:
+                _write_json(record_path, doc)
+        path = f"{self._registry_url()}/{manifest.name}"
+        _write_json(os.path.join(self.refs_dir, key + ".json"),
+                    {"reference": str(ref), "image_id": image_id, "archive": path, "stat": None,
+                     "registry": self._registry_url(), "resolved_at": resolved_at})
+        return dataclasses.replace(image, manifest_digest=manifest.digest)
+
+    def _pull(self, ref: ImageReference, key: str, progress: Progress | None = None) -> PulledImage:
         started = time.monotonic()
-        source, resolved, path = self._locate(ref)
+        resolved_at = time.time()
+        manifest = None
+        if self.registry is not None:
+            manifest = self.registry.resolve(ref)
+            known = self._known(ref, key, manifest, resolved_at)
+            if known is not None:
+                return known
+        source, resolved, path = self._locate(ref, progress, manifest)
         stat_key = self._stat_key(path)
         pull = _Pull(str(ref), self.max_image_bytes)
         try:
-            layer_ids: list[str] = []
-            non_empty: list[str] = []
-            for blob in resolved.layers:
-                layer_id, entries = self._ensure_layer(source, blob, pull)
-                layer_ids.append(layer_id)
-                if entries:
-                    non_empty.append(layer_id)
+            if isinstance(source, RegistrySource):
+                results = self._ensure_layers_side_by_side(source, resolved.layers, pull)
+            else:
+                results = [self._ensure_layer(source, blob, pull) for blob in resolved.layers]
+            layer_ids = [layer_id for layer_id, _ in results]
+            non_empty = [layer_id for layer_id, entries in results if entries]
             self._install_staged(pull)
         finally:
             source.close()
@@ -492,7 +629,8 @@ class ImageStore:
             })
         _write_json(os.path.join(self.refs_dir, key + ".json"),
                     {"reference": str(ref), "image_id": resolved.id, "archive": path,
-                     "stat": list(stat_key) if stat_key else None})
+                     "stat": list(stat_key) if stat_key else None, "registry": self._registry_url(),
+                     "resolved_at": resolved_at})
         log.info("pulled image '%s' (%s, %d layers) from '%s' in %.3fs", ref, resolved.id, len(used), path,
                  time.monotonic() - started)
         return PulledImage(reference=str(ref), id=resolved.id, layers=[self.layer_path(i) for i in used],
@@ -506,6 +644,27 @@ class ImageStore:
         if not isinstance(doc, dict):
             return 1, 0
         return int(doc.get("entries", 1)), int(doc.get("content_bytes", 0))
+
+    def _ensure_layers_side_by_side(self, source: RegistrySource, blobs: list[LayerBlob],
+                                    pull: _Pull) -> list[tuple[str, int]]:
+        """A registry's layers, up to MAX_EXTRACTIONS at once, each downloaded and extracted behind its
+        download in a thread of its own (the network, zlib and the kernel's writes run beside each
+        other), sharing the image's size budget. The first failure stops the downloads, and so the others."""
+        unique = list({blob.diff_id or blob.name: blob for blob in blobs}.values())
+        source.expect(blob.name for blob in unique
+                      if blob.diff_id is None or self._stored_layer(_hex(blob.diff_id)) is None)
+        pull.parallel = True
+        with ThreadPoolExecutor(max_workers=max(1, min(MAX_EXTRACTIONS, len(unique))),
+                                thread_name_prefix="layer-extract") as executor:
+            futures = {blob.diff_id or blob.name: executor.submit(self._ensure_layer, source, blob, pull)
+                       for blob in unique}
+            try:
+                for future in as_completed(futures.values()):
+                    future.result()
+            except BaseException:
+                source.close()
+                raise
+        return [futures[blob.diff_id or blob.name].result() for blob in blobs]
 
     def _ensure_layer(self, source: Source, blob: LayerBlob, pull: _Pull) -> tuple[str, int]:
         """The layer's id and entry count: found in the store, or extracted into staging for this pull."""
@@ -524,7 +683,7 @@ class ImageStore:
             # One extraction of a layer at a time, across threads and processes. Waiting for a layer while
             # holding another could deadlock two pulls that take them in opposite orders: then this pull
             # extracts without the lock, and _install_staged keeps whichever copy is installed first.
-            fd = self._lock(f"layer-{layer_id}", wait=not pull.locks)
+            fd = self._lock(f"layer-{layer_id}", wait=not pull.locks and not pull.parallel)
             if fd is not None:
                 pull.locks[layer_id] = fd
                 stored = self._stored_layer(layer_id)  # another pull may have installed it while we waited
@@ -532,9 +691,7 @@ class ImageStore:
                     os.close(pull.locks.pop(layer_id))
         if stored is not None:
             entries, expanded = stored
-            pull.expanded[layer_id] = expanded
-            if pull.total() > pull.limit:
-                raise pull.too_large(where, pull.total(), None)
+            pull.count(layer_id, expanded, where)
             return layer_id, entries
         staging = tempfile.mkdtemp(prefix=f"{layer_id[:12]}.", dir=self.staging_dir)
         pull.staged[layer_id] = (staging, 0)
@@ -543,17 +700,23 @@ class ImageStore:
         started = time.monotonic()
         before = pull.total()
         with source.open(blob.name) as f:
-            stats = extract_layer(f, rootfs, where=where, max_bytes=self.max_layer_bytes,
-                                  diff_id=diff_id, digest=blob.digest, size=blob.size,
-                                  budget=pull.limit - before,
-                                  over_budget=lambda member, n: pull.too_large(where, before + n, member))
+            if pull.parallel:
+                # The stream ends only once the download verified the blob's digest and size: not hashed twice.
+                stats = extract_layer(f, rootfs, where=where, max_bytes=self.max_layer_bytes, diff_id=diff_id,
+                                      charge=lambda member, n: pull.charge(layer_id, where, member, n))
+            else:
+                stats = extract_layer(f, rootfs, where=where, max_bytes=self.max_layer_bytes,
+                                      diff_id=diff_id, digest=blob.digest, size=blob.size,
+                                      budget=pull.limit - before,
+                                      over_budget=lambda member, n: pull.too_large(where, before + n, member))
         _write_json(os.path.join(staging, "layer.json"), {
             "diff_id": stats.diff_id, "entries": stats.entries, "content_bytes": stats.bytes,
             "disk_bytes": _disk_usage(rootfs), "extracted_at": time.time(),
             "seconds": round(time.monotonic() - started, 3), "source": where,
         })
         pull.staged[layer_id] = (staging, stats.entries)
-        pull.expanded[layer_id] = stats.bytes
+        with pull.lock:
+            pull.expanded[layer_id] = stats.bytes
         return layer_id, stats.entries
 
     def _install_staged(self, pull: _Pull) -> None:

@@ -7,8 +7,12 @@ start, with Mesos's message.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from reconciler.isolators.base import Isolator, IsolatorSetupError
+
+if TYPE_CHECKING:
+    from reconciler.config import AgentConfig
 
 # name -> "module:Class", listed in the order Mesos prepares them.
 REGISTRY: dict[str, str] = {
@@ -62,7 +66,7 @@ def isolator_class(name: str) -> type[Isolator]:
 SECURITY_PROFILE = ["linux/capabilities", "linux/devices", "linux/seccomp"]
 
 
-def create(config) -> list[Isolator]:  # noqa: ANN001 - AgentConfig (import cycle)
+def create(config: AgentConfig) -> list[Isolator]:
     """Instances in table order. Raises IsolatorSetupError with one line naming flag and reason."""
     names = expand(config.isolation)
     if config.launcher == "linux":

@@ -9,20 +9,29 @@ crash may call prepare or cleanup a second time.
 An isolator never calls another. It may publish facts (a net_cls classid, a disk usage) through
 `status()` and `usage()`, which the containerizer folds into the status file, and it reports a
 limitation (memory or disk over its limit) through the callback given to `watch()`.
+
+The containers an isolator is told about (ContainerConfig, ContainerState) are reconciler/container.py's,
+named here too as the protocol's vocabulary.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from reconciler.container import CONTAINER_SANDBOX, ROOTFS_DIR, ContainerConfig, ContainerState, ProvisionedImage
 from reconciler.linux import syscalls
 
 if TYPE_CHECKING:
     from reconciler.config import AgentConfig
-    from reconciler.models import ContainerSpec, Resources
+    from reconciler.models import Resources
+
+__all__ = [
+    "CONTAINER_SANDBOX", "PRIVATE_ROOT", "ROOTFS_DIR", "ContainerConfig", "ContainerState", "Isolator",
+    "IsolatorSetupError", "LaunchInfo", "Limitation", "LimitationCallback", "PermanentError", "ProvisionedImage",
+    "ResourceExhaustedError",
+]
 
 
 class PermanentError(Exception):
@@ -41,64 +50,6 @@ class IsolatorSetupError(Exception):
 
     The message names the flag and the reason; the CLI prints it on one line and exits 2.
     """
-
-
-# In the sandbox: the overlay's upper (writable) and work directories and its mount point, so what a
-# container writes to its root filesystem is sandbox usage (disk/du) and goes with the sandbox.
-ROOTFS_DIR = ".rootfs"
-# Where a container with its own root filesystem finds its sandbox (Mesos: flags.sandbox_directory).
-CONTAINER_SANDBOX = "/mnt/mesos/sandbox"
-
-
-@dataclass
-class ProvisionedImage:
-    """A container's image once the provisioner has it (Mesos ProvisionInfo): the reference asked for,
-    the resolved image id, the stored layer directories (lowest first) and the image's runtime config,
-    the "config" object of a Docker/OCI image config (Entrypoint, Cmd, Env, WorkingDir, User)."""
-    reference: str
-    id: str
-    layers: list[str] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ContainerConfig:
-    """What a container is launched from; checkpointed as `config` before any isolator prepares."""
-    container_id: str
-    name: str
-    manifest: str
-    spec: "ContainerSpec"
-    spec_hash: str
-    resources_free_hash: str
-    sandbox: str
-    restarts: int = 0
-    backoff_step: int = 0
-    created_at: float = 0.0
-    image: ProvisionedImage | None = None     # set by the provisioner before isolators prepare
-
-    @property
-    def rootfs(self) -> str | None:
-        """Where the container's root filesystem is mounted (in its own mount namespace) when it has an
-        image: `<sandbox>/.rootfs`, over its own `upper` and `work` directories (the overlay keeps them)."""
-        return os.path.join(self.sandbox, ROOTFS_DIR) if self.image is not None else None
-
-    @property
-    def privileged(self) -> bool:
-        """`linux_info.privileged`: the default security profile does not apply (--allow_privileged)."""
-        container = self.spec.container
-        return bool(container is not None and container.linux_info is not None and container.linux_info.privileged)
-
-    def in_rootfs(self, path: str) -> str:
-        """`path` as the init sees it before it enters the rootfs (the path itself without a rootfs)."""
-        rootfs = self.rootfs
-        return path if rootfs is None else os.path.join(rootfs, path.lstrip("/"))
-
-
-@dataclass
-class ContainerState:
-    """Mesos ContainerState: what an isolator is told of a live container at recovery."""
-    config: ContainerConfig
-    pid: int | None
 
 
 # The first mount of any new mount namespace: without it, what the init mounts there would propagate

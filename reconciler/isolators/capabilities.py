@@ -34,14 +34,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from reconciler.isolators.base import (
-    ContainerConfig,
-    ContainerState,
-    Isolator,
-    IsolatorSetupError,
-    LaunchInfo,
-    PermanentError,
-)
+from reconciler.container import ContainerConfig, ContainerState
+from reconciler.isolators.base import Isolator, IsolatorSetupError, LaunchInfo, PermanentError
 from reconciler.linux import syscalls
 from reconciler.models import CAPABILITY_NUMBERS
 

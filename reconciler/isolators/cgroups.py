@@ -18,13 +18,10 @@ import asyncio
 import errno
 import logging
 import os
-import signal
-import time
 from typing import TYPE_CHECKING, Callable
 
+from reconciler.container import ContainerConfig, ContainerState
 from reconciler.isolators.base import (
-    ContainerConfig,
-    ContainerState,
     Isolator,
     IsolatorSetupError,
     LaunchInfo,
@@ -50,8 +47,6 @@ _MB = 1024 * 1024
 _USER_HZ = os.sysconf("SC_CLK_TCK")
 # How often cgroup v2 memory.events is re-read when inotify is not available.
 _OOM_POLL_SECONDS = 0.1
-# How long an unknown orphan's processes get to die when its hierarchy has no freezer.
-_ORPHAN_KILL_SECONDS = 10.0
 
 
 def cpu_shares(cpus: float | None) -> int:
@@ -149,66 +144,13 @@ class _CgroupsIsolator(Isolator):
         """
         known = {state.config.container_id for state in states} | orphans
         for hierarchy in self.hierarchies:
-            remove_unknown_orphans(hierarchy, self.root, known)
+            cgroups.remove_children_except(hierarchy, self.root, known)
 
     def _read(self, hierarchy: Hierarchy, container_id: str, control: str) -> str | None:
         try:
             return hierarchy.read(self.cgroup(container_id), control)
         except FileNotFoundError:
             return None
-
-
-def remove_unknown_orphans(hierarchy: Hierarchy, root: str, known: set[str]) -> None:
-    """Kill and remove the cgroups under `root` that are not `known` (MESOS-2367): no checkpoint owns them.
-
-    Known orphans are left to the containerizer, which kills them through the launcher and then
-    calls the isolators' cleanup. One stuck cgroup does not stop the others.
-    """
-    if not hierarchy.exists(root):
-        return
-    for child in hierarchy.children(root):
-        if child in known:
-            continue
-        cgroup = f"{root}/{child}"
-        log.info("Removing unknown orphan cgroup %s", hierarchy.path(cgroup))
-        try:
-            kill_and_remove(hierarchy, cgroup)
-        except Exception as exc:  # noqa: BLE001 - one stuck orphan must not stop recovery
-            log.error("Failed to clean up unknown orphan cgroup %s: %s", hierarchy.path(cgroup), exc)
-
-
-def kill_and_remove(hierarchy: Hierarchy, cgroup: str) -> None:
-    """Kill what a cgroup holds (freezer / cgroup.kill, else pidfd-checked SIGKILLs) and remove it."""
-    if hierarchy.version == 2 or "freezer" in hierarchy.controllers:
-        hierarchy.kill(cgroup)
-    else:
-        _kill_listed(hierarchy, cgroup)
-    hierarchy.remove(cgroup)
-
-
-def _kill_listed(hierarchy: Hierarchy, cgroup: str) -> None:
-    """SIGKILL what a v1 hierarchy without freezer lists, until it is empty.
-
-    A pidfd pins each process first; it is only signalled if, after that, its pid is still listed
-    in the cgroup (so a pid reused by someone else's process is never hit).
-    """
-    deadline = time.monotonic() + _ORPHAN_KILL_SECONDS
-    while pids := hierarchy.procs(cgroup, recursive=True):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"cgroup {hierarchy.path(cgroup)} still has processes {pids[:10]} after SIGKILL")
-        for pid in pids:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue
-            try:
-                if pid in hierarchy.procs(cgroup, recursive=True):
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            finally:
-                os.close(pidfd)
-        time.sleep(0.01)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from reconciler.isolators.base import ContainerConfig, ContainerState, Isolator, IsolatorSetupError, LaunchInfo
-from reconciler.isolators.cgroups import remove_unknown_orphans
+from reconciler.container import ContainerConfig, ContainerState
+from reconciler.isolators.base import Isolator, IsolatorSetupError, LaunchInfo
 from reconciler.linux import cgroups, devices
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class LinuxDevicesIsolator(Isolator):
             if not restricted and not state.config.privileged:
                 log.warning("Container %s runs without device rules (it was launched without linux/devices); "
                             "its next launch gets them", container_id)
-        remove_unknown_orphans(self.hierarchy, self.root, live | orphans)
+        cgroups.remove_children_except(self.hierarchy, self.root, live | orphans)
 
     def _restricted(self, container_id: str) -> bool:
         path = self.hierarchy.path(self.cgroup(container_id))

@@ -31,9 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from reconciler.container import ContainerConfig, ContainerState
 from reconciler.isolators.base import (
-    ContainerConfig,
-    ContainerState,
     Isolator,
     IsolatorSetupError,
     LaunchInfo,
@@ -41,7 +40,7 @@ from reconciler.isolators.base import (
     LimitationCallback,
     ResourceExhaustedError,
 )
-from reconciler.isolators.disk_du import DiskStatus, status_news
+from reconciler.isolators.disk_status import DiskStatus, status_news
 from reconciler.linux import quota
 from reconciler.units import format_bytes, megabytes_to_bytes
 
@@ -187,7 +186,7 @@ class _Info:
     limited: bool = False
     on_limitation: LimitationCallback | None = None
     loop: asyncio.AbstractEventLoop | None = None
-    shown: DiskStatus | None = None        # what the status file's `disk` block says (see disk_du.status_news)
+    shown: DiskStatus | None = None        # what the status file's `disk` block says (see disk_status.status_news)
 
 
 class DiskXfsIsolator(Isolator):
@@ -398,7 +397,7 @@ class DiskXfsIsolator(Isolator):
                 self.check()
                 if time.monotonic() - self._last_reclaim >= RECLAIM_INTERVAL:
                     self._reclaim()
-            except Exception:  # noqa: BLE001 - the watcher must survive one bad reading
+            except Exception:   # the watcher must survive one bad reading (logged with its traceback)
                 log.exception("disk/xfs: checking quotas failed")
 
     def check(self) -> None:

@@ -50,7 +50,8 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from reconciler.isolators.base import ContainerConfig, Isolator, LaunchInfo, PermanentError
+from reconciler.container import ContainerConfig
+from reconciler.isolators.base import Isolator, LaunchInfo, PermanentError
 from reconciler.linux import DEFAULT_PATH
 from reconciler.models import CommandInfo
 

@@ -28,23 +28,16 @@ import posixpath
 import stat
 from typing import TYPE_CHECKING, Any
 
-from reconciler.isolators.base import (
-    CONTAINER_SANDBOX,
-    ROOTFS_DIR,
-    ContainerConfig,
-    ContainerState,
-    PRIVATE_ROOT,
-    IsolatorSetupError,
-    LaunchInfo,
-    PermanentError,
-)
-from reconciler.isolators.filesystem_shared import (
-    SharedFilesystemIsolator,
-    _under,
+from reconciler.container import CONTAINER_SANDBOX, ROOTFS_DIR, ContainerConfig, ContainerState
+from reconciler.isolators.base import PRIVATE_ROOT, Isolator, IsolatorSetupError, LaunchInfo, PermanentError
+from reconciler.isolators.masks import masking_mounts
+from reconciler.isolators.volumes import (
+    check_mount_namespaces,
     read_only_remounts,
     remount_read_only_flags,
+    shared_filesystem,
+    under,
 )
-from reconciler.isolators.masks import masking_mounts
 from reconciler.linux import syscalls
 
 if TYPE_CHECKING:
@@ -72,9 +65,10 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     return {"source": source, "target": target, "fstype": fstype, "flags": flags, "data": data, **extra}
 
 
-class LinuxFilesystemIsolator(SharedFilesystemIsolator):
+class LinuxFilesystemIsolator(Isolator):
     def __init__(self, config: "AgentConfig") -> None:
         super().__init__(config)
+        check_mount_namespaces("filesystem/linux")
         self._masked: dict[str, dict[str, list[str]]] = {}
         if config.image_providers and not overlay_supported():
             raise IsolatorSetupError("flag --isolation: filesystem/linux needs overlayfs for container images, "
@@ -82,7 +76,7 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
 
     def prepare(self, container_id: str, config: ContainerConfig) -> LaunchInfo | None:
         if config.image is None:
-            return super().prepare(container_id, config)
+            return shared_filesystem(config)
         rootfs = config.rootfs
         assert rootfs is not None
         upper, work = os.path.join(rootfs, "upper"), os.path.join(rootfs, "work")
@@ -135,7 +129,6 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
                           hostname=container.hostname if container is not None else None)
 
     def recover(self, states: list[ContainerState], orphans: set[str]) -> None:
-        super().recover(states, orphans)
         for state in states:
             if state.config.image is not None and not state.config.privileged:
                 self._masked[state.config.container_id] = masking_mounts(state.config.in_rootfs)[1]
@@ -145,15 +138,14 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
         return {"security": dict(masked)} if masked is not None else {}
 
     def cleanup(self, container_id: str) -> None:
-        super().cleanup(container_id)
         self._masked.pop(container_id, None)
 
     def _rootfs_volume_mounts(self, volume: "Volume", config: ContainerConfig, taken: list[str]) -> list[dict]:
         container_path = posixpath.normpath(volume.container_path)
         for other in taken:
-            if _under(container_path, other):
+            if under(container_path, other):
                 raise PermanentError(f"Cannot mount volume to '{container_path}' because it is under volume '{other}'")
-            if _under(other, container_path):
+            if under(other, container_path):
                 raise PermanentError(f"Cannot mount volume to '{other}' because it is under volume '{container_path}'")
         taken.append(container_path)
         if not volume.host_path:
@@ -168,13 +160,14 @@ class LinuxFilesystemIsolator(SharedFilesystemIsolator):
                 raise PermanentError(f"Relative host path '{volume.host_path}' cannot contain relative components")
             host_path = posixpath.join(config.sandbox, volume.host_path)
             os.makedirs(host_path, exist_ok=True)
-            if not _under(os.path.realpath(host_path), os.path.realpath(config.sandbox)):
+            if not under(os.path.realpath(host_path), os.path.realpath(config.sandbox)):
                 raise PermanentError(f"Relative host path '{host_path}' for mount to '{container_path}' must be a "
                                      "directory inside the sandbox (not a symbolic link out of it)")
         is_file = not stat.S_ISDIR(os.stat(host_path).st_mode)
         target = config.in_rootfs(container_path)
-        mounts = [_mount(host_path, target, None, syscalls.MS_BIND | syscalls.MS_REC,
-                         **({"file": True} if is_file else {"mkdir": True}))]
+        bind = syscalls.MS_BIND | syscalls.MS_REC
+        mounts = [_mount(host_path, target, None, bind, file=True) if is_file
+                  else _mount(host_path, target, None, bind, mkdir=True)]
         if volume.mode == "RO":
             mounts.extend(read_only_remounts(host_path, target))
         return mounts

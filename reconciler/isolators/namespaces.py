@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from reconciler.isolators.base import PRIVATE_ROOT, ContainerConfig, ContainerState, Isolator, LaunchInfo, PermanentError
+from reconciler.container import ContainerConfig, ContainerState
+from reconciler.isolators.base import PRIVATE_ROOT, Isolator, LaunchInfo, PermanentError
 from reconciler.isolators.masks import masking_mounts
 from reconciler.linux.syscalls import CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID, MS_NODEV, MS_NOEXEC, MS_NOSUID
 

@@ -25,15 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from reconciler.isolators.base import (
-    ContainerConfig,
-    ContainerState,
-    Isolator,
-    IsolatorSetupError,
-    LaunchInfo,
-    ResourceExhaustedError,
-)
-from reconciler.isolators.cgroups import remove_unknown_orphans
+from reconciler.container import ContainerConfig, ContainerState
+from reconciler.isolators.base import Isolator, IsolatorSetupError, LaunchInfo, ResourceExhaustedError
 from reconciler.linux import cgroups
 from reconciler.linux.cgroups import CgroupMounts, Hierarchy
 
@@ -305,7 +298,7 @@ class NetClsIsolator(Isolator):
             if container_id in self.infos or not self.hierarchy.exists(self.cgroup(container_id)):
                 continue
             self.infos[container_id] = self._recover_handle(container_id)
-        remove_unknown_orphans(self.hierarchy, self.root, live | orphans)
+        cgroups.remove_children_except(self.hierarchy, self.root, live | orphans)
 
     def _recover_handle(self, container_id: str) -> _Info:
         try:
@@ -349,9 +342,10 @@ class NetClsIsolator(Isolator):
                 "handles_total": total, "handles_used": used, "handles_free": total - used,
             })
             if self.unreserved:
+                handles = {cid: info.handle for cid, info in self.infos.items() if info.handle is not None}
                 doc["unreserved_handles"] = [
-                    {"container_id": cid, "classid": self.infos[cid].handle.status()["classid"], "reason": why}
-                    for cid, why in sorted(self.unreserved.items()) if self.infos.get(cid) and self.infos[cid].handle]
+                    {"container_id": cid, "classid": handles[cid].status()["classid"], "reason": why}
+                    for cid, why in sorted(self.unreserved.items()) if cid in handles]
         return doc
 
 

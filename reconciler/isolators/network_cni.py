@@ -30,9 +30,9 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
+from reconciler.container import ContainerConfig, ContainerState
 from reconciler.fsutil import atomic_write, read_json
-from reconciler.isolators.base import PRIVATE_ROOT, ContainerConfig, ContainerState, Isolator, IsolatorSetupError, \
-    LaunchInfo, PermanentError
+from reconciler.isolators.base import PRIVATE_ROOT, Isolator, IsolatorSetupError, LaunchInfo, PermanentError
 from reconciler.linux import syscalls
 from reconciler.linux.mounts import remount_flags
 from reconciler.network import cni, etc_files, netns, shaping
@@ -86,7 +86,8 @@ class NetworkCniIsolator(Isolator):
         self.default_dns = etc_files.DefaultContainerDns.from_mesos_json(config.default_container_dns) \
             if config.default_container_dns else None
         self.attachments: dict[str, list[cni.Attachment]] = {}   # container id -> its networks, in order
-        self.results = {"add": {}, "del": {}}                      # (network, ok) -> [count, seconds], for /metrics
+        # (network, ok) -> [count, seconds], for /metrics
+        self.results: dict[str, dict[tuple[str, bool], list[float]]] = {"add": {}, "del": {}}
         self.check_failures = 0                                    # CNI CHECKs of adopted containers that failed
 
     # --- paths ---------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class NetworkCniIsolator(Isolator):
         path = self._netns_path(container_id)
         # Planned (and refused, for a limit no plugin can give) before the namespace is made.
         planned = [self._plan(container_id, path, index, network, config_list, bandwidth)
-                   for index, (network, config_list) in enumerate(zip(joined, lists))]
+                   for index, (network, config_list) in enumerate(zip(joined, lists, strict=True))]
         os.makedirs(self._dir(container_id), mode=0o700, exist_ok=True)
         netns.create(self.netns_dir, container_id)
         done: list[cni.Attachment] = []
@@ -151,9 +152,9 @@ class NetworkCniIsolator(Isolator):
         capabilities: dict[str, Any] = {}
         if bandwidth:
             if not any(plugin.capabilities.get("bandwidth") for plugin in config_list.plugins):
-                raise PermanentError(f"CNI network '{config_list.name}' cannot limit bandwidth: none of its plugins has "
-                                     "the bandwidth capability (add {\"type\": \"bandwidth\", \"capabilities\": "
-                                     "{\"bandwidth\": true}} to its plugins)")
+                raise PermanentError(f"CNI network '{config_list.name}' cannot limit bandwidth: none of its "
+                                     "plugins has the bandwidth capability (add {\"type\": \"bandwidth\", "
+                                     "\"capabilities\": {\"bandwidth\": true}} to its plugins)")
             capabilities["bandwidth"] = bandwidth.runtime_config()
         if network.port_mappings:
             capabilities["portMappings"] = [{"hostPort": m.host_port, "containerPort": m.container_port,
@@ -335,7 +336,7 @@ class NetworkCniIsolator(Isolator):
         if not self.metrics or container_id not in self.attachments:
             return {}
         try:
-            return netns.statistics(self._netns_path(container_id)).as_resource_statistics()
+            return dict(netns.statistics(self._netns_path(container_id)).as_resource_statistics())
         except OSError:
             return {}
 

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
-from reconciler.isolators.base import ContainerState, Isolator
+from reconciler.container import ContainerState
+from reconciler.isolators.base import Isolator
 from reconciler.linux import proc
+
+if TYPE_CHECKING:
+    from reconciler.config import AgentConfig
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -36,7 +41,7 @@ _TABLE = _SharedProcessTable()
 
 
 class _PosixIsolator(Isolator):
-    def __init__(self, config) -> None:  # noqa: ANN001
+    def __init__(self, config: AgentConfig) -> None:
         super().__init__(config)
         self.pids: dict[str, int] = {}
 

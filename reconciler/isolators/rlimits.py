@@ -16,7 +16,8 @@ from __future__ import annotations
 import resource
 from typing import Any
 
-from reconciler.isolators.base import ContainerConfig, Isolator, LaunchInfo
+from reconciler.container import ContainerConfig
+from reconciler.isolators.base import Isolator, LaunchInfo
 from reconciler.models import RLIMIT_NUMBERS, RLimit
 
 

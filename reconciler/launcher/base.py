@@ -10,9 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 from reconciler.linux import proc
 
@@ -109,7 +109,8 @@ class LaunchHelper:
         pidfd, go_fd = fds
         start_time = proc.start_time_ticks(pid)
         if start_time is None:
-            os.close(pidfd), os.close(go_fd)
+            os.close(pidfd)
+            os.close(go_fd)
             raise OSError(f"Failed to fork: the container's init (pid {pid}) vanished before it started")
         return Forked(pid=pid, start_time=start_time, pidfd=pidfd, go_fd=go_fd)
 

@@ -112,7 +112,8 @@ def launch(sock: socket.socket, request: dict, pid1_fd: int) -> None:
     try:
         pid, pidfd = clone(int(request.get("clone_flags", 0)))
     except OSError as exc:
-        os.close(go_r), os.close(go_w), os.close(status_fd)
+        for fd in (go_r, go_w, status_fd):
+            os.close(fd)
         sock.send(json.dumps({"error": str(exc)}).encode())
         return
     if pid == 0:

@@ -84,7 +84,7 @@ def resolve(spec: str, root: str = "/") -> dict:
             raise ValueError(f"unable to find group {group}: its group entry has no valid gid")
         groups = [gid]
     else:
-        groups = [gid]
+        groups = [gid] if gid is not None else []   # never None here: a passwd entry without one was refused
         for entry in groups_file:
             members = entry[3].split(",") if len(entry) > 3 else []
             extra = _id_field(entry, 2)

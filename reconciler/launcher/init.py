@@ -168,12 +168,12 @@ def run(spec: dict, go_fd: int, status_fd: int, pid1_fd: int) -> int:
         if setup_error is not None:
             raise setup_error
         command = start_command(spec, stdio, user)
-    except Exception as exc:  # any setup failure ends the container with a message, as Mesos's helper does
+    except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint makes an orphan, not a crash
         message = f"Failed to launch container: {exc}"
         _log_to_stderr(spec, message, stdio)
         write_status(status_fd, termination_doc(None, message))
         return 1
-    for fd in stdio:
+    for fd in stdio or ():   # set: the setup did not fail
         os.close(fd)
     try:
         become_pid1(command, status_fd, pid1_fd, spec["last_cap"])

@@ -7,10 +7,10 @@ whole cgroup otherwise (freezer or cgroup.kill), so nothing that forked or daemo
 Recovery lists `<cgroups_root>`: a cgroup no checkpoint owns is an orphan.
 
 In every other hierarchy the init starts in `<hierarchy>/<cgroups_root>`, where the launch helper
-that forks it was placed once (the cgroups isolators then move it on to its own cgroup in theirs), so no container process stays in
-the agent's own cgroups: a container runtime that clears the agent's pod on a rolling update, or
-systemd stopping the agent's unit, then cannot kill containers (Mesos moves its executors out of
-the agent's systemd unit into mesos_executors.slice for the same reason).
+that forks it was placed once (the cgroups isolators then move it on to its own cgroup in theirs), so
+no container process stays in the agent's own cgroups: a container runtime that clears the agent's
+pod on a rolling update, or systemd stopping the agent's unit, then cannot kill containers (Mesos
+moves its executors out of the agent's systemd unit into mesos_executors.slice for the same reason).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from reconciler.launcher.base import Forked, LaunchHelper, Launcher, signal_pid, wait_gone
+from reconciler.launcher.base import Forked, Launcher, LaunchHelper, signal_pid, wait_gone
 from reconciler.linux import cgroups, proc
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ works on every hierarchy.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import time
@@ -16,10 +17,13 @@ from dataclasses import dataclass, field
 from reconciler.linux import proc, syscalls
 from reconciler.linux.mountinfo import read_mountinfo
 
+log = logging.getLogger(__name__)
+
 # v1 controller names, for telling controllers from mount options in mountinfo. /proc/cgroups
 # adds any this kernel has that the list lacks.
 _KNOWN_V1_CONTROLLERS = frozenset(
-    "cpuset cpu cpuacct blkio io memory devices freezer net_cls perf_event net_prio hugetlb pids rdma misc debug".split()
+    "cpuset cpu cpuacct blkio io memory devices freezer net_cls perf_event net_prio hugetlb pids rdma misc "
+    "debug".split()
 )
 
 # How long one freeze attempt may sit in FREEZING before it is thawed and retried (Mesos does
@@ -401,6 +405,61 @@ def mount_v1_hierarchy(controller: str, mountpoint: str) -> Hierarchy:
             ) from None
         raise
     return Hierarchy(1, mountpoint, frozenset({controller}))
+
+
+def remove_children_except(hierarchy: Hierarchy, parent: str, keep: set[str]) -> None:
+    """Kill and remove the cgroups directly under `parent` whose names are not in `keep` (with kill_and_remove).
+
+    One that cannot be removed (a process stuck in uninterruptible sleep) is logged, and the others are
+    removed all the same. A missing `parent` has nothing to remove.
+    """
+    if not hierarchy.exists(parent):
+        return
+    for child in hierarchy.children(parent):
+        if child in keep:
+            continue
+        cgroup = f"{parent}/{child}"
+        log.info("Removing unknown orphan cgroup %s", hierarchy.path(cgroup))
+        try:
+            kill_and_remove(hierarchy, cgroup)
+        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint makes an orphan, not a crash
+            log.error("Failed to clean up unknown orphan cgroup %s: %s", hierarchy.path(cgroup), exc)
+
+
+def kill_and_remove(hierarchy: Hierarchy, cgroup: str, timeout: float = 10.0) -> None:
+    """Kill what a cgroup holds and remove it, on any hierarchy: Hierarchy.kill where a kill is reliable
+    (v2's cgroup.kill, v1's freezer), else pidfd-checked SIGKILLs (a v1 hierarchy without freezer:
+    net_cls, devices). TimeoutError when processes are still there after `timeout`."""
+    if hierarchy.version == 2 or "freezer" in hierarchy.controllers:
+        hierarchy.kill(cgroup, timeout)
+    else:
+        _kill_listed(hierarchy, cgroup, timeout)
+    hierarchy.remove(cgroup)
+
+
+def _kill_listed(hierarchy: Hierarchy, cgroup: str, timeout: float) -> None:
+    """SIGKILL what a v1 hierarchy without freezer lists, until it is empty.
+
+    A pidfd pins each process first; it is only signalled if, after that, its pid is still listed
+    in the cgroup (so a pid reused by someone else's process is never hit).
+    """
+    deadline = time.monotonic() + timeout
+    while pids := hierarchy.procs(cgroup, recursive=True):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"cgroup {hierarchy.path(cgroup)} still has processes {pids[:10]} after SIGKILL")
+        for pid in pids:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                if pid in hierarchy.procs(cgroup, recursive=True):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            finally:
+                os.close(pidfd)
+        time.sleep(_POLL_SECONDS)
 
 
 def _kernel_controllers(enabled_only: bool = False) -> frozenset[str]:

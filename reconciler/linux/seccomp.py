@@ -129,8 +129,8 @@ class _Model(BaseModel):
     @classmethod
     def _null_is_empty(cls, value: Any, info: ValidationInfo) -> Any:
         # Docker's Go encoder writes an empty list as null (its own default.json: "subArchitectures": null).
-        field = cls.model_fields[info.field_name]
-        return [] if value is None and isinstance(field.default, list) else value
+        field = cls.model_fields.get(info.field_name or "")
+        return [] if value is None and field is not None and isinstance(field.default, list) else value
 
 
 class ArgCondition(_Model):

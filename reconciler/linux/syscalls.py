@@ -10,8 +10,8 @@ single-threaded child (after fork, before exec), never in a process that runs th
 from __future__ import annotations
 
 import ctypes
-import functools
 import errno
+import functools
 import os
 import platform
 from dataclasses import dataclass

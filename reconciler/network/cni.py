@@ -280,7 +280,7 @@ def _config_list(document: Any, source: str) -> NetworkConfigList:
     except ValidationError as e:
         raise _InvalidConfig(_describe_validation_error(e)) from None
     plugins = tuple(PluginConfig(type=p.type, capabilities=dict(p.capabilities), conf=raw)
-                    for p, raw in zip(doc.plugins, document["plugins"]))
+                    for p, raw in zip(doc.plugins, document["plugins"], strict=True))
     return NetworkConfigList(name=doc.name, cni_version=doc.cniVersion, disable_check=doc.disableCheck,
                              plugins=plugins, document=document, source=source)
 
@@ -584,7 +584,7 @@ class Result:
         ips = doc.pop("ip", None) if "ips" not in doc else doc.get("ips")
         if ips is not None:
             doc["ips"] = ips
-        for entry, ip in zip(doc.get("ips", []), self.ips):
+        for entry, ip in zip(doc.get("ips", []), self.ips, strict=True):
             if _at_least(version, "1.0.0"):
                 entry.pop("version", None)
             else:

@@ -307,7 +307,7 @@ def in_new_thread(thread_name: str, fn: Callable[[], T]) -> T:
     def target() -> None:
         try:
             outcome["value"] = fn()
-        except BaseException as exc:  # handed to the caller, in its thread
+        except BaseException as exc:  # noqa: BLE001 - report whatever stopped the exec, then die
             outcome["error"] = exc
 
     thread = threading.Thread(target=target, name=thread_name, daemon=True)
@@ -315,7 +315,7 @@ def in_new_thread(thread_name: str, fn: Callable[[], T]) -> T:
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["value"]  # type: ignore[no-any-return]
+    return outcome["value"]
 
 
 # --- interfaces and their counters -------------------------------------------------------------

@@ -17,7 +17,7 @@ the sizes the agent serves: what this machine gives anyway (2 shared cores: its 
 in both). For each window and path: p50, p99 and max of both, the ratio of p99s (what the busy agent
 adds), the agent's CPU use (to show the loop was busy), and the verdict against the 20 ms target.
 
-Run as root: python3 bench/http.py [--containers 500] [--interval 10] [--stats-seconds 12]
+Run as root: python3 bench/http_endpoints.py [--containers 500] [--interval 10] [--stats-seconds 12]
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def main() -> None:
                         help="the client thread's nice value (below 0 takes the client's own scheduling out)")
     args = parser.parse_args()
     if os.geteuid() != 0:
-        raise SystemExit("bench/http.py needs root")
+        raise SystemExit("bench/http_endpoints.py needs root")
     work = tempdir("reconciler-bench-http-")
     manifests, work_dir = work / "manifests", work / "work"
     manifests.mkdir()

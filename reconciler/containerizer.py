@@ -36,6 +36,7 @@ from reconciler.isolators.base import (
     PermanentError,
     ProvisionedImage,
 )
+from reconciler.launch_spec import InitSpec
 from reconciler.launcher.base import Forked, Launcher
 from reconciler.linux import DEFAULT_PATH, proc, syscalls
 from reconciler.linux.mounts import ensure_nosuid_nodev
@@ -259,7 +260,6 @@ class Containerizer:
             return
         if self.image_store is None:
             raise PermanentError("Container image is not supported: the agent runs without --image_providers=docker")
-        from reconciler.images.errors import InvalidReference
         from reconciler.images.store import IMAGE_RECORD
         record_dir = self.checkpoints.dir(config.container_id)
         os.makedirs(record_dir, mode=0o700, exist_ok=True)
@@ -274,10 +274,10 @@ class Containerizer:
             # Pulls get threads of their own: a long extraction must not hold up destroys and the
             # other work the loop hands to the default executor.
             pulled = await asyncio.get_running_loop().run_in_executor(self._pull_executor, pull)
-        except BaseException as exc:
-            shutil.rmtree(record_dir, ignore_errors=True)    # a new id each try: nothing else is in it
-            if isinstance(exc, InvalidReference):
-                raise PermanentError(str(exc)) from None
+        except BaseException:
+            # A new id each try: nothing else is in it. The error's type says what the loop does next
+            # (an invalid reference is permanent, any other image error temporary).
+            shutil.rmtree(record_dir, ignore_errors=True)
             raise
         config.image = ProvisionedImage(reference=pulled.reference, id=pulled.id, layers=list(pulled.layers),
                                         config=dict(pulled.config))
@@ -346,11 +346,21 @@ class Containerizer:
                                  "isolator is not enabled (add it to --isolation)")
 
     async def _abort_launch(self, container: Container) -> None:
+        """Undo a launch that failed half way. When its processes cannot be killed it is kept, as a destroy
+        that failed is: Failed with reason DestroyFailed, its checkpoint and isolators left alone (they may
+        still hold what runs), the kill tried again by destroy() (the loop does, with backoff)."""
         cid = container.id
         try:
             self.launcher.destroy(cid, container.identity, container.pid_namespace)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - whatever it is, something may still run: keep the container
+            self.destroy_errors += 1
             log.error("Failed to kill container %s after a failed launch: %s", cid, exc)
+            container.state = State.TERMINATED
+            container.termination = Termination(
+                reason="DestroyFailed", finished_at=time.time(),
+                message=f"Failed to kill all processes in the container after a failed launch: {exc}")
+            container.done.set()
+            return
         if container.pidfd is not None:
             os.close(container.pidfd)
             container.pidfd = None
@@ -359,7 +369,7 @@ class Containerizer:
         self.containers.pop(cid, None)
 
     def _init_spec(self, config: ContainerConfig, info: LaunchInfo, environment: dict[str, str],
-                   user: users.User | None = None) -> dict[str, Any]:
+                   user: users.User | None = None) -> InitSpec:
         """What the init needs: argv, environment, files; Mesos's env precedence (agent < sandbox < isolators <
         user)."""
         command = config.spec.command
@@ -382,7 +392,8 @@ class Containerizer:
             for variable in command.environment.variables:
                 env[variable.name] = variable.value
         env.setdefault("PATH", DEFAULT_PATH)
-        in_image = command.user if command.user and config.image is not None else (info.user or {}).get("in_image")
+        image_user = info.user["in_image"] if info.user else None
+        in_image = command.user if command.user and config.image is not None else image_user
         return {
             "container_id": config.container_id,
             "checkpoint_dir": self.checkpoints.dir(config.container_id),
@@ -414,10 +425,10 @@ class Containerizer:
         if info.seccomp is None:
             return None
         from reconciler.linux import seccomp
-        caps = info.capabilities or {}
-        names = caps.get("effective_names")
+        caps = info.capabilities
+        names = caps.get("effective_names") if caps else None
         if names is None:
-            names = caps.get("bounding_names", [])
+            names = caps.get("bounding_names", []) if caps else []
         try:
             program = seccomp.compile_for(info.seccomp.get("path"), frozenset(names))
         except seccomp.SeccompError as exc:

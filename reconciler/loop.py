@@ -2,8 +2,11 @@
 
 It is handed a name, reads what is desired and what runs, and converges: launch what is missing,
 update resources in place, replace on any other change, destroy what no manifest declares any more,
-restart what died (restart policy and CrashLoopBackOff). Errors are temporary (retried with
-backoff) or permanent (recorded in status, not retried until the spec changes).
+restart what died (restart policy and CrashLoopBackOff). What a failure means is in its type
+(reconciler.errors), read in one place, `launch_failure`: permanent (recorded in status, not retried
+until the spec changes), waiting for a node resource, or temporary (retried with backoff). `reconcile`
+returns when the name wants looking at again; the work queue schedules it, and backs off a name whose
+reconcile raised.
 """
 
 from __future__ import annotations
@@ -12,21 +15,22 @@ import asyncio
 import enum
 import logging
 import os
-import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from reconciler.containerizer import NOT_STARTED, Container, Containerizer, State, resource_limits
+from reconciler.backoff import exponential
+from reconciler.containerizer import NOT_STARTED, Container, Containerizer, State
+from reconciler.errors import PermanentError, ReconcileError, ResourceExhaustedError, TemporaryError
 from reconciler.images.errors import ImageError
-from reconciler.isolators.base import ContainerConfig, PermanentError, ResourceExhaustedError
+from reconciler.isolators.base import ContainerConfig
 from reconciler.linux import DEFAULT_PATH
 from reconciler.logs import LogRotator
 from reconciler.models import ContainerSpec
-from reconciler.source import InvalidDocument, Listing
-from reconciler.status import StatusWriter, iso
-from reconciler.units import format_bytes_approx
+from reconciler.source import Listing
+from reconciler.status import StatusWriter
+from reconciler.status.compose import LaunchFailure, NameState, PullState, compose, kept_by
 from reconciler.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -43,7 +47,12 @@ PULL_PROGRESS_EVERY = 0.5    # seconds between two status writes of a pull's pro
 
 
 def restart_delay(step: int) -> float:
-    return 0.0 if step <= 0 else min(BACKOFF_INITIAL * 2 ** (step - 1), BACKOFF_MAX)
+    return exponential(step, BACKOFF_INITIAL, BACKOFF_MAX)
+
+
+def retry_delay(step: int) -> float:
+    """Before the step-th retry of a temporary failure (a launch, a destroy, an update)."""
+    return exponential(step, RETRY_INITIAL, RETRY_MAX)
 
 
 @dataclass
@@ -79,17 +88,6 @@ def may_still_declare(name: str, manifest: str, listing: Listing, listed_ok: boo
     if name in listing.invalid:
         return True
     return kept_by(manifest, listing) is not None
-
-
-def kept_by(manifest: str, listing: Listing) -> InvalidDocument | None:
-    """The unreadable file or nameless document that may declare a name nothing else declares.
-
-    No name can be read from it, so it may declare any: a file renamed and then half written, or a
-    document whose name was mistyped. Its own file first (the manifest that last declared the name),
-    then any other; while one is listed, names that no valid document declares are kept."""
-    if not listing.invalid_files:
-        return None
-    return next((f for f in listing.invalid_files if f.manifest == manifest), listing.invalid_files[0])
 
 
 def target_of(name: str, container: Container | None, listing: Listing, listed_ok: bool) -> Target | None:
@@ -134,58 +132,21 @@ def restart_plan(container: Container, policy: str) -> RestartPlan | None:
     return RestartPlan(at=termination.finished_at + restart_delay(step), step=step)
 
 
-@dataclass
-class LaunchFailure:
-    spec_hash: str
-    message: str
-    permanent: bool
-    step: int = 0
-    retry_at: float = 0.0
-    reason: str = "LaunchFailed"
-    waits_for_release: bool = False    # retried when a destroy gives a node resource back, not on a timer
-    failed: bool = False               # shown Failed while waiting to retry (an image that could not be provisioned)
-    image: tuple[str, str] | None = None   # (reference, image id) when the image was provisioned before the failure
-
-
-@dataclass
-class PullState:
-    """The name's image while a launch pulls it, or (state Failed) why the last pull failed."""
-    image: str
-    registry: str | None
-    started_at: float
-    bytes_done: int = 0
-    bytes_total: int = 0
-    published_at: float = 0.0
-    publish_pending: bool = False
-    failed: dict[str, Any] | None = None      # http_status, code, error of a failed pull
-
-    def doc(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"image": self.image, "state": "Failed" if self.failed else "Pulling",
-                               "registry": self.registry, "started_at": iso(self.started_at),
-                               "bytes_done": self.bytes_done, "bytes_total": self.bytes_total}
-        doc.update(self.failed or {})
-        return {k: v for k, v in doc.items() if v is not None}
-
-    def condition(self) -> tuple[bool, str, str]:
-        if self.failed:
-            return False, "PullFailed", self.failed["error"]
-        where = f" from {self.registry}" if self.registry else ""
-        if self.bytes_total:
-            return True, "Pulling", (f"Pulling image '{self.image}'{where}: {format_bytes_approx(self.bytes_done)} of "
-                                     f"{format_bytes_approx(self.bytes_total)}")
-        return True, "Pulling", f"Pulling image '{self.image}'{where}"
-
-
-@dataclass
-class NameState:
-    container: Container | None = None
-    failure: LaunchFailure | None = None
-    update_refused: tuple[str, str] | None = None   # (spec hash, message)
-    destroy_retry: tuple[int, float] = (0, 0.0)     # after failed kills: (failures, when to try again)
-    statistics: dict[str, Any] | None = None
-    conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
-    phase: str | None = None          # as last published (what _agent.json counts)
-    pull: PullState | None = None     # its image while a launch pulls it, or the last pull's failure
+def launch_failure(exc: BaseException, spec_hash: str, previous: LaunchFailure | None, now: float,
+                   image: tuple[str, str] | None) -> LaunchFailure:
+    """What a failed launch means, from the error's type alone (reconciler.errors): the one place the loop
+    decides whether and when a launch is tried again."""
+    reason = exc.reason if isinstance(exc, ReconcileError) else LaunchFailure.reason
+    if isinstance(exc, PermanentError):
+        return LaunchFailure(spec_hash, str(exc), permanent=True, reason=reason, image=image)
+    if isinstance(exc, ResourceExhaustedError):
+        return LaunchFailure(spec_hash, str(exc), permanent=False, reason=reason, waits_for_release=True,
+                             image=image)
+    step = previous.step + 1 if previous is not None else 1
+    delay = exc.delay if isinstance(exc, TemporaryError) and exc.delay is not None else retry_delay(step)
+    return LaunchFailure(spec_hash, f"Failed to launch container: {exc}", permanent=False, step=step,
+                         retry_at=now + delay, reason=reason,
+                         failed=isinstance(exc, ReconcileError) and exc.shows_failed, image=image)
 
 
 class Reconciler:
@@ -245,37 +206,43 @@ class Reconciler:
             self.publish(container.config.name)
 
     # the reconcile of one name ------------------------------------------------------------------
-    async def _timed_reconcile(self, name: str) -> None:
-        """reconcile(), timed and its result counted (ok; failed: a launch failure recorded; error)."""
+    async def _timed_reconcile(self, name: str) -> float | None:
+        """reconcile(), timed and its result counted (ok; failed: a launch failure recorded; error); returns
+        when the name wants looking at again (the work queue's business)."""
         started = time.perf_counter()
         result = "error"
         try:
-            await self.reconcile(name)
+            requeue_after = await self.reconcile(name)
             state = self.names.get(name)
             result = "failed" if state is not None and state.failure is not None else "ok"
+            return requeue_after
         finally:
             self.on_reconciled(time.perf_counter() - started, result)
 
-    async def reconcile(self, name: str) -> None:
+    async def reconcile(self, name: str) -> float | None:
+        """Converge one name; returns in how many seconds it wants looking at again (a restart's backoff,
+        a launch's retry, a failed destroy's), or None. An exception is a bug: the work queue logs it and
+        tries the name again with backoff."""
         listing = self.listing
         if listing is None:
-            return
+            return None
         state = self.names.setdefault(name, NameState())
         container = state.container
         target = target_of(name, container, listing, self.listed_ok)
         if target is None and container is not None:
-            await self._retire(name, state, container)
-            return
+            return await self._retire(name, state, container)
         if target is None:
             if name in listing.invalid:
                 self.publish(name)
             else:
                 self._forget(name)
-            return
-        await self._converge(name, state, target)
+            return None
+        requeue_after = await self._converge(name, state, target)
+        state.requeue_at = time.time() + requeue_after if requeue_after is not None else None
         self.publish(name)
+        return requeue_after
 
-    async def _converge(self, name: str, state: NameState, target: Target) -> None:
+    async def _converge(self, name: str, state: NameState, target: Target) -> float | None:
         container = state.container
         if container is not None and container.config.spec_hash == target.spec_hash \
                 and container.config.manifest != target.manifest:
@@ -284,68 +251,71 @@ class Reconciler:
             container.config.manifest = target.manifest
             self.containerizer.checkpoints.write_config(container.config)
         if container is not None and container.destroy_failed:
-            if not await self._destroy(container, reason="", message=""):
-                return   # nothing restarts beside processes that may have survived
+            retry = await self._destroy(container, reason="", message="")
+            if retry is not None:
+                return retry   # nothing restarts beside processes that may have survived
         action = converge_action(container, target)
         if action == Action.NONE:
-            return
+            return None
         if action == Action.UPDATE:
             assert container is not None
-            self._update_in_place(name, state, container, target)
-            return
+            return self._update_in_place(name, state, container, target)
         if action == Action.RESTART:
             assert container is not None
-            await self._maybe_restart(name, state, container, target)
-            return
+            return await self._maybe_restart(name, state, container, target)
         if action == Action.REPLACE:
             assert container is not None
-            if container.alive and not await self._destroy(
-                    container, reason="Replaced", message="The manifest changed: replacing the container"):
-                return
+            if container.alive:
+                retry = await self._destroy(container, reason="Replaced",
+                                            message="The manifest changed: replacing the container")
+                if retry is not None:
+                    return retry
             self.containerizer.remove(container.id)
             state.container = None
-        await self._launch(name, state, target, restarts=0, backoff_step=0)
+        return await self._launch(name, state, target, restarts=0, backoff_step=0)
 
-    def _update_in_place(self, name: str, state: NameState, container: Container, target: Target) -> None:
+    def _update_in_place(self, name: str, state: NameState, container: Container, target: Target) -> float | None:
         if state.update_refused and state.update_refused[0] == target.spec_hash:
-            return
+            return None
         try:
             self.containerizer.update(container.id, target.spec.resources, target.spec_hash)
-            container.config.manifest = target.manifest
-            state.update_refused = None
-            log.info("Updated resources of %s in place", name)
         except PermanentError as exc:
             state.update_refused = (target.spec_hash, f"Failed to update resources: {exc}")
-        except Exception as exc:  # noqa: BLE001 - temporary: try again soon
+            return None
+        except Exception as exc:  # noqa: BLE001 - temporary, whatever it is: try again soon
+            delay = exc.delay if isinstance(exc, TemporaryError) and exc.delay is not None else retry_delay(1)
             log.warning("Failed to update resources of %s: %s; retrying", name, exc)
-            self.queue.add_after(name, RETRY_INITIAL)
+            return delay
+        container.config.manifest = target.manifest
+        state.update_refused = None
+        log.info("Updated resources of %s in place", name)
+        return None
 
-    async def _maybe_restart(self, name: str, state: NameState, container: Container, target: Target) -> None:
+    async def _maybe_restart(self, name: str, state: NameState, container: Container,
+                             target: Target) -> float | None:
         plan = restart_plan(container, target.spec.restart_policy)
         if plan is None:
-            return
+            return None
         ready_at, step = plan.at, plan.step
         now = time.time()
         if now < ready_at:
-            self.queue.add_after(name, ready_at - now)
-            return
+            return ready_at - now
         restarts, step = container.config.restarts + 1, step + 1
         if container.termination is not None and container.termination.reason == NOT_STARTED:
             restarts, step = container.config.restarts, container.config.backoff_step   # its command never ran
-        await self._launch(name, state, target, restarts=restarts, backoff_step=step, previous=container)
+        return await self._launch(name, state, target, restarts=restarts, backoff_step=step, previous=container)
 
     async def _launch(self, name: str, state: NameState, target: Target, restarts: int, backoff_step: int,
-                      previous: Container | None = None) -> None:
+                      previous: Container | None = None) -> float | None:
         failure = state.failure
         if failure is not None and failure.spec_hash != target.spec_hash:
             state.failure = failure = None
         now = time.time()
         if failure is not None:
             if failure.permanent:
-                return
-            if now < failure.retry_at:
-                self.queue.add_after(name, failure.retry_at - now)
-                return
+                return None   # until the spec changes
+            if now < failure.retry_at:    # (one waiting for a node resource tries at each wake-up)
+                return failure.retry_at - now
         cid = str(uuid.uuid4())
         config = ContainerConfig(
             container_id=cid, name=name, manifest=target.manifest, spec=target.spec, spec_hash=target.spec_hash,
@@ -358,25 +328,26 @@ class Reconciler:
                 container = await self.containerizer.launch(config, self.environment)
             finally:
                 provisioned = (config.image.reference, config.image.id) if config.image is not None else None
-        except ResourceExhaustedError as exc:
-            state.failure = LaunchFailure(target.spec_hash, str(exc), permanent=False, reason=exc.reason,
-                                          waits_for_release=True, image=provisioned)
-            log.warning("Failed to launch %s: %s (retrying when a container's destroy frees one)", name, exc)
-            return
-        except PermanentError as exc:
-            state.failure = LaunchFailure(target.spec_hash, str(exc), permanent=True, image=provisioned)
-            log.error("Failed to launch %s: %s", name, exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - anything else is worth another try
-            step = (failure.step + 1) if failure else 1
-            delay = min(RETRY_INITIAL * 2 ** (step - 1), RETRY_MAX)
-            state.failure = LaunchFailure(target.spec_hash, f"Failed to launch container: {exc}", False, step,
-                                          now + delay, image=provisioned)
-            if isinstance(exc, ImageError):
-                state.failure.reason, state.failure.failed = "ProvisioningFailed", True
-            log.warning("Failed to launch %s (retrying in %.0fs): %s", name, delay, exc)
-            self.queue.add_after(name, delay)
-            return
+        except Exception as exc:  # noqa: BLE001 - what it means is in its type: launch_failure decides
+            state.failure = failure = launch_failure(exc, target.spec_hash, failure, now, provisioned)
+            unkilled = self.containerizer.containers.get(cid)
+            if unkilled is not None and unkilled.destroy_failed:
+                # Its processes could not be killed: the name's container now, destroyed again (with
+                # backoff, as any failed destroy) before anything else runs under its name.
+                if previous is not None:
+                    self.containerizer.remove(previous.id)
+                state.container = unkilled
+                state.destroy_retry = (1, now + retry_delay(1))
+                log.error("Failed to launch %s, and to kill what it started: %s", name, exc)
+                return retry_delay(1)
+            if failure.permanent:
+                log.error("Failed to launch %s: %s", name, exc)
+                return None
+            if failure.waits_for_release:
+                log.warning("Failed to launch %s: %s (retrying when a container's destroy frees one)", name, exc)
+                return None
+            log.warning("Failed to launch %s (retrying in %.0fs): %s", name, failure.retry_at - now, exc)
+            return failure.retry_at - now
         state.failure = None
         state.update_refused = None
         state.statistics = self._first_statistics(container)
@@ -384,6 +355,7 @@ class Reconciler:
         if previous is not None:
             self.containerizer.remove(previous.id)
         log.info("Launched %s as container %s (pid %s)", name, container.id, container.pid)
+        return None
 
     async def _provision(self, name: str, state: NameState, config: ContainerConfig) -> None:
         """The container's image, pulled (or found in the store) with its progress in the name's status."""
@@ -435,34 +407,35 @@ class Reconciler:
             pull.published_at = time.monotonic()
             self.publish(name)
 
-    async def _destroy(self, container: Container, reason: str, message: str) -> bool:
-        """Destroy gracefully; False when some process could not be killed (retried with backoff)."""
+    async def _destroy(self, container: Container, reason: str, message: str) -> float | None:
+        """Destroy gracefully; None when done, else when to try again (some process could not be killed)."""
         name = container.config.name
         state = self.names.setdefault(name, NameState())
         failures, retry_at = state.destroy_retry
         if container.destroy_failed and time.time() < retry_at:
-            self.queue.add_after(name, retry_at - time.time())
-            return False
+            return retry_at - time.time()
         if container.alive or container.state == State.DESTROYING or container.destroy_failed:
             await self.containerizer.destroy(container.id, grace=container.config.spec.kill_grace_period,
                                              reason=reason, message=message)
         if container.destroy_failed:
             # Something may have survived: keep its checkpoint and its status (which says why).
-            delay = min(RETRY_INITIAL * 2 ** failures, RETRY_MAX)
+            delay = retry_delay(failures + 1)
             state.destroy_retry = (failures + 1, time.time() + delay)
-            self.queue.add_after(name, delay)
-            return False
+            return delay
         state.destroy_retry = (0, 0.0)
-        return True
+        return None
 
-    async def _retire(self, name: str, state: NameState, container: Container) -> None:
+    async def _retire(self, name: str, state: NameState, container: Container) -> float | None:
         """The manifest that declared this name is gone: destroy gracefully, forget, remove the status file."""
         log.info("Destroying %s: no manifest declares it any more", name)
-        if not await self._destroy(container, reason="Removed", message="No manifest declares this container any more"):
-            return
+        retry = await self._destroy(container, reason="Removed",
+                                    message="No manifest declares this container any more")
+        if retry is not None:
+            return retry
         self.containerizer.remove(container.id)
         state.container = None
         self._forget(name)
+        return None
 
     def _forget(self, name: str) -> None:
         self.names.pop(name, None)
@@ -485,122 +458,7 @@ class Reconciler:
             self.on_published(name, doc, now)
 
     def compose(self, name: str, state: NameState) -> dict[str, Any]:
-        listing = self.listing
-        container = state.container
-        invalid = listing.invalid.get(name) if listing else None
-        if invalid is None and listing is not None and container is not None and name not in listing.desired:
-            invalid = kept_by(container.config.manifest, listing)
-        doc: dict[str, Any] = {
-            "apiVersion": "reconciler/v1", "kind": "ContainerStatus", "name": name,
-            "container_id": None, "manifest": None, "spec_hash": None, "phase": "Pending",
-            "pid": None, "started_at": None, "restarts": 0, "exit_code": None, "exit_signal": None,
-            "reason": "", "message": "", "conditions": [], "isolators": list(self.isolator_names),
-        }
-        desired = listing.desired.get(name) if listing else None
-        if desired is not None:
-            doc["manifest"], doc["spec_hash"] = desired.manifest, desired.spec_hash
-        if container is not None:
-            config = container.config
-            doc.update(container_id=container.id, manifest=config.manifest, spec_hash=config.spec_hash,
-                       restarts=config.restarts, started_at=container.started_at_iso)
-            doc["phase"], doc["reason"], doc["message"] = self._container_phase(name, state, container)
-            if container.alive:
-                doc["pid"] = container.pid
-            elif container.termination is not None:
-                doc["exit_code"] = container.termination.exit_code
-                doc["exit_signal"] = container.termination.exit_signal
-            if config.image is not None:
-                doc["image"], doc["image_id"] = config.image.reference, config.image.id
-            if container.state != State.TERMINATED:
-                try:
-                    doc.update(self.containerizer.status(container.id) | {})
-                except KeyError:
-                    pass
-                doc.pop("executor_pid", None)
-                doc["container_id"] = container.id
-            if state.statistics and container.alive:
-                doc["statistics"] = state.statistics
-            elif container.alive:
-                doc["statistics"] = resource_limits(config.spec.resources)
-        elif invalid is not None:
-            doc["phase"], doc["message"] = "Invalid", invalid.message
-            doc["manifest"] = invalid.manifest
-        if state.failure is not None and (container is None or not container.alive):
-            failure = state.failure
-            if failure.image is not None:
-                doc["image"], doc["image_id"] = failure.image
-            doc["phase"] = "Failed" if failure.permanent or failure.waits_for_release or failure.failed else "Pending"
-            doc["reason"] = failure.reason
-            doc["message"] = failure.message
-            if failure.waits_for_release:
-                doc["message"] += " (retried as soon as a container's destroy frees one)"
-            elif not failure.permanent:
-                doc["message"] += f" (retrying at {iso(failure.retry_at)})"
-        if state.update_refused and container is not None and container.alive:
-            doc["message"] = state.update_refused[1]
-        if state.pull is not None and (container is None or not container.alive):
-            doc["pull"] = state.pull.doc()
-            if not state.pull.failed:
-                doc["phase"], doc["reason"] = "Pending", "Pulling"
-                doc["message"] = state.pull.condition()[2]
-        doc["conditions"] = self._conditions(state, doc, invalid)
-        if invalid is not None and doc["phase"] != "Invalid":
-            doc["message"] = invalid.message
-        return doc
-
-    def _container_phase(self, name: str, state: NameState, container: Container) -> tuple[str, str, str]:
-        if container.state in (State.PREPARING, State.ISOLATING):
-            return "Pending", "", ""
-        if container.state == State.RUNNING:
-            return "Running", "", ""
-        if container.state == State.DESTROYING:
-            return "Terminating", "", ""
-        termination = container.termination
-        assert termination is not None
-        reason, message = termination.reason, termination.message
-        if not message:
-            if termination.exit_signal is not None:
-                message = f"Command terminated with signal {signal.Signals(termination.exit_signal).name}" \
-                    if termination.exit_signal in signal.Signals._value2member_map_ else \
-                    f"Command terminated with signal {termination.exit_signal}"
-            elif termination.exit_code is not None:
-                message = f"Command exited with status {termination.exit_code}"
-        policy = container.config.spec.restart_policy
-        ended = "Succeeded" if termination.succeeded else "Failed"
-        if policy == "Never" or (policy == "OnFailure" and termination.succeeded):
-            return ended, reason, message
-        timer = self.queue.pending_timer(name)
-        if timer is not None:
-            until = time.time() + max(0.0, timer - asyncio.get_running_loop().time())
-            return "BackOff", reason or "CrashLoopBackOff", f"{message}; restarting at {iso(until)}".lstrip("; ")
-        return ended, reason, message
-
-    def _conditions(self, state: NameState, doc: dict[str, Any], invalid: Any) -> list[dict[str, Any]]:
-        wanted = {"Ready": (doc["phase"] == "Running", "", "")}
-        if invalid is not None:
-            wanted["ManifestValid"] = (False, "InvalidManifest", invalid.message)
-        elif doc["phase"] != "Invalid":
-            wanted["ManifestValid"] = (True, "", "")
-        if state.pull is not None:
-            wanted["Pulling"] = state.pull.condition()
-        elif doc.get("image_id"):
-            wanted["Pulling"] = (False, "Pulled", f"Image '{doc['image']}' is in the store as {doc['image_id']}")
-        duplicates = [d.message for d in (self.listing.duplicates if self.listing else []) if d.name == doc["name"]]
-        if duplicates:
-            # The losing declarations have no status file of their own (the name is this one's).
-            wanted["Duplicate"] = (True, "DuplicateName", "; ".join(duplicates))
-        out = []
-        for kind, (status, reason, message) in wanted.items():
-            previous = state.conditions.get(kind)
-            if previous and previous["status"] == status and previous["reason"] == reason \
-                    and previous["message"] == message:
-                out.append(previous)
-                continue
-            since = previous["since"] if previous and previous["status"] == status else iso(time.time())
-            condition = {"type": kind, "status": status, "reason": reason, "message": message, "since": since}
-            state.conditions[kind] = condition
-            out.append(condition)
-        return out
+        return compose(name, state, self.listing, self.isolator_names, self.containerizer.status)
 
     def _first_statistics(self, container: Container) -> dict[str, Any] | None:
         """A first usage reading of a container that just started or was recovered, so that its status and

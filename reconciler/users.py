@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import pwd
 from dataclasses import dataclass
-from typing import Any
 
 from reconciler.isolators.base import PermanentError
+from reconciler.launch_spec import CommandUser
 
 
 class UnknownUserError(PermanentError):
@@ -28,7 +28,7 @@ class User:
     groups: tuple[int, ...]
     home: str
 
-    def launch_spec(self) -> dict[str, Any]:
+    def launch_spec(self) -> CommandUser:
         """What the container's init applies (setgroups, setgid, setuid) before it execs the command."""
         return {"name": self.name, "uid": self.uid, "gid": self.gid, "groups": list(self.groups)}
 

@@ -2,6 +2,11 @@
 
 `add(name)` while the name is being handled marks it dirty: it runs once more afterwards, however
 many wake-ups arrived meanwhile. `add_after(name, delay)` keeps only the earliest pending timer.
+
+The handler returns when the name wants handling again (seconds, or None): the queue schedules it. A
+handler that raises (a bug: every expected failure is a result) is logged and its name tried again
+with per-name exponential backoff (1 s doubling to 60 s), forgotten at its next success, as
+controller-runtime's rate-limited queue does; before, such a name waited for the next resync.
 """
 
 from __future__ import annotations
@@ -10,12 +15,18 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
+from reconciler.backoff import exponential
+
 log = logging.getLogger(__name__)
+
+FAILURE_BACKOFF_INITIAL = 1.0
+FAILURE_BACKOFF_MAX = 60.0
 
 
 class WorkQueue:
-    def __init__(self, handler: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(self, handler: Callable[[str], Awaitable[float | None]]) -> None:
         self._handler = handler
+        self._failures: dict[str, int] = {}     # handler exceptions in a row, by name
         self._running: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -53,13 +64,20 @@ class WorkQueue:
         try:
             while True:
                 self._dirty.discard(name)
+                requeue_after: float | None
                 try:
-                    await self._handler(name)
+                    requeue_after = await self._handler(name)
+                    self._failures.pop(name, None)
                 except asyncio.CancelledError:
                     raise
                 except Exception:    # a bug in one name must not stop the others
-                    log.exception("reconcile of %s failed", name)
+                    failures = self._failures[name] = self._failures.get(name, 0) + 1
+                    requeue_after = exponential(failures, FAILURE_BACKOFF_INITIAL, FAILURE_BACKOFF_MAX)
+                    log.exception("reconcile of %s failed (%d in a row; again in %.0fs)", name, failures,
+                                  requeue_after)
                 if name not in self._dirty:
+                    if requeue_after is not None:
+                        self.add_after(name, requeue_after)
                     return
         finally:
             self._running.pop(name, None)
@@ -69,6 +87,10 @@ class WorkQueue:
     @property
     def idle(self) -> bool:
         return not self._running
+
+    def failures(self, name: str) -> int:
+        """Handler exceptions in a row for the name (0 once it succeeded)."""
+        return self._failures.get(name, 0)
 
     def pending_timer(self, name: str) -> float | None:
         timer = self._timers.get(name)

@@ -42,6 +42,7 @@ from reconciler.isolators.base import (
     LimitationCallback,
     PermanentError,
 )
+from reconciler.launch_spec import InitSpec
 from reconciler.launcher.base import Forked, Launcher
 from reconciler.linux import proc
 from reconciler.models import ContainerSpec, Resources
@@ -281,6 +282,20 @@ def test_launch_prepares_every_isolator_then_forks_then_isolates_then_watches_th
     assert node.journal.steps() == LAUNCH_ORDER
 
 
+def test_the_init_is_sent_every_key_of_its_spec_and_nothing_else(node: Node) -> None:
+    """The containerizer and the init read one declaration (reconciler/launch_spec.py) that the type
+    checker holds both to; the dict really sent, which crosses to the init as JSON, is held to it here."""
+    cz = node.build("a")
+
+    async def scenario() -> None:
+        await cz.launch(node.config("c1"), {"AGENT": "x"})
+
+    node.run(scenario)
+    spec = node.launcher.specs["c1"]
+    assert set(spec) == InitSpec.__required_keys__ | InitSpec.__optional_keys__
+    assert json.loads(json.dumps(spec)) == spec     # nothing in it that JSON would change on the way
+
+
 def test_checkpoints_are_written_ahead_of_the_step_they_describe(node: Node) -> None:
     """Recovery reads them: config before any isolator prepares, launch info before the fork, the pid
     before any isolator isolates (a crash in between leaves something recovery can clean up)."""
@@ -456,6 +471,15 @@ def test_an_aborted_launch_reports_its_cause_even_when_the_kill_fails(node: Node
             await cz.launch(node.config("c1"), {})
         assert raised.value is cause
         assert node.launcher.forked["c1"].outcome == "gave_up"
+        # Something may still run: kept as a failed destroy is, its checkpoint and isolators untouched ...
+        kept = cz.containers["c1"]
+        assert kept.destroy_failed and kept.termination is not None and kept.termination.reason == "DestroyFailed"
+        assert node.checkpointed("c1")
+        assert not any(step.endswith(".cleanup") for step in node.journal.steps())
+        # ... until a destroy kills it: then every isolator cleans up
+        mark = len(node.journal)
+        await cz.destroy("c1")
+        assert node.journal.steps(since=mark) == KILL_AND_CLEANUP
 
     node.run(scenario)
     assert node.journal.steps()[4:7] == ["a.isolate", "init.close_go", "launcher.destroy"]

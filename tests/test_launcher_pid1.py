@@ -17,6 +17,8 @@ import os
 import select
 import signal
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,21 @@ def test_the_installed_pid1_is_static(env: Any) -> None:
         head = f.read(4096)
     assert head[:4] == b"\x7fELF"
     assert b"/lib64/ld-linux" not in head and b"ld-linux-aarch64" not in head   # no program interpreter
+
+
+def test_the_launch_helper_imports_only_the_standard_library_and_its_own_modules() -> None:
+    """Every init is a fork of the helper and pays for what it imported: nothing of the agent's (pydantic,
+    reconciler.linux) belongs there, nor in reconciler.launch_spec, the types the init's spec is read with."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    program = ("import sys; before = set(sys.modules); sys.path.insert(0, sys.argv[1]); "
+               "import reconciler.launcher.helper, reconciler.launch_spec; "
+               "print('\\n'.join(sorted(set(sys.modules) - before)))")
+    loaded = subprocess.run([sys.executable, "-I", "-S", "-c", program, package_root], check=True,
+                            capture_output=True, text=True).stdout.split()
+    ours = {name for name in loaded if name.split(".")[0] not in sys.stdlib_module_names}
+    assert ours == {"reconciler", "reconciler.launch_spec", "reconciler.launcher", "reconciler.launcher.helper",
+                    "reconciler.launcher.init", "reconciler.launcher.image_user",
+                    "reconciler.launcher.seccomp_filter"}, ours
 
 
 @pytest.mark.parametrize("wait_for_the_answer", [True, False])

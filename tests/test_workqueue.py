@@ -87,3 +87,76 @@ def test_a_failing_handler_does_not_stop_the_queue() -> None:
 
 def test_crash_loop_backoff_is_immediate_then_10s_doubling_to_300s() -> None:
     assert [restart_delay(step) for step in range(8)] == [0, 10, 20, 40, 80, 160, 300, 300]
+
+
+def test_a_handler_result_requeues_the_name_after_that_delay() -> None:
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        seen: list[float] = []
+
+        async def handler(name: str) -> float | None:
+            seen.append(loop.time() - started)
+            return 0.05 if len(seen) < 3 else None   # twice "look at me again in 50 ms", then done
+
+        queue = WorkQueue(handler)
+        queue.add("web")
+        await asyncio.sleep(0.4)
+        await queue.wait_idle()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert len(seen) == 3
+    assert 0.04 <= seen[1] - seen[0] < 0.3 and 0.04 <= seen[2] - seen[1] < 0.3
+
+
+def test_a_handler_that_raises_is_retried_with_backoff_and_forgotten_on_success(monkeypatch) -> None:
+    import reconciler.workqueue as workqueue
+    monkeypatch.setattr(workqueue, "FAILURE_BACKOFF_INITIAL", 0.05)
+    monkeypatch.setattr(workqueue, "FAILURE_BACKOFF_MAX", 0.1)
+
+    async def scenario() -> tuple[list[float], list[int]]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        seen: list[float] = []
+        failures: list[int] = []
+
+        async def handler(name: str) -> None:
+            seen.append(loop.time() - started)
+            failures.append(queue.failures(name))
+            if len(seen) <= 3:
+                raise RuntimeError("a bug")
+
+        queue = WorkQueue(handler)
+        queue.add("web")
+        await asyncio.sleep(0.6)
+        await queue.wait_idle()
+        failures.append(queue.failures("web"))
+        return seen, failures
+
+    seen, failures = asyncio.run(scenario())
+    assert len(seen) == 4                          # three failures, each retried; then a success, not retried
+    gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    assert 0.04 <= gaps[0] < 0.09 and 0.09 <= gaps[1] < 0.2 and 0.09 <= gaps[2] < 0.2, gaps   # 50 ms, 100 ms, capped
+    assert failures == [0, 1, 2, 3, 0]             # counted in a row, forgotten on success
+
+
+def test_launch_failure_decides_from_the_error_type_alone() -> None:
+    from reconciler.errors import PermanentError, ResourceExhaustedError, TemporaryError
+    from reconciler.images.errors import ImageError, InvalidReference
+    from reconciler.loop import RETRY_INITIAL, launch_failure
+    now = 1000.0
+    permanent = launch_failure(PermanentError("bad user"), "h", None, now, None)
+    assert permanent.permanent and permanent.message == "bad user" and permanent.reason == "LaunchFailed"
+    exhausted = launch_failure(ResourceExhaustedError("no handle"), "h", None, now, None)
+    assert exhausted.waits_for_release and not exhausted.permanent and exhausted.reason == "ResourceExhausted"
+    first = launch_failure(OSError("fork failed"), "h", None, now, None)
+    assert (first.permanent, first.step, first.retry_at, first.reason, first.failed) == \
+        (False, 1, now + RETRY_INITIAL, "LaunchFailed", False)
+    second = launch_failure(OSError("fork failed"), "h", first, now, None)
+    assert second.step == 2 and second.retry_at == now + 2 * RETRY_INITIAL
+    asked = launch_failure(TemporaryError("busy", delay=7.0), "h", second, now, None)
+    assert asked.retry_at == now + 7.0
+    image = launch_failure(ImageError("registry 'r': HTTP 404 MANIFEST_UNKNOWN: ..."), "h", None, now, None)
+    assert (image.reason, image.failed, image.permanent) == ("ProvisioningFailed", True, False)
+    assert launch_failure(InvalidReference("bad reference"), "h", None, now, None).permanent

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from reconciler.backoff import exponential
 from reconciler.diskusage.mounts import MountTable
 from reconciler.diskusage.schedule import DiskUsageCollector, TrackedSandbox
 from reconciler.diskusage.walk import DiskUsage
@@ -255,7 +256,7 @@ class MeasuringClient:
         log.warning("disk/du: the measuring process exited; starting it again")
         if self.watched:
             loop = next(iter(self.watched.values()))[1]
-            delay = min(30.0, 0.5 * 2 ** min(self.restarts, 6))
+            delay = exponential(self.restarts + 1, 0.5, 30.0)   # 1 s, 2 s, ... at most 30 s
             loop.call_later(delay, self._rewatch)
 
     def _rewatch(self) -> None:

@@ -1,13 +1,19 @@
-"""The errors the image store raises; the containerizer catches ImageError and fails the container with its text."""
+"""The errors the image store raises: temporary (the launch is tried again with backoff, the container
+Failed with reason ProvisioningFailed meanwhile) except an invalid reference, which waits for the spec."""
 
 from __future__ import annotations
 
+from reconciler.errors import PermanentError, TemporaryError
 
-class ImageError(Exception):
+
+class ImageError(TemporaryError):
     """Any failure to resolve, read, verify or store an image. The message is what the user sees."""
 
+    reason = "ProvisioningFailed"
+    shows_failed = True
 
-class InvalidReference(ImageError):
+
+class InvalidReference(ImageError, PermanentError):
     """The image reference in a manifest does not parse (a permanent error until the spec changes)."""
 
 

@@ -20,7 +20,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from reconciler import errors
 from reconciler.container import CONTAINER_SANDBOX, ROOTFS_DIR, ContainerConfig, ContainerState, ProvisionedImage
+from reconciler.launch_spec import CapabilitySets, Mount, MountStep, RLimitSetting, SeccompProfile, UserInImage
 from reconciler.linux import syscalls
 
 if TYPE_CHECKING:
@@ -34,15 +36,9 @@ __all__ = [
 ]
 
 
-class PermanentError(Exception):
-    """A launch that cannot succeed until the manifest changes (bad user, unsatisfiable request)."""
-
-
-class ResourceExhaustedError(Exception):
-    """A node-local resource the launch needs is used up (net_cls handles, XFS project ids). The container
-    is Failed with `reason`; its launch is tried again as soon as a container's destroy gives one back."""
-
-    reason = "ResourceExhausted"
+# What an isolator raises to say what the loop does with its failure (reconciler.errors).
+PermanentError = errors.PermanentError
+ResourceExhaustedError = errors.ResourceExhaustedError
 
 
 class IsolatorSetupError(Exception):
@@ -54,8 +50,8 @@ class IsolatorSetupError(Exception):
 
 # The first mount of any new mount namespace: without it, what the init mounts there would propagate
 # to the host through shared mounts (systemd makes / shared).
-PRIVATE_ROOT: dict[str, Any] = {"source": None, "target": "/", "fstype": None,
-                                "flags": syscalls.MS_REC | syscalls.MS_PRIVATE, "data": None}
+PRIVATE_ROOT: Mount = {"source": None, "target": "/", "fstype": None,
+                       "flags": syscalls.MS_REC | syscalls.MS_PRIVATE, "data": None}
 
 
 @dataclass
@@ -63,22 +59,21 @@ class LaunchInfo:
     """Mesos ContainerLaunchInfo: what an isolator needs done in the container before the command runs."""
     clone_namespaces: int = 0
     environment: dict[str, str] = field(default_factory=dict)
-    mounts: list[dict[str, Any]] = field(default_factory=list)   # applied in order by the init
-    rlimits: list[dict[str, int]] = field(default_factory=list)
+    mounts: list[MountStep] = field(default_factory=list)   # applied in order by the init
+    rlimits: list[RLimitSetting] = field(default_factory=list)
     hostname: str | None = None
     working_directory: str | None = None
     pre_exec: list[dict[str, Any]] = field(default_factory=list)
-    capabilities: dict[str, Any] | None = None
-    user: dict[str, Any] | None = None
+    capabilities: CapabilitySets | None = None
+    user: UserInImage | None = None
     # docker/runtime: the argv to exec instead of the manifest's command (argv[0] is the program,
     # looked up in PATH when it has no slash); None keeps the manifest's command.
     command: list[str] | None = None
     # filesystem/linux: the init pivots into this directory after every mount is made.
     rootfs: str | None = None
-    # linux/seccomp: the profile the command's process loads last before exec, as
-    # {"name": "default" | a file name of --seccomp_config_dir, "path": its file (None: the built-in
-    # default)}; the containerizer compiles it for the container's capabilities. None: unconfined.
-    seccomp: dict[str, Any] | None = None
+    # linux/seccomp: the profile the command's process loads last before exec; the containerizer
+    # compiles it for the container's capabilities. None: unconfined.
+    seccomp: SeccompProfile | None = None
     # network/cni: the network namespace (a bind-mounted nsfs file) the init joins before anything else.
     network_namespace: str | None = None
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from reconciler.container import CONTAINER_SANDBOX, ROOTFS_DIR, ContainerConfig, ContainerState
 from reconciler.isolators.base import PRIVATE_ROOT, Isolator, IsolatorSetupError, LaunchInfo, PermanentError
@@ -38,6 +38,7 @@ from reconciler.isolators.volumes import (
     shared_filesystem,
     under,
 )
+from reconciler.launch_spec import Mount, MountOptions, MountStep
 from reconciler.linux import syscalls
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def overlay_supported(filesystems: str = "/proc/filesystems") -> bool:
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None,
-           **extra: object) -> dict:
+           **extra: Unpack[MountOptions]) -> Mount:
     return {"source": source, "target": target, "fstype": fstype, "flags": flags, "data": data, **extra}
 
 
@@ -91,8 +92,8 @@ class LinuxFilesystemIsolator(Isolator):
             raise PermanentError(f"Image '{config.image.reference}' has too many layers for one overlay mount "
                                  f"({len(config.image.layers)})")
         at = config.in_rootfs
-        mounts = [
-            dict(PRIVATE_ROOT),
+        mounts: list[MountStep] = [
+            PRIVATE_ROOT.copy(),
             _mount("overlay", rootfs, "overlay", 0, data),
             _mount("proc", at("/proc"), "proc", _NOSUID_NODEV_NOEXEC, mkdir=True),
             _mount("sysfs", at("/sys"), "sysfs", _NOSUID_NODEV_NOEXEC | syscalls.MS_RDONLY, mkdir=True),
@@ -140,7 +141,7 @@ class LinuxFilesystemIsolator(Isolator):
     def cleanup(self, container_id: str) -> None:
         self._masked.pop(container_id, None)
 
-    def _rootfs_volume_mounts(self, volume: "Volume", config: ContainerConfig, taken: list[str]) -> list[dict]:
+    def _rootfs_volume_mounts(self, volume: "Volume", config: ContainerConfig, taken: list[str]) -> list[Mount]:
         container_path = posixpath.normpath(volume.container_path)
         for other in taken:
             if under(container_path, other):

@@ -14,8 +14,9 @@ A privileged container (`linux_info.privileged`) gets none of them, as with `doc
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Callable
 
+from reconciler.launch_spec import Mount
 from reconciler.linux import syscalls
 
 MASKED_PATHS = (
@@ -26,12 +27,12 @@ READ_ONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sys
 _NOSUID_NODEV_NOEXEC = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
 
 
-def masking_mounts(at: Callable[[str], str]) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+def masking_mounts(at: Callable[[str], str]) -> tuple[list[Mount], dict[str, list[str]]]:
     """The mounts that mask and make read-only runc's paths, each at `at(path)`, and what the status shows.
 
     Only paths this kernel has are listed (the container's /proc and /sys show the same kernel's).
     """
-    mounts: list[dict[str, Any]] = []
+    mounts: list[Mount] = []
     masked, read_only = [], []
     empty: str | None = None    # the first masked directory's tmpfs, bound over the others (binds are cheaper)
     for path in MASKED_PATHS:

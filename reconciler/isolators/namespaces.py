@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler.container import ContainerConfig, ContainerState
 from reconciler.isolators.base import PRIVATE_ROOT, Isolator, LaunchInfo, PermanentError
 from reconciler.isolators.masks import masking_mounts
+from reconciler.launch_spec import MountStep
 from reconciler.linux.syscalls import CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID, MS_NODEV, MS_NOEXEC, MS_NOSUID
 
 if TYPE_CHECKING:
@@ -55,8 +56,8 @@ class PidNamespaceIsolator(Isolator):
             # filesystem/linux mounts the rootfs's /proc itself, with its kernel knobs read-only: another
             # proc mounted over it would undo that.
             return LaunchInfo(clone_namespaces=CLONE_NEWPID | CLONE_NEWNS)
-        mounts = [PRIVATE_ROOT, {"source": "proc", "target": "/proc", "fstype": "proc",
-                                 "flags": MS_NOSUID | MS_NODEV | MS_NOEXEC, "data": None}]
+        mounts: list[MountStep] = [PRIVATE_ROOT, {"source": "proc", "target": "/proc", "fstype": "proc",
+                                                  "flags": MS_NOSUID | MS_NODEV | MS_NOEXEC, "data": None}]
         if self._masks(config):
             masks, self._masked[container_id] = masking_mounts(str)
             mounts += masks

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler.container import ContainerConfig, ContainerState
 from reconciler.fsutil import atomic_write, read_json
 from reconciler.isolators.base import PRIVATE_ROOT, Isolator, IsolatorSetupError, LaunchInfo, PermanentError
+from reconciler.launch_spec import MountStep
 from reconciler.linux import syscalls
 from reconciler.linux.mounts import remount_flags
 from reconciler.network import cni, etc_files, netns, shaping
@@ -199,7 +200,7 @@ class NetworkCniIsolator(Isolator):
 
     @staticmethod
     def _launch_info(config: ContainerConfig, path: str, hostname: str, files: etc_files.EtcFiles) -> LaunchInfo:
-        mounts: list[dict[str, Any]] = [dict(PRIVATE_ROOT)]
+        mounts: list[MountStep] = [PRIVATE_ROOT.copy()]
         if config.rootfs is None:
             # The host's /sys shows the host's interfaces (sysfs shows the namespace of whoever mounted
             # it): a sysfs mounted once in the container's namespace shows its own (as Mesos does).

@@ -14,14 +14,14 @@ the agent's own without CAP_SYS_RESOURCE -- ends the container with "Failed to s
 from __future__ import annotations
 
 import resource
-from typing import Any
 
 from reconciler.container import ContainerConfig
 from reconciler.isolators.base import Isolator, LaunchInfo
+from reconciler.launch_spec import RLimitSetting
 from reconciler.models import RLIMIT_NUMBERS, RLimit
 
 
-def launch_rlimit(rlimit: RLimit) -> dict[str, Any]:
+def launch_rlimit(rlimit: RLimit) -> RLimitSetting:
     """What the init passes to setrlimit(2) for one manifest rlimit (`name` is for its messages)."""
     if rlimit.soft is None and rlimit.hard is None:
         soft = hard = resource.RLIM_INFINITY

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler.container import ContainerConfig, ContainerState
 from reconciler.isolators.base import Isolator, IsolatorSetupError, LaunchInfo, PermanentError
+from reconciler.launch_spec import SeccompProfile
 from reconciler.linux import seccomp
 
 if TYPE_CHECKING:
@@ -41,8 +42,8 @@ class LinuxSeccompIsolator(Isolator):
         directory, name = config.seccomp_config_dir, config.seccomp_profile_name
         if directory is not None and not os.path.isdir(directory):
             raise IsolatorSetupError(f"flag --seccomp_config_dir: {directory} is not a directory")
-        # The profile of every container that names none ({"name", "path"} as LaunchInfo.seccomp; None: unconfined).
-        self.default: dict[str, Any] | None = {"name": DEFAULT, "path": None}
+        # The profile of every container that names none (None: unconfined).
+        self.default: SeccompProfile | None = {"name": DEFAULT, "path": None}
         if name == UNCONFINED:
             self.default = None
             return
@@ -50,8 +51,9 @@ class LinuxSeccompIsolator(Isolator):
             if directory is None:
                 raise IsolatorSetupError(f"flag --seccomp_profile_name: profile '{name}' needs --seccomp_config_dir, "
                                          "the directory it is a file of")
-            self.default = {"name": name, "path": os.path.join(directory, name)}
-            if not os.path.isfile(self.default["path"]):
+            path = os.path.join(directory, name)
+            self.default = {"name": name, "path": path}
+            if not os.path.isfile(path):
                 raise IsolatorSetupError(f"flag --seccomp_profile_name: profile '{name}' is not a file of "
                                          f"--seccomp_config_dir {directory}")
         try:
@@ -64,7 +66,7 @@ class LinuxSeccompIsolator(Isolator):
             flag = "--seccomp_profile_name" if name is not None else "--isolation: linux/seccomp"
             raise IsolatorSetupError(f"flag {flag}: {exc} ({UNCONFINED_HINT})") from None
 
-    def _container_profile(self, config: ContainerConfig) -> dict[str, Any] | None:
+    def _container_profile(self, config: ContainerConfig) -> SeccompProfile | None:
         container = config.spec.container
         asked = container.linux_info.seccomp if container is not None and container.linux_info is not None else None
         if config.privileged or (asked is not None and asked.unconfined):
@@ -89,7 +91,7 @@ class LinuxSeccompIsolator(Isolator):
             source = "--seccomp_profile_name" if profile is self.default else "linux_info.seccomp.profile_name"
             raise PermanentError(f"Failed to load seccomp profile '{profile['name']}' ({source}): {exc}") from None
         self._profiles[container_id] = profile["name"]
-        return LaunchInfo(seccomp=dict(profile))
+        return LaunchInfo(seccomp=profile.copy())
 
     def recover(self, states: list[ContainerState], orphans: set[str]) -> None:
         # What the manifest and flags say now; a container launched under other flags keeps the filter

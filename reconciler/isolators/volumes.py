@@ -24,6 +24,7 @@ import posixpath
 from typing import TYPE_CHECKING
 
 from reconciler.isolators.base import PRIVATE_ROOT, IsolatorSetupError, LaunchInfo, PermanentError
+from reconciler.launch_spec import Mount
 from reconciler.linux import syscalls
 from reconciler.linux.mountinfo import read_mountinfo
 from reconciler.linux.mounts import remount_flags
@@ -45,7 +46,7 @@ def check_mount_namespaces(isolator: str) -> None:
 
 def shared_filesystem(config: ContainerConfig) -> LaunchInfo:
     """A private mount namespace over the host's filesystem, with the container's volumes bound in."""
-    info = LaunchInfo(clone_namespaces=syscalls.CLONE_NEWNS, mounts=[dict(PRIVATE_ROOT)])
+    info = LaunchInfo(clone_namespaces=syscalls.CLONE_NEWNS, mounts=[PRIVATE_ROOT.copy()])
     container = config.spec.container
     if container is None:
         return info
@@ -72,12 +73,12 @@ def remount_read_only_flags(path: str) -> int:
     return remount_flags(path, syscalls.MS_RDONLY)
 
 
-def read_only_remounts(host_path: str, target: str) -> list[dict]:
+def read_only_remounts(host_path: str, target: str) -> list[Mount]:
     """What makes the bind of `host_path` at `target` read-only: a bind mount takes the source's flags,
     MS_RDONLY only counts on a remount, and only for that one mount, so the mounts below it (taken
     along by MS_REC) are remounted too."""
-    mounts = [{"source": None, "target": target, "fstype": None, "flags": remount_read_only_flags(host_path),
-               "data": None}]
+    mounts: list[Mount] = [{"source": None, "target": target, "fstype": None,
+                            "flags": remount_read_only_flags(host_path), "data": None}]
     real_host = os.path.realpath(host_path)
     for below in submounts(host_path):
         mounts.append({"source": None, "target": posixpath.join(target, posixpath.relpath(below, real_host)),
@@ -96,7 +97,7 @@ def submounts(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
     return sorted(found, key=lambda p: len(_components(p)))
 
 
-def host_volume_mounts(volume: Volume, sandbox: str, taken: list[str]) -> list[dict]:
+def host_volume_mounts(volume: Volume, sandbox: str, taken: list[str]) -> list[Mount]:
     """The bind mounts of one volume over the host path `container_path`; `taken` (the sandbox's paths and
     the volumes before it) is checked against it, then extended with it."""
     container_path = volume.container_path
@@ -134,8 +135,8 @@ def host_volume_mounts(volume: Volume, sandbox: str, taken: list[str]) -> list[d
                              f"be bound from host path '{host_path}', which is "
                              f"{'not ' if os.path.isdir(container_path) else ''}a directory")
 
-    mounts: list[dict] = [{"source": host_path, "target": container_path, "fstype": None,
-                           "flags": syscalls.MS_BIND | syscalls.MS_REC, "data": None}]
+    mounts: list[Mount] = [{"source": host_path, "target": container_path, "fstype": None,
+                            "flags": syscalls.MS_BIND | syscalls.MS_REC, "data": None}]
     if volume.mode == "RO":
         mounts.extend(read_only_remounts(host_path, container_path))
     return mounts

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
+from reconciler.launch_spec import InitSpec
 from reconciler.linux import proc
 
 
@@ -89,7 +90,7 @@ class LaunchHelper:
         if self.on_start is not None:
             self.on_start(self._proc.pid)
 
-    def fork(self, spec: dict, clone_flags: int) -> Forked:
+    def fork(self, spec: InitSpec, clone_flags: int) -> Forked:
         with self._lock:
             if self._sock is None or (self._proc is not None and self._proc.poll() is not None):
                 self._start()
@@ -155,7 +156,7 @@ class Launcher(ABC):
         self.helper = helper
 
     @abstractmethod
-    def fork(self, container_id: str, spec: dict, clone_flags: int) -> Forked:
+    def fork(self, container_id: str, spec: InitSpec, clone_flags: int) -> Forked:
         """Fork the init; on return it is in every cgroup the launcher manages, and blocked."""
 
     @abstractmethod

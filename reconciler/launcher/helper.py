@@ -35,8 +35,12 @@ import os
 import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from reconciler.launcher import init
+
+if TYPE_CHECKING:
+    from reconciler.launch_spec import InitSpec
 
 # clone(2)'s number where its arguments are (flags, stack, parent_tid, ...), as below; it was x86_64's
 # alone (s390x swaps flags and stack: not supported).
@@ -102,7 +106,7 @@ def open_status(checkpoint_dir: str) -> int:
 
 
 def launch(sock: socket.socket, request: dict, pid1_fd: int) -> None:
-    spec = request["spec"]
+    spec: InitSpec = request["spec"]
     try:
         status_fd = open_status(spec["checkpoint_dir"])
     except OSError as exc:

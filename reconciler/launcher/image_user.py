@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from reconciler.launch_spec import CommandUser
 
 MAX_FILE = 1 << 20
 MAX_ID = (1 << 31) - 1
@@ -50,7 +54,7 @@ def _id_field(entry: list[str], index: int) -> int | None:
         return None
 
 
-def resolve(spec: str, root: str = "/") -> dict:
+def resolve(spec: str, root: str = "/") -> CommandUser:
     """{"name", "uid", "gid", "groups", "home"} for `spec`; ValueError saying what was not found."""
     user, _, group = spec.partition(":")
     uid: int | None = 0
@@ -90,4 +94,5 @@ def resolve(spec: str, root: str = "/") -> dict:
             extra = _id_field(entry, 2)
             if name in members and extra is not None and extra not in groups:
                 groups.append(extra)
+    assert uid is not None and gid is not None   # an entry without a valid one was refused above
     return {"name": name, "uid": uid, "gid": gid, "groups": groups, "home": home}

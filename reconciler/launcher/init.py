@@ -30,9 +30,13 @@ import resource
 import signal
 import sys
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from reconciler.launcher import image_user, seccomp_filter
+
+if TYPE_CHECKING:
+    # Types only (annotations are not evaluated here): the init reads the plain dicts json.loads made.
+    from reconciler.launch_spec import CapabilitySets, CommandUser, InitSpec, LaunchSteps, RLimitSetting, Stdio
 
 # Signals an operator or the agent may send to a container; init passes them on to the command.
 FORWARDED_SIGNALS = (
@@ -118,7 +122,7 @@ def termination_doc(wait_status: int | None, error: str | None = None) -> dict:
     return doc
 
 
-def run(spec: dict, go_fd: int, status_fd: int, pid1_fd: int) -> int:
+def run(spec: InitSpec, go_fd: int, status_fd: int, pid1_fd: int) -> int:
     """The container's init until it becomes pid1. Returns an exit code for os._exit only when it fails."""
     # The only dispositions Python and the launch helper changed; every executed line of Python
     # here copies pages of the helper, so the init does no more than it must.
@@ -135,15 +139,17 @@ def run(spec: dict, go_fd: int, status_fd: int, pid1_fd: int) -> int:
     setup_error = None
     user = spec.get("user")
     try:
-        if spec.get("network_namespace"):
-            join_network_namespace(spec["network_namespace"])
+        network_namespace = spec.get("network_namespace")
+        if network_namespace:
+            join_network_namespace(network_namespace)
         # Opened here, by their host paths: a root filesystem entered below would hide them.
         stdio = open_stdio(spec)
         apply_launch_info(spec)
-        if spec.get("user_in_image") is not None:
+        in_image = spec.get("user_in_image")
+        if in_image is not None:
             # Docker's rule (and Mesos's for command.user): a user is looked up in the container's own
             # /etc/passwd and /etc/group, now that it is the root.
-            user = image_user.resolve(spec["user_in_image"])
+            user = image_user.resolve(in_image)
             spec["env"].setdefault("HOME", user.pop("home"))
         if user is not None and spec.get("chown_sandbox"):
             # Only now the container's user may change the sandbox: the mounts and files root made in
@@ -224,11 +230,12 @@ def join_network_namespace(path: str) -> None:
         os.close(fd)
 
 
-def apply_launch_info(spec: dict) -> None:
+def apply_launch_info(spec: LaunchSteps) -> None:
     """What isolators asked for, applied inside the new namespaces before the command starts."""
-    if spec.get("hostname"):
+    hostname = spec.get("hostname")
+    if hostname:
         import socket
-        socket.sethostname(spec["hostname"])
+        socket.sethostname(hostname)
     rootfs = spec.get("rootfs")
     for m in spec.get("mounts", []):
         target = m["target"]
@@ -257,7 +264,7 @@ def apply_launch_info(spec: dict) -> None:
             raise OSError(f"Failed to set {rl.get('name', rl['resource'])} limit: {_rlimit_reason(rl, exc)}") from None
 
 
-def _rlimit_reason(rl: dict, exc: Exception) -> str:
+def _rlimit_reason(rl: RLimitSetting, exc: Exception) -> str:
     # Python turns EPERM and EINVAL into ValueErrors with its own words; say what the kernel said, and why.
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
@@ -268,7 +275,7 @@ def _rlimit_reason(rl: dict, exc: Exception) -> str:
     return f"{os.strerror(1)}: raising a hard limit above the agent's own ({hard}) needs CAP_SYS_RESOURCE{hint}"
 
 
-def open_stdio(spec: dict) -> tuple[int, int, int]:
+def open_stdio(spec: Stdio) -> tuple[int, int, int]:
     """The command's stdin (/dev/null), stdout and stderr (appended to, in the sandbox)."""
     stdin = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -325,7 +332,8 @@ class Command(NamedTuple):
     errors: int
 
 
-def start_command(spec: dict, stdio: tuple[int, int, int] | None = None, user: dict | None = None) -> Command:
+def start_command(spec: InitSpec, stdio: tuple[int, int, int] | None = None,
+                  user: CommandUser | None = None) -> Command:
     """Fork the command; it sets itself up (user, capabilities, seccomp), then waits to be released."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     release_r, release_w = os.pipe2(os.O_CLOEXEC)
@@ -342,7 +350,7 @@ def start_command(spec: dict, stdio: tuple[int, int, int] | None = None, user: d
     return Command(pid, release_w, err_r)
 
 
-def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr: int, err_w: int,
+def _exec_command(spec: InitSpec, user: CommandUser | None, stdin: int, stdout: int, stderr: int, err_w: int,
                   release: int) -> None:
     """In the command's process: become the command's user with its capabilities, and exec. Never returns.
 
@@ -375,11 +383,12 @@ def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr
         if caps:
             failing = "Failed to set capabilities"
             _limit_capabilities(caps, uid)
-        no_new_privs = uid != 0 or bool(spec.get("no_new_privs"))
+        no_new_privs = uid != 0
         if no_new_privs:
             failing = "Failed to set no_new_privs"
             _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-        program = base64.b64decode(spec["seccomp_filter"]) if spec.get("seccomp_filter") else None
+        encoded = spec.get("seccomp_filter")
+        program = base64.b64decode(encoded) if encoded else None
         if program is not None and not no_new_privs:
             failing = "Failed to load the seccomp filter"
             seccomp_filter.install(program, no_new_privs=False)
@@ -419,7 +428,7 @@ def _exec_command(spec: dict, user: dict | None, stdin: int, stdout: int, stderr
     os._exit(127)   # not reached: exec either replaced this process or raised
 
 
-def _limit_capabilities(caps: dict, uid: int) -> None:
+def _limit_capabilities(caps: CapabilitySets, uid: int) -> None:
     """In the command's process, before it changes user: shrink the bounding set, keep what is granted.
 
     Only the command's process runs this (it is exec'd right after), so the init stays small.
@@ -467,7 +476,7 @@ def _grant_capabilities(effective: list[int]) -> None:
         _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), f"prctl(PR_CAP_AMBIENT_RAISE, {cap})")
 
 
-def _log_to_stderr(spec: dict, message: str, stdio: tuple[int, int, int] | None = None) -> None:
+def _log_to_stderr(spec: Stdio, message: str, stdio: tuple[int, int, int] | None = None) -> None:
     try:
         if stdio is not None:
             os.write(stdio[2], (message + "\n").encode())
@@ -478,7 +487,7 @@ def _log_to_stderr(spec: dict, message: str, stdio: tuple[int, int, int] | None 
         pass
 
 
-def child_main(spec: dict, go_fd: int, status_fd: int, pid1_fd: int) -> None:
+def child_main(spec: InitSpec, go_fd: int, status_fd: int, pid1_fd: int) -> None:
     """Entry in the freshly cloned child: never returns."""
     code = 1
     try:

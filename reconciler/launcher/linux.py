@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 
+from reconciler.launch_spec import InitSpec
 from reconciler.launcher.base import Forked, Launcher, LaunchHelper, signal_pid, wait_gone
 from reconciler.linux import cgroups, proc
 
@@ -50,7 +51,7 @@ class LinuxLauncher(Launcher):
     def cgroup(self, container_id: str) -> str:
         return f"{self.cgroups_root}/{container_id}"
 
-    def fork(self, container_id: str, spec: dict, clone_flags: int) -> Forked:
+    def fork(self, container_id: str, spec: InitSpec, clone_flags: int) -> Forked:
         cgroup = self.cgroup(container_id)
         self.hierarchy.create(cgroup)
         forked = self.helper.fork(spec, clone_flags)

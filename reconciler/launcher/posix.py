@@ -11,6 +11,7 @@ import os
 import signal
 import time
 
+from reconciler.launch_spec import InitSpec
 from reconciler.launcher.base import Forked, Launcher, signal_pid
 from reconciler.linux import proc
 
@@ -18,7 +19,7 @@ from reconciler.linux import proc
 class PosixLauncher(Launcher):
     name = "posix"
 
-    def fork(self, container_id: str, spec: dict, clone_flags: int) -> Forked:
+    def fork(self, container_id: str, spec: InitSpec, clone_flags: int) -> Forked:
         if clone_flags:
             raise ValueError("the posix launcher cannot create namespaces; use --launcher=linux")
         return self.helper.fork(spec, 0)

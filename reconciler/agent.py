@@ -134,14 +134,10 @@ class Agent:
         self.source = ManifestSource(config.manifests, node_attributes=config.attributes,
                                      default_container_info=default_info, strict_modes=config.manifests_strict_modes)
         self.reconciler = Reconciler(self.containerizer, self.status, [i.name for i in self.isolators],
-                                     container_environment())
+                                     container_environment(), observer=self.http)
         self.reconciler.log_rotator = LogRotator(RotationPolicy(
             config.container_logger_max_stdout_size, config.container_logger_max_stderr_size,
             config.container_logger_keep))
-        if self.http is not None:
-            self.reconciler.on_published = self.http.published
-            self.reconciler.on_forgotten = self.http.forgotten
-            self.reconciler.on_reconciled = self.http.metrics.reconciled
         self.watch_mode = "inotify"
         self.last_listed_at: float | None = None
         self.last_reconcile_duration: float | None = None

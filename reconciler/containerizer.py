@@ -21,7 +21,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from reconciler import users
 from reconciler.checkpoint import Checkpoints
@@ -40,7 +40,7 @@ from reconciler.launch_spec import InitSpec
 from reconciler.launcher.base import Forked, Launcher
 from reconciler.linux import DEFAULT_PATH, proc, syscalls
 from reconciler.linux.mounts import ensure_nosuid_nodev
-from reconciler.models import Resources
+from reconciler.models import Resources, ResourceStatistics
 from reconciler.status import iso
 from reconciler.units import megabytes_to_bytes
 
@@ -133,27 +133,46 @@ def resource_limits(resources: Resources) -> dict[str, Any]:
     return limits
 
 
+class ContainerObserver(Protocol):
+    """Who the containerizer tells about its containers, on the event loop's thread: the reconcile loop."""
+
+    def container_changed(self, container: Container) -> None:
+        """Its state changed (launched, terminating, terminated)."""
+
+    def container_status_changed(self, container: Container) -> None:
+        """A running container's isolator facts changed (no phase change): its status file only."""
+
+
+class _NobodyWatches:
+    def container_changed(self, container: Container) -> None:
+        return None
+
+    def container_status_changed(self, container: Container) -> None:
+        return None
+
+
 class Containerizer:
     def __init__(self, launcher: Launcher, isolators: list[Isolator], checkpoints: Checkpoints,
-                 on_change: Callable[[Container], None] = lambda c: None, image_store: Any = None) -> None:
+                 observer: ContainerObserver | None = None, image_store: Any = None) -> None:
         self.launcher = launcher
         self.image_store = image_store     # reconciler.images.ImageStore with --image_providers=docker
         # Pulls of one image share one flight in the store (the others wait in their threads).
         self._pull_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-pull")
         self.isolators = isolators
         self.checkpoints = checkpoints
-        self.on_change = on_change
-        # A running container's isolator facts changed (no phase change): rewrite its status only.
-        self.on_status: Callable[[Container], None] = lambda c: None
+        self.observer: ContainerObserver = observer or _NobodyWatches()
         self.containers: dict[str, Container] = {}
         self.boot_id = proc.boot_id()
         self.destroy_errors = 0
         self.watching = True     # False once the agent stops: exits and limits are the next agent's business
         self._event_loop: asyncio.AbstractEventLoop | None = None
         for isolator in isolators:
-            isolator.status_changed = self._isolator_status_changed
+            isolator.attach(self)
 
-    def _isolator_status_changed(self, container_id: str) -> None:
+    def attach(self, observer: ContainerObserver) -> None:
+        self.observer = observer
+
+    def isolator_status_changed(self, container_id: str) -> None:
         """From any thread (isolators measure in their own): hop to the loop, then publish."""
         loop = self._event_loop
         if loop is not None and not loop.is_closed():
@@ -162,7 +181,7 @@ class Containerizer:
     def _publish_status(self, container_id: str) -> None:
         container = self.containers.get(container_id)
         if container is not None and container.state == State.RUNNING:
-            self.on_status(container)
+            self.observer.container_status_changed(container)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -223,7 +242,7 @@ class Containerizer:
                     to_destroy.append(container)
                     continue
                 for isolator in self.isolators:
-                    isolator.watch(container.id, self._limitation_callback(container), self.loop)
+                    isolator.watch(container.id).add_done_callback(self._limitation_callback(container))
         for container in to_destroy:
             await self.destroy(container.id)
         for cid in sorted(orphans):
@@ -326,7 +345,7 @@ class Containerizer:
             for isolator in self.isolators:
                 isolator.isolate(cid, forked.pid)
             for isolator in self.isolators:
-                isolator.watch(cid, self._limitation_callback(container), self.loop)
+                isolator.watch(cid).add_done_callback(self._limitation_callback(container))
             forked.go()
             container.state = State.RUNNING
             self.loop.add_reader(forked.pidfd, self._on_init_exit, container)
@@ -471,8 +490,9 @@ class Containerizer:
                 os.close(container.pidfd)
                 container.pidfd = None
 
-    def _limitation_callback(self, container: Container) -> Callable[[Limitation], None]:
-        def limited(limitation: Limitation) -> None:
+    def _limitation_callback(self, container: Container) -> Callable[[asyncio.Future[Limitation]], None]:
+        def limited(watched: asyncio.Future[Limitation]) -> None:
+            limitation = watched.result()
             if container.state == State.TERMINATED or not self.watching:
                 return
             if container.destroy_task is not None:
@@ -510,7 +530,7 @@ class Containerizer:
     async def _destroy(self, container: Container, grace: float, termination: Termination | None) -> Termination:
         cid = container.id
         container.state = State.DESTROYING
-        self.on_change(container)
+        self.observer.container_changed(container)
         identity = container.identity
         if grace > 0 and identity is not None and identity.is_alive():
             self.launcher.terminate(identity, signal.SIGTERM)
@@ -524,7 +544,7 @@ class Containerizer:
             container.termination = Termination(reason="DestroyFailed", finished_at=time.time(),
                                                 message=f"Failed to kill all processes in the container: {exc}")
             container.done.set()
-            self.on_change(container)
+            self.observer.container_changed(container)
             return container.termination
         self._forget_pidfd(container)
         cleanup_errors = await self._cleanup_isolators(cid)
@@ -536,7 +556,7 @@ class Containerizer:
         container.state = State.TERMINATED
         self.checkpoints.write_termination(cid, final.to_doc())
         container.done.set()
-        self.on_change(container)
+        self.observer.container_changed(container)
         return final
 
     async def _wait_exit(self, container: Container, timeout: float) -> None:
@@ -620,7 +640,9 @@ class Containerizer:
             raise
         container.config.spec, container.config.spec_hash = updated.spec, spec_hash
 
-    def usage(self, container_id: str) -> dict[str, Any]:
+    def usage(self, container_id: str) -> ResourceStatistics:
+        """Mesos's usage(): every isolator's figures of the container, its limits, when they were taken.
+        A figure that is not measured is absent (an isolator that fails is skipped, as in Mesos)."""
         container = self.containers.get(container_id)
         if container is None:
             raise KeyError(f"Unknown container {container_id}")
@@ -632,7 +654,7 @@ class Containerizer:
                 log.debug("usage of %s from %s failed: %s", container_id, isolator.name, exc)
         statistics["timestamp"] = time.time()
         statistics.update(resource_limits(container.config.spec.resources))
-        return statistics
+        return ResourceStatistics.model_validate(statistics)
 
     def status(self, container_id: str) -> dict[str, Any]:
         container = self.containers.get(container_id)

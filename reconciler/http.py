@@ -717,6 +717,9 @@ class HttpFace:
             self.seen[name] = (seen[0], -1.0)    # observed once per spec
         self.changed()
 
+    def reconciled(self, seconds: float, result: str) -> None:
+        self.metrics.reconciled(seconds, result)
+
     def forgotten(self, name: str) -> None:
         self.docs.pop(name, None)
         self.pieces.pop(name, None)

@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Protocol
 
 from reconciler.backoff import exponential
 from reconciler.containerizer import NOT_STARTED, Container, Containerizer, State
@@ -27,7 +27,7 @@ from reconciler.images.errors import ImageError
 from reconciler.isolators.base import ContainerConfig
 from reconciler.linux import DEFAULT_PATH
 from reconciler.logs import LogRotator
-from reconciler.models import ContainerSpec
+from reconciler.models import ContainerSpec, ResourceStatistics
 from reconciler.source import Listing
 from reconciler.status import StatusWriter
 from reconciler.status.compose import LaunchFailure, NameState, PullState, compose, kept_by
@@ -149,9 +149,33 @@ def launch_failure(exc: BaseException, spec_hash: str, previous: LaunchFailure |
                          failed=isinstance(exc, ReconcileError) and exc.shows_failed, image=image)
 
 
+class StatusObserver(Protocol):
+    """Who the loop tells what it did (the HTTP face: /state, /metrics, watchers of status changes)."""
+
+    def published(self, name: str, doc: dict[str, Any], now: float) -> None:
+        """A name's status document changed (and was written)."""
+
+    def forgotten(self, name: str) -> None:
+        """A name is gone: no manifest declares it and its container is destroyed."""
+
+    def reconciled(self, seconds: float, result: str) -> None:
+        """One reconcile took this long; result: ok, failed (a launch failure recorded) or error."""
+
+
+class _NobodyReads:
+    def published(self, name: str, doc: dict[str, Any], now: float) -> None:
+        return None
+
+    def forgotten(self, name: str) -> None:
+        return None
+
+    def reconciled(self, seconds: float, result: str) -> None:
+        return None
+
+
 class Reconciler:
     def __init__(self, containerizer: Containerizer, status: StatusWriter, isolator_names: list[str],
-                 environment: dict[str, str]) -> None:
+                 environment: dict[str, str], observer: StatusObserver | None = None) -> None:
         self.containerizer = containerizer
         self.status = status
         self.isolator_names = isolator_names
@@ -160,13 +184,9 @@ class Reconciler:
         self.listed_ok = False            # a successful listing happened: absence now means "gone"
         self.names: dict[str, NameState] = {}
         self.queue = WorkQueue(self._timed_reconcile)
-        # Observers (the HTTP face): a status document that changed, a forgotten name, one reconcile.
-        self.on_published: Callable[[str, dict[str, Any], float], None] = lambda name, doc, now: None
-        self.on_forgotten: Callable[[str], None] = lambda name: None
-        self.on_reconciled: Callable[[float, str], None] = lambda seconds, result: None
+        self.observer: StatusObserver = observer or _NobodyReads()
         self.log_rotator: LogRotator | None = None     # set by the agent (--container_logger_*)
-        containerizer.on_change = self._container_changed
-        containerizer.on_status = self._container_status_changed
+        containerizer.attach(self)
 
     # inputs -----------------------------------------------------------------------------------
     def adopt(self, containers: list[Container]) -> list[Container]:
@@ -188,7 +208,7 @@ class Reconciler:
         for name in set(listing.desired) | set(listing.invalid) | set(self.names):
             self.queue.add(name)
 
-    def _container_changed(self, container: Container) -> None:
+    def container_changed(self, container: Container) -> None:
         name = container.config.name
         state = self.names.get(name)
         if state is not None and state.container is container:
@@ -200,7 +220,7 @@ class Reconciler:
                 if other_state.failure is not None and other_state.failure.waits_for_release:
                     self.queue.add(other)
 
-    def _container_status_changed(self, container: Container) -> None:
+    def container_status_changed(self, container: Container) -> None:
         state = self.names.get(container.config.name)
         if state is not None and state.container is container:
             self.publish(container.config.name)
@@ -217,7 +237,7 @@ class Reconciler:
             result = "failed" if state is not None and state.failure is not None else "ok"
             return requeue_after
         finally:
-            self.on_reconciled(time.perf_counter() - started, result)
+            self.observer.reconciled(time.perf_counter() - started, result)
 
     async def reconcile(self, name: str) -> float | None:
         """Converge one name; returns in how many seconds it wants looking at again (a restart's backoff,
@@ -440,7 +460,7 @@ class Reconciler:
     def _forget(self, name: str) -> None:
         self.names.pop(name, None)
         self.status.remove(name)
-        self.on_forgotten(name)
+        self.observer.forgotten(name)
 
     # status -----------------------------------------------------------------------------------
     def phase(self, name: str) -> str | None:
@@ -455,12 +475,12 @@ class Reconciler:
         state.phase = doc["phase"]
         now = time.time()
         if self.status.write(name, doc, now):
-            self.on_published(name, doc, now)
+            self.observer.published(name, doc, now)
 
     def compose(self, name: str, state: NameState) -> dict[str, Any]:
         return compose(name, state, self.listing, self.isolator_names, self.containerizer.status)
 
-    def _first_statistics(self, container: Container) -> dict[str, Any] | None:
+    def _first_statistics(self, container: Container) -> ResourceStatistics | None:
         """A first usage reading of a container that just started or was recovered, so that its status and
         /monitor/statistics show it from its first moment rather than from the next statistics pass (up to
         --resync_interval later). Cheap enough for the loop: a few cgroup files, or the /proc table the

@@ -32,7 +32,7 @@ import pytest
 
 import reconciler.containerizer as containerizer_module
 from reconciler.checkpoint import Checkpoints
-from reconciler.containerizer import Containerizer, State
+from reconciler.containerizer import Container, Containerizer, State
 from reconciler.isolators.base import (
     ContainerConfig,
     ContainerState,
@@ -115,7 +115,8 @@ class FakeIsolator(Isolator):
     def isolate(self, container_id: str, pid: int) -> None:
         self._call("isolate", container_id, pid)
 
-    def watch(self, container_id: str, on_limitation: LimitationCallback, loop: asyncio.AbstractEventLoop) -> None:
+    def watch_limit(self, container_id: str, on_limitation: LimitationCallback,
+                    loop: asyncio.AbstractEventLoop) -> None:
         self._call("watch", container_id)
         self.on_limitation[container_id] = on_limitation
 
@@ -211,6 +212,7 @@ class Node:
     checkpoints: Checkpoints = field(init=False)
     containerizer: Containerizer = field(init=False)
     phases: list[tuple[str, State]] = field(default_factory=list)
+    status_changes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.launcher = FakeLauncher(self.journal)
@@ -221,9 +223,15 @@ class Node:
               launch_info: dict[str, LaunchInfo] | None = None) -> Containerizer:
         failures, launch_info = failures or {}, launch_info or {}
         self.isolators = [FakeIsolator(n, self.journal, failures.get(n), launch_info.get(n)) for n in names]
-        self.containerizer = Containerizer(self.launcher, list(self.isolators), self.checkpoints,
-                                           on_change=lambda c: self.phases.append((c.id, c.state)))
+        self.containerizer = Containerizer(self.launcher, list(self.isolators), self.checkpoints, observer=self)
         return self.containerizer
+
+    # the containerizer's observer (reconciler.containerizer.ContainerObserver)
+    def container_changed(self, container: Container) -> None:
+        self.phases.append((container.id, container.state))
+
+    def container_status_changed(self, container: Container) -> None:
+        self.status_changes.append(container.id)
 
     def config(self, cid: str, resources: Resources = OLD) -> ContainerConfig:
         spec = ContainerSpec.model_validate({"command": {"value": "sleep 1000"},

@@ -197,9 +197,8 @@ def test_v2_memory_limit_usage_and_oom_watch(tmp_path: Path, counter: str) -> No
     limitations: list[Limitation] = []
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        isolator.watch(cid, limitations.append, loop)
-        isolator.watch(cid, limitations.append, loop)     # idempotent
+        isolator.watch(cid).add_done_callback(lambda f: limitations.append(f.result()))
+        isolator.watch(cid).add_done_callback(lambda f: limitations.append(f.result()))     # idempotent
         await asyncio.sleep(0.15)
         assert limitations == []                           # "max 5" alone is not an OOM kill
         events = Path(v2.path("rt/c1"), "memory.events")

@@ -382,7 +382,7 @@ def test_status_is_absent_until_measured_then_reports_usage_and_enforces(tmp_pat
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        isolator.watch("c1", limitations.append, loop)
+        isolator.watch("c1").add_done_callback(lambda f: limitations.append(f.result()))
         deadline = loop.time() + 10
         while not limitations and loop.time() < deadline:
             before = loop.time()
@@ -418,7 +418,7 @@ def test_without_enforcement_or_without_a_disk_resource_nothing_is_limited(tmp_p
 
     async def scenario() -> None:
         for cid in ("a", "b"):
-            isolator.watch(cid, limitations.append, asyncio.get_running_loop())
+            isolator.watch(cid).add_done_callback(lambda f: limitations.append(f.result()))
         for _ in range(200):
             if isolator.status("a") and isolator.status("b"):
                 break
@@ -446,7 +446,7 @@ def test_measure_unmeasured_gives_each_new_sandbox_a_figure_at_once_and_enforces
 
     async def scenario() -> tuple[int, int]:
         for cid in ("hog", "small"):
-            isolator.watch(cid, limitations.append, asyncio.get_running_loop())
+            isolator.watch(cid).add_done_callback(lambda f: limitations.append(f.result()))
         return await isolator.measure_unmeasured(), await isolator.measure_unmeasured()
     try:
         assert asyncio.run(asyncio.wait_for(scenario(), timeout=30)) == (2, 0)    # each once, then nothing new

@@ -246,7 +246,7 @@ def test_active_policy_reports_a_container_past_its_soft_limit(work_dir: Path) -
     limitations: list[Limitation] = []
 
     async def scenario() -> None:
-        isolator.watch("c1", limitations.append, asyncio.get_running_loop())
+        isolator.watch("c1").add_done_callback(lambda f: limitations.append(f.result()))
         backend.used[project] = 512 * 1024
         await asyncio.sleep(0.1)
         assert limitations == []

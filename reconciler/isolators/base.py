@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from reconciler import errors
 from reconciler.container import CONTAINER_SANDBOX, ROOTFS_DIR, ContainerConfig, ContainerState, ProvisionedImage
@@ -112,8 +112,16 @@ class Limitation:
 LimitationCallback = Callable[[Limitation], None]
 
 
-def _nobody_listens(container_id: str) -> None:
-    return None
+class IsolatorObserver(Protocol):
+    """Who an isolator tells, from any thread, that what `status()` says of a container changed (a disk
+    measurement), so that its status file is written again: the containerizer."""
+
+    def isolator_status_changed(self, container_id: str) -> None: ...
+
+
+class _NobodyListens:
+    def isolator_status_changed(self, container_id: str) -> None:
+        return None
 
 
 class Isolator:
@@ -123,9 +131,11 @@ class Isolator:
 
     def __init__(self, config: "AgentConfig") -> None:
         self.config = config
-        # Set by the containerizer; callable from any thread: what `status()` says of the container
-        # changed (a disk measurement), so its status file should be written again.
-        self.status_changed: Callable[[str], None] = _nobody_listens
+        self.observer: IsolatorObserver = _NobodyListens()
+
+    def attach(self, observer: IsolatorObserver) -> None:
+        """The containerizer listens to what this isolator reports of its containers."""
+        self.observer = observer
 
     def recover(self, states: list[ContainerState], orphans: set[str]) -> None:
         """Rebuild in-memory state for live containers; clean up what only orphans hold."""
@@ -136,9 +146,22 @@ class Isolator:
     def isolate(self, container_id: str, pid: int) -> None:
         """The init exists (blocked, pid in the host's namespace): put it where it belongs."""
 
-    def watch(self, container_id: str, on_limitation: LimitationCallback,
-              loop: asyncio.AbstractEventLoop) -> None:
-        """Arrange to call `on_limitation` (once, from the loop's thread) when a limit is hit."""
+    def watch(self, container_id: str) -> asyncio.Future[Limitation]:
+        """Mesos's watch(): a future, set on the running event loop when the container reaches a limit
+        this isolator enforces, and never for one that enforces none. The containerizer awaits it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Limitation] = loop.create_future()
+
+        def limited(limitation: Limitation) -> None:
+            if not future.done():
+                future.set_result(limitation)
+        self.watch_limit(container_id, limited, loop)
+        return future
+
+    def watch_limit(self, container_id: str, on_limitation: LimitationCallback,
+                    loop: asyncio.AbstractEventLoop) -> None:
+        """An isolator that enforces a limit (memory, disk): arrange to call `on_limitation` once, from the
+        loop's thread, when the container reaches it. Watching a container twice watches it once."""
 
     def update(self, container_id: str, resources: "Resources") -> None:
         """Apply new resources in place."""

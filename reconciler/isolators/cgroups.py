@@ -349,7 +349,8 @@ class CgroupsMemIsolator(_CgroupsIsolator):
         return stats
 
     # OOM ----------------------------------------------------------------------------------------
-    def watch(self, container_id: str, on_limitation: LimitationCallback, loop: asyncio.AbstractEventLoop) -> None:
+    def watch_limit(self, container_id: str, on_limitation: LimitationCallback,
+                    loop: asyncio.AbstractEventLoop) -> None:
         if container_id in self.watches or not self._known(container_id):
             return
         fire = lambda: self._on_oom(container_id, on_limitation)  # noqa: E731

@@ -78,7 +78,8 @@ class DiskDuIsolator(Isolator):
             self.tracked[container_id] = _Tracked(container_id, config.sandbox, self._limit(config))
         return None
 
-    def watch(self, container_id: str, on_limitation: LimitationCallback, loop: asyncio.AbstractEventLoop) -> None:
+    def watch_limit(self, container_id: str, on_limitation: LimitationCallback,
+                    loop: asyncio.AbstractEventLoop) -> None:
         tracked = self.tracked.get(container_id)
         if tracked is None or tracked.scheduled:
             return
@@ -153,7 +154,7 @@ class DiskDuIsolator(Isolator):
                          bool(self.enforce and tracked.limit_bytes is not None))
         if status_news(tracked.shown, now):
             tracked.shown = now
-            self.status_changed(tracked.container_id)
+            self.observer.isolator_status_changed(tracked.container_id)
 
     def status(self, container_id: str) -> dict[str, Any]:
         tracked = self.tracked.get(container_id)

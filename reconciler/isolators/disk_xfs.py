@@ -317,7 +317,8 @@ class DiskXfsIsolator(Isolator):
             self._apply(info)
         return None
 
-    def watch(self, container_id: str, on_limitation: LimitationCallback, loop: asyncio.AbstractEventLoop) -> None:
+    def watch_limit(self, container_id: str, on_limitation: LimitationCallback,
+                    loop: asyncio.AbstractEventLoop) -> None:
         info = self.infos.get(container_id)
         if info is None:
             return    # a container recovered without a sandbox project: not tracked (as Mesos)
@@ -353,7 +354,7 @@ class DiskXfsIsolator(Isolator):
                          self.policy != ACCOUNTING and info.limit_bytes is not None)
         if status_news(info.shown, now):
             info.shown = now
-            self.status_changed(info.container_id)     # from the watcher thread: the hook is thread-safe
+            self.observer.isolator_status_changed(info.container_id)   # from the watcher thread: thread-safe
 
     def status(self, container_id: str) -> dict[str, Any]:
         info = self.infos.get(container_id)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from reconciler.containerizer import Container, State, resource_limits
+from reconciler.models import ResourceStatistics
 from reconciler.source import InvalidDocument, Listing
 from reconciler.status import iso
 from reconciler.units import format_bytes_approx
@@ -64,7 +65,7 @@ class NameState:
     failure: LaunchFailure | None = None
     update_refused: tuple[str, str] | None = None   # (spec hash, message)
     destroy_retry: tuple[int, float] = (0, 0.0)     # after failed kills: (failures, when to try again)
-    statistics: dict[str, Any] | None = None
+    statistics: ResourceStatistics | None = None
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
     phase: str | None = None          # as last published (what _agent.json counts)
     pull: PullState | None = None     # its image while a launch pulls it, or the last pull's failure
@@ -117,8 +118,8 @@ def compose(name: str, state: NameState, listing: Listing | None, isolator_names
                 pass
             doc.pop("executor_pid", None)
             doc["container_id"] = container.id
-        if state.statistics and container.alive:
-            doc["statistics"] = state.statistics
+        if state.statistics is not None and container.alive:
+            doc["statistics"] = state.statistics.model_dump(mode="json")
         elif container.alive:
             doc["statistics"] = resource_limits(config.spec.resources)
     elif invalid is not None:

@@ -40,7 +40,7 @@ from reconciler.launch_spec import InitSpec
 from reconciler.launcher.base import Forked, Launcher
 from reconciler.linux import DEFAULT_PATH, proc, syscalls
 from reconciler.linux.mounts import ensure_nosuid_nodev
-from reconciler.models import Resources, ResourceStatistics
+from reconciler.models import Image, Resources, ResourceStatistics
 from reconciler.status import iso
 from reconciler.units import megabytes_to_bytes
 
@@ -282,17 +282,8 @@ class Containerizer:
         from reconciler.images.store import IMAGE_RECORD
         record_dir = self.checkpoints.dir(config.container_id)
         os.makedirs(record_dir, mode=0o700, exist_ok=True)
-        pull = functools.partial(self.image_store.pull, image.docker.name, refresh=not image.cached,
-                                 in_use_record=os.path.join(record_dir, IMAGE_RECORD), progress=progress)
         try:
-            # Ten containers of one image: one pull, which the others await here without a thread of
-            # theirs (then each takes the result from the store, with its own in-use record).
-            flight = self.image_store.join(image.docker.name, refresh=not image.cached, progress=progress)
-            if flight is not None:
-                pull = functools.partial(pull, resolved_since=await asyncio.wrap_future(flight))
-            # Pulls get threads of their own: a long extraction must not hold up destroys and the
-            # other work the loop hands to the default executor.
-            pulled = await asyncio.get_running_loop().run_in_executor(self._pull_executor, pull)
+            pulled = await self._pull(image, progress, os.path.join(record_dir, IMAGE_RECORD))
         except BaseException:
             # A new id each try: nothing else is in it. The error's type says what the loop does next
             # (an invalid reference is permanent, any other image error temporary).
@@ -300,6 +291,27 @@ class Containerizer:
             raise
         config.image = ProvisionedImage(reference=pulled.reference, id=pulled.id, layers=list(pulled.layers),
                                         config=dict(pulled.config))
+
+    async def prefetch(self, image: Image, progress: Callable[[int, int], None] | None = None) -> None:
+        """Pull a container's image into the store ahead of its launch: a replacement's, while the container
+        it replaces still runs. Its layers are not recorded as in use (the launch records them)."""
+        if self.image_store is None:
+            raise PermanentError("Container image is not supported: the agent runs without --image_providers=docker")
+        await self._pull(image, progress, None)
+
+    async def _pull(self, image: Image, progress: Callable[[int, int], None] | None,
+                    in_use_record: str | None) -> Any:
+        assert self.image_store is not None
+        pull = functools.partial(self.image_store.pull, image.docker.name, refresh=not image.cached,
+                                 in_use_record=in_use_record, progress=progress)
+        # Ten containers of one image: one pull, which the others await here without a thread of theirs
+        # (then each takes the result from the store, with its own in-use record).
+        flight = self.image_store.join(image.docker.name, refresh=not image.cached, progress=progress)
+        if flight is not None:
+            pull = functools.partial(pull, resolved_since=await asyncio.wrap_future(flight))
+        # Pulls get threads of their own: a long extraction must not hold up destroys and the other work
+        # the loop hands to the default executor.
+        return await asyncio.get_running_loop().run_in_executor(self._pull_executor, pull)
 
     # launch -----------------------------------------------------------------------------------
     async def launch(self, config: ContainerConfig, environment: dict[str, str]) -> Container:

@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from reconciler.backoff import exponential
 from reconciler.containerizer import NOT_STARTED, Container, Containerizer, State
@@ -27,7 +27,7 @@ from reconciler.images.errors import ImageError
 from reconciler.isolators.base import ContainerConfig
 from reconciler.linux import DEFAULT_PATH
 from reconciler.logs import LogRotator
-from reconciler.models import ContainerSpec, ResourceStatistics
+from reconciler.models import ContainerSpec, Image, ResourceStatistics
 from reconciler.source import Listing
 from reconciler.status import StatusWriter
 from reconciler.status.compose import LaunchFailure, NameState, PullState, compose, kept_by
@@ -44,6 +44,11 @@ BACKOFF_RESET_AFTER = 600.0
 RETRY_INITIAL = 1.0
 RETRY_MAX = 60.0
 PULL_PROGRESS_EVERY = 0.5    # seconds between two status writes of a pull's progress
+
+
+def image_of(spec: ContainerSpec) -> Image | None:
+    container = spec.container
+    return container.mesos.image if container is not None and container.mesos is not None else None
 
 
 def restart_delay(step: int) -> float:
@@ -286,6 +291,9 @@ class Reconciler:
         if action == Action.REPLACE:
             assert container is not None
             if container.alive:
+                ready, requeue_after = await self._pull_before_replacing(name, state, container, target)
+                if not ready:
+                    return requeue_after
                 retry = await self._destroy(container, reason="Replaced",
                                             message="The manifest changed: replacing the container")
                 if retry is not None:
@@ -379,32 +387,61 @@ class Reconciler:
 
     async def _provision(self, name: str, state: NameState, config: ContainerConfig) -> None:
         """The container's image, pulled (or found in the store) with its progress in the name's status."""
-        spec_container = config.spec.container
-        image = spec_container.mesos.image if spec_container is not None and spec_container.mesos is not None else None
+        image = image_of(config.spec)
         if image is None:
             state.pull = None
             return
+        await self._pulling(name, state, image, lambda progress: self.containerizer.provision(config, progress))
+
+    async def _pull_before_replacing(self, name: str, state: NameState, container: Container,
+                                     target: Target) -> tuple[bool, float | None]:
+        """A replacement that runs another image pulls it while the container it replaces still runs, so a
+        rollout costs a service only the restart, and an image that cannot be pulled costs it nothing:
+        (ready, when to look again). Failures are retried as a launch's are (launch_failure)."""
+        image = image_of(target.spec)
+        running = container.config.image.reference if container.config.image is not None else None
+        if image is None or self.containerizer.image_store is None or image.docker.name == running:
+            return True, None
+        failure = state.failure if state.failure is not None and state.failure.spec_hash == target.spec_hash else None
+        now = time.time()
+        if failure is not None:
+            if failure.permanent:
+                return False, None
+            if now < failure.retry_at:
+                return False, failure.retry_at - now
+        try:
+            await self._pulling(name, state, image, lambda progress: self.containerizer.prefetch(image, progress))
+        except Exception as exc:  # noqa: BLE001 - what it means is in its type: launch_failure decides
+            state.failure = failure = launch_failure(exc, target.spec_hash, failure, now, None)
+            log.warning("Keeping %s running: the image of its replacement could not be pulled: %s", name, exc)
+            return False, None if failure.permanent else failure.retry_at - now
+        state.failure = None
+        return True, None
+
+    async def _pulling(self, name: str, state: NameState, image: Image,
+                       pull: Callable[[Callable[[int, int], None]], Awaitable[None]]) -> None:
+        """Run a pull of the name's image with its progress, then its failure, in the name's status."""
         store = self.containerizer.image_store
         registry = store.registry.host if store is not None and store.registry is not None else None
-        pull = state.pull = PullState(image.docker.name, registry, time.time())
+        pulling = state.pull = PullState(image.docker.name, registry, time.time())
         self.publish(name)
         loop = asyncio.get_running_loop()
 
         def progress(done: int, total: int) -> None:    # the pulling thread's
-            loop.call_soon_threadsafe(self._pull_progress, name, pull, done, total)
+            loop.call_soon_threadsafe(self._pull_progress, name, pulling, done, total)
 
         try:
-            await self.containerizer.provision(config, progress)
+            await pull(progress)
         except ImageError as exc:
-            if state.pull is pull:   # what the status shows until the next try (a RegistryError's status and code)
-                pull.failed = {"error": str(exc), "http_status": getattr(exc, "status", None),
-                               "code": getattr(exc, "code", None)}
+            if state.pull is pulling:   # what the status shows until the next try (a RegistryError's status and code)
+                pulling.failed = {"error": str(exc), "http_status": getattr(exc, "status", None),
+                                  "code": getattr(exc, "code", None)}
             raise
         except BaseException:
-            if state.pull is pull:
+            if state.pull is pulling:
                 state.pull = None
             raise
-        if state.pull is pull:
+        if state.pull is pulling:
             state.pull = None
 
     def _pull_progress(self, name: str, pull: PullState, done: int, total: int) -> None:

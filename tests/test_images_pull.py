@@ -268,3 +268,30 @@ def test_a_failed_pull_names_registry_status_and_code_and_is_retried(world: Pull
     assert "pull" not in status and "at-last" in env.stdout(status)
     tries = [p for p in world.proxy.manifest_gets() if "/tools/late/" in p]
     assert 2 <= len(tries) <= 8, tries                 # retried, with backoff (not in a tight loop)
+
+
+def test_a_replacement_pulls_its_image_while_the_old_container_runs(world: PullWorld, agent_env: Any) -> None:
+    """A rollout to another image: the running container is replaced only once the new image is in the
+    store; while it pulls, and when it cannot be pulled, the old one keeps running."""
+    env = agent_env
+    base = world.tmp / "images"
+    if not (base / "busy2").exists():
+        _push_layout(base, "busy2", [{"data/payload": os.urandom(400_000)}], world.registry, "tools/busy:2", base=True)
+    env.start_registry()
+    env.write("web", f"{world.host}/tools/busy:1", {"value": "sleep 300"})
+    old = env.wait("web", phases=("Running",), timeout=30)
+    world.proxy.mode = "hold"
+    env.write("web", f"{world.host}/tools/busy:2", {"value": "sleep 300"})
+    pulling = env.agent.wait_status("web", lambda s: s.get("pull", {}).get("bytes_done", 0) > 0, timeout=20)
+    assert pulling["phase"] == "Running" and pulling["pid"] == old["pid"], pulling      # still serving
+    assert {c["type"]: c for c in pulling["conditions"]}["Pulling"]["status"] is True
+    world.proxy.release.set()
+    new = env.agent.wait_status("web", lambda s: s["phase"] == "Running" and s["image"].endswith("busy:2"),
+                                timeout=30)
+    assert new["pid"] != old["pid"] and "pull" not in new
+    # An image that is not there: the container keeps running, and its status says why it is not replaced.
+    env.write("web", f"{world.host}/tools/busy:404", {"value": "sleep 300"})
+    refused = env.agent.wait_status("web", lambda s: s.get("pull", {}).get("state") == "Failed", timeout=20)
+    assert refused["phase"] == "Running" and refused["pid"] == new["pid"], refused
+    assert (refused["pull"]["http_status"], refused["pull"]["code"]) == (404, "MANIFEST_UNKNOWN")
+    assert {c["type"]: c for c in refused["conditions"]}["Pulling"]["reason"] == "PullFailed"

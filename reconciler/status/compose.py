@@ -138,9 +138,10 @@ def compose(name: str, state: NameState, listing: Listing | None, isolator_names
             doc["message"] += f" (retrying at {iso(failure.retry_at)})"
     if state.update_refused and container is not None and container.alive:
         doc["message"] = state.update_refused[1]
-    if state.pull is not None and (container is None or not container.alive):
+    if state.pull is not None:
+        # Also beside a running container whose replacement's image is pulled (it keeps running meanwhile).
         doc["pull"] = state.pull.doc()
-        if not state.pull.failed:
+        if not state.pull.failed and (container is None or not container.alive):
             doc["phase"], doc["reason"] = "Pending", "Pulling"
             doc["message"] = state.pull.condition()[2]
     doc["conditions"] = conditions(state, doc, invalid, listing)

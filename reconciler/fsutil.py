@@ -13,6 +13,10 @@ The rules, each closing an attack seen on this machine:
 - A reader opens a name O_NOFOLLOW|O_NONBLOCK and reads it only when fstat says it is a regular
   file: a link planted at the name is refused, a FIFO never blocks the reader, a device is never read.
 - A reader bounds what it reads: a file grown to gigabytes is an error, not an out-of-memory.
+
+Configuration an operator names (a manifest, a CNI configuration: read_config_file) is the one
+exception to the first reader's rule: a link there is followed, as a ConfigMap's files are links
+into its `..data` directory. The rest holds: never a FIFO or a device, never more than a bound.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import re
 import secrets
 import stat
 import time
-from typing import Any
+from typing import Any, Callable
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO for reading must not wait for a writer (it is refused right after).
@@ -44,6 +48,19 @@ class UnsafeFileError(OSError, ValueError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class NotRegularFileError(UnsafeFileError):
+    """A link, a FIFO, a device or a directory where a regular file was expected."""
+
+
+class FileTooLargeError(UnsafeFileError):
+    """A file larger than its reader takes: `size` as fstat said, None when it grew past `limit` as it was read."""
+
+    def __init__(self, name: str, limit: int, size: int | None = None) -> None:
+        self.limit, self.size = limit, size
+        super().__init__(f"{name} is larger than {limit} bytes" if size is None
+                         else f"{name} is {size} bytes, larger than {limit}")
 
 
 def open_dir(path: str, *, dir_fd: int | None = None, follow: bool = True) -> int:
@@ -67,7 +84,7 @@ def open_regular(name: str, *, dir_fd: int | None = None, flags: int = os.O_RDON
         fd = os.open(name, flags | FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:   # became a link since the lstat
-            raise UnsafeFileError(f"{name} is a symbolic link, not a regular file") from None
+            raise NotRegularFileError(f"{name} is a symbolic link, not a regular file") from None
         raise
     try:
         _check_regular(name, os.fstat(fd), single_link)
@@ -79,7 +96,7 @@ def open_regular(name: str, *, dir_fd: int | None = None, flags: int = os.O_RDON
 
 def _check_regular(name: str, st: os.stat_result, single_link: bool) -> None:
     if not stat.S_ISREG(st.st_mode):
-        raise UnsafeFileError(f"{name} is {describe_type(st.st_mode)}, not a regular file")
+        raise NotRegularFileError(f"{name} is {describe_type(st.st_mode)}, not a regular file")
     if single_link and st.st_nlink != 1:
         raise UnsafeFileError(f"{name} has {st.st_nlink} hard links; a regular file with a single link was expected")
 
@@ -100,8 +117,32 @@ def read_fd(fd: int, limit: int, name: str) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
         if size > limit:
-            raise UnsafeFileError(f"{name} is larger than {limit} bytes")
+            raise FileTooLargeError(name, limit)
     return b"".join(chunks)
+
+
+def read_config_file(path: str, *, limit: int,
+                     check: Callable[[int, os.stat_result], None] | None = None) -> tuple[os.stat_result, bytes]:
+    """The content of the regular file an operator names at `path`, links followed, and its fstat.
+
+    O_NONBLOCK: a FIFO at the name must not hang the reader in open(); it is refused right after.
+    Every check is made on the opened fd, so whatever the name pointed to when it was looked at, this
+    is what is read. `check(fd, st)` may refuse the file by raising, before any of it is read.
+
+    Raises NotRegularFileError, FileTooLargeError (a file over `limit`, or grown past it while read),
+    or the OSError of the open or the read (FileNotFoundError for a missing name).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        _check_regular(path, st, single_link=False)
+        if check is not None:
+            check(fd, st)
+        if st.st_size > limit:
+            raise FileTooLargeError(path, limit, st.st_size)
+        return st, read_fd(fd, limit, path)
+    finally:
+        os.close(fd)
 
 
 def create_temp(dir_fd: int, name: str, mode: int = 0o600) -> tuple[int, str]:

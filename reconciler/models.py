@@ -15,7 +15,6 @@ import json
 import math
 import posixpath
 import re
-import reprlib
 import resource
 from typing import Annotated, Any, Callable, Literal, get_args
 
@@ -36,7 +35,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from reconciler.images.errors import InvalidReference
 from reconciler.images.reference import parse_reference
-from reconciler.units import format_duration, parse_bytes, parse_duration, parse_megabytes
+from reconciler.units import format_duration, parse_bytes, parse_duration, parse_megabytes, quoted
 
 API_VERSION = "reconciler/v1"
 
@@ -62,19 +61,16 @@ MAX_ITEMS = 65_536               # arguments, environment variables
 MAX_VOLUMES = 1024
 MAX_BYTE_RATE = 1 << 40          # 1TB per second, far past any interface; tc's rates are 64-bit
 
-_brief_repr = reprlib.Repr()
-_brief_repr.maxstring = _brief_repr.maxother = 80
-_brief_repr.maxlist = _brief_repr.maxdict = _brief_repr.maxtuple = _brief_repr.maxset = 4
-_brief_repr.maxlevel = 2
+MAX_QUOTED_CHARS = 80            # of a value in an error line: a whole name (63) or hostname (64)
 
 
-def brief(value: Any) -> str:
-    """repr() of a value a message quotes, cut short: a message is a line, whatever the input holds."""
-    return _brief_repr.repr(value)
+def _quote(value: Any) -> str:
+    """A value a message quotes (units.quoted): one line, whatever the input holds."""
+    return quoted(value, MAX_QUOTED_CHARS)
 
 
 def _cut(text: str) -> str:
-    """A path quoted without quotes, cut short as brief() does."""
+    """A path shown without quotes, cut short in its middle (at most 80 characters)."""
     return text if len(text) <= 80 else text[:38] + "..." + text[-39:]
 
 
@@ -86,13 +82,13 @@ def _to_seconds(value: Any) -> Any:
     # units.parse_duration trusts its caller's type; anything else must become a ValueError so
     # pydantic reports it against the field instead of crashing the listing.
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"expected a duration such as 10secs or 500ms, or a number of seconds, got {brief(value)}")
+        raise ValueError(f"expected a duration such as 10secs or 500ms, or a number of seconds, got {_quote(value)}")
     return _at_most(_number(parse_duration, value), MAX_DURATION, f"{int(MAX_DURATION // 86400)}days")
 
 
 def _to_megabytes(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"expected megabytes as a number, or a string such as 128Mi or 1Gi, got {brief(value)}")
+        raise ValueError(f"expected megabytes as a number, or a string such as 128Mi or 1Gi, got {_quote(value)}")
     return _at_most(_number(parse_megabytes, value), MAX_MEGABYTES, f"{MAX_MEGABYTES} MB (8 EiB)")
 
 
@@ -163,7 +159,7 @@ Megabytes = Annotated[
 
 def _to_bytes_per_second(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"expected bytes per second such as 10MB or 512KB, got {brief(value)}")
+        raise ValueError(f"expected bytes per second such as 10MB or 512KB, got {_quote(value)}")
     try:
         rate = parse_bytes(value, bare_unit=1)
     except OverflowError:
@@ -214,10 +210,10 @@ class Metadata(BaseModel):
     @classmethod
     def _name_is_dns1123_label(cls, name: str) -> str:
         if len(name) > 63:
-            raise ValueError(f"name {brief(name)} is longer than 63 characters")
+            raise ValueError(f"name {_quote(name)} is longer than 63 characters")
         if not _DNS1123_LABEL.fullmatch(name):
             raise ValueError(
-                f"name {brief(name)} is not a DNS-1123 label: use lowercase letters, digits and '-', "
+                f"name {_quote(name)} is not a DNS-1123 label: use lowercase letters, digits and '-', "
                 "starting and ending with a letter or digit (e.g. 'web', 'batch-job-2')"
             )
         return name
@@ -252,7 +248,7 @@ class EnvironmentVariable(BaseModel):
     @classmethod
     def _only_value(cls, value: Any) -> Any:
         if value != "VALUE":
-            raise ValueError(f"only VALUE environment variables are supported, got {brief(value)}")
+            raise ValueError(f"only VALUE environment variables are supported, got {_quote(value)}")
         return value
 
     @field_validator("name")
@@ -260,7 +256,7 @@ class EnvironmentVariable(BaseModel):
     def _name_is_settable(cls, name: str) -> str:
         # execve cannot express these: an '=' would split the name, a NUL would truncate it.
         if not name or "=" in name or "\0" in name:
-            raise ValueError(f"invalid environment variable name {brief(name)}: must be non-empty, without '=' or NUL")
+            raise ValueError(f"invalid environment variable name {_quote(name)}: must be non-empty, without '=' or NUL")
         return name
 
 
@@ -348,7 +344,7 @@ class DockerImage(BaseModel):
         try:
             parse_reference(name)
         except InvalidReference as exc:
-            raise ValueError(str(exc).replace(f"'{name}'", brief(name))) from None
+            raise ValueError(str(exc).replace(f"'{name}'", _quote(name))) from None
         return name
 
 
@@ -387,9 +383,9 @@ class Volume(BaseModel):
     @classmethod
     def _container_path_is_absolute(cls, path: str) -> str:
         if not path.startswith("/"):
-            raise ValueError(f"container_path {brief(path)} must be an absolute path")
+            raise ValueError(f"container_path {_quote(path)} must be an absolute path")
         if _has_dotdot(path):
-            raise ValueError(f"container_path {brief(path)} must not contain a '..' component")
+            raise ValueError(f"container_path {_quote(path)} must not contain a '..' component")
         if posixpath.normpath(path) in ("/", "//"):
             raise ValueError("container_path must not be '/': a volume cannot replace the root filesystem")
         return path
@@ -403,7 +399,7 @@ class Volume(BaseModel):
             raise ValueError("host_path must not be empty; leave it out instead")
         # A relative host_path is resolved inside the sandbox; '..' would reach outside it.
         if not path.startswith("/") and _has_dotdot(path):
-            raise ValueError(f"relative host_path {brief(path)} must not contain a '..' component "
+            raise ValueError(f"relative host_path {_quote(path)} must not contain a '..' component "
                              "(it is a path in the sandbox)")
         return path
 
@@ -426,8 +422,8 @@ def _check_capability(value: Any) -> Any:
     # A 41-name enum error is unreadable; say what is wrong, and catch the common CAP_ prefix.
     if isinstance(value, str) and value not in CAPABILITY_NUMBERS:
         if value.startswith("CAP_") and value[4:] in CAPABILITY_NUMBERS:
-            raise ValueError(f"unknown capability {brief(value)}: Mesos names have no CAP_ prefix, use {value[4:]!r}")
-        raise ValueError(f"unknown capability {brief(value)}: expected a Linux capability name "
+            raise ValueError(f"unknown capability {_quote(value)}: Mesos names have no CAP_ prefix, use {value[4:]!r}")
+        raise ValueError(f"unknown capability {_quote(value)}: expected a Linux capability name "
                          "such as NET_BIND_SERVICE")
     return value
 
@@ -454,7 +450,7 @@ class SeccompInfo(BaseModel):
     @classmethod
     def _plain_file_name(cls, name: str | None) -> str | None:
         if name is not None and (not name or "/" in name or name in (".", "..") or "\0" in name):
-            raise ValueError(f"profile_name {brief(name)} must be a file name in --seccomp_config_dir (no '/')")
+            raise ValueError(f"profile_name {_quote(name)} must be a file name in --seccomp_config_dir (no '/')")
         return name
 
     @model_validator(mode="after")
@@ -529,8 +525,8 @@ RLIMIT_NUMBERS: dict[str, int] = {name: _rlimit_number(name) for name in get_arg
 def _check_rlimit_type(value: Any) -> Any:
     if isinstance(value, str) and value not in RLIMIT_NUMBERS:
         if value.startswith("RLIMIT_") and "RLMT_" + value[7:] in RLIMIT_NUMBERS:
-            raise ValueError(f"unknown rlimit type {brief(value)}: Mesos spells it {'RLMT_' + value[7:]!r}")
-        raise ValueError(f"unknown rlimit type {brief(value)}: expected one of {', '.join(RLIMIT_NUMBERS)}")
+            raise ValueError(f"unknown rlimit type {_quote(value)}: Mesos spells it {'RLMT_' + value[7:]!r}")
+        raise ValueError(f"unknown rlimit type {_quote(value)}: expected one of {', '.join(RLIMIT_NUMBERS)}")
     return value
 
 
@@ -612,7 +608,7 @@ class NetworkInfo(BaseModel):
     @classmethod
     def _cni_network_name(cls, name: str | None) -> str | None:
         if name is not None and not _CNI_NAME.fullmatch(name):
-            raise ValueError(f"network name {brief(name)} is not a CNI network name: letters, digits, '_', '.' "
+            raise ValueError(f"network name {_quote(name)} is not a CNI network name: letters, digits, '_', '.' "
                              "and '-', starting with a letter or digit")
         return name
 
@@ -637,7 +633,7 @@ class ContainerInfo(BaseModel):
     @classmethod
     def _only_mesos(cls, value: Any) -> Any:
         if value != "MESOS":
-            raise ValueError(f"only MESOS containers are supported, got {brief(value)}")
+            raise ValueError(f"only MESOS containers are supported, got {_quote(value)}")
         return value
 
     @field_validator("hostname")
@@ -648,8 +644,9 @@ class ContainerInfo(BaseModel):
         labels = hostname.split(".")
         if len(hostname) > 64 or not all(len(label) <= 63 and _HOSTNAME_LABEL.fullmatch(label) for label in labels):
             raise ValueError(
-                f"hostname {brief(hostname)} is not a valid hostname: dot-separated labels of letters, digits and '-', "
-                "each at most 63 characters and not starting or ending with '-', at most 64 in all (the kernel's limit)"
+                f"hostname {_quote(hostname)} is not a valid hostname: dot-separated labels of letters, digits and "
+                "'-', each at most 63 characters and not starting or ending with '-', at most 64 in all "
+                "(the kernel's limit)"
             )
         return hostname
 
@@ -680,7 +677,7 @@ class ContainerInfo(BaseModel):
         names = [n.name for n in networks if n.name is not None]
         for i, name in enumerate(names):
             if name in names[:i]:
-                raise ValueError(f"Attempted to join CNI network {brief(name)} multiple times")
+                raise ValueError(f"Attempted to join CNI network {_quote(name)} multiple times")
         if "none" in names and len(names) > 1:
             raise ValueError("network 'none' (loopback only) cannot be joined with other networks")
         if names and len(names) != len(networks):

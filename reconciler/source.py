@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from reconciler.fsutil import FileTooLargeError, NotRegularFileError, read_config_file
 from reconciler.linux.mountinfo import read_mountinfo
 from reconciler.models import (
     ContainerInfo,
@@ -525,31 +526,22 @@ _SIZE_LIMIT = f"{MAX_MANIFEST_BYTES // (1024 * 1024)} MiB"
 
 
 def _read_manifest_file(path: str, trust: _Trust | None = None) -> tuple[_StatKey, bytes]:
+    def trusted(fd: int, st: os.stat_result) -> None:
+        # On the opened fd: whatever the name pointed to when it was checked, this is what is read.
+        refused = trust.file_problem(fd, st) if trust is not None else None
+        if refused is not None:
+            raise _UnreadableFile(f"refused: {refused}")
+
     try:
-        # O_NONBLOCK: a FIFO named x.yaml must not hang the listing in open().
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        st, data = read_config_file(path, limit=MAX_MANIFEST_BYTES, check=trusted)
+    except NotRegularFileError:
+        raise _UnreadableFile("not a regular file") from None
+    except FileTooLargeError as exc:
+        size = "over" if exc.size is None else f"{exc.size} bytes, over"   # None: it grew while read
+        raise _UnreadableFile(f"file is {size} the {_SIZE_LIMIT} limit for a manifest") from None
     except OSError as exc:
         raise _UnreadableFile(f"cannot read: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _UnreadableFile("not a regular file")
-        if trust is not None:
-            # On the opened fd: whatever the name pointed to when it was checked, this is what is read.
-            refused = trust.file_problem(fd, st)
-            if refused is not None:
-                raise _UnreadableFile(f"refused: {refused}")
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise _UnreadableFile(f"file is {st.st_size} bytes, over the {_SIZE_LIMIT} limit for a manifest")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-        if len(data) > MAX_MANIFEST_BYTES:  # it grew between fstat and read
-            raise _UnreadableFile(f"file is over the {_SIZE_LIMIT} limit for a manifest")
-        return _stat_key(st), data
-    except OSError as exc:
-        raise _UnreadableFile(f"cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+    return _stat_key(st), data
 
 
 def _parse_file(path: str, data: bytes, default_container_info: ContainerInfo | None) -> tuple[_Outcome, ...]:

@@ -7,6 +7,7 @@ checkpoints and cgroups, never by name or pattern.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -20,14 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import jsonschema
 import psutil
 import pytest
 
 from reconciler.linux import cgroups, proc
 from reconciler.linux.mountinfo import read_mountinfo
+from reconciler.status import AGENT_FILE
 
 IS_ROOT = os.geteuid() == 0
 REPO = Path(__file__).resolve().parent.parent
+STATUS_SCHEMA = REPO / "schemas" / "status.schema.json"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -96,16 +100,10 @@ class AgentEnv:
         return out or ""
 
     def status(self, name: str) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.status_dir / f"{name}.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
+        return read_status_file(self.status_dir / f"{name}.json")
 
     def agent_status(self) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.status_dir / "_agent.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
+        return read_status_file(self.status_dir / AGENT_FILE)
 
     def wait_status(self, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -136,6 +134,42 @@ class AgentEnv:
         kill_checkpointed_containers(self.work_dir)
         remove_cgroup_root(self.cgroups_root)
         unmount_agent_dirs(self.work_dir)
+
+
+@functools.cache
+def _status_validator(kind: str) -> jsonschema.Draft202012Validator:
+    """The checked-in schema, held to its branch for one kind of file (it is a oneOf of both kinds, and
+    a document failing a oneOf would be reported against either branch, however clear its `kind`)."""
+    schema = json.loads(STATUS_SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert {"$ref": f"#/$defs/{kind}"} in schema["oneOf"], f"{STATUS_SCHEMA} has no {kind}"
+    branch = {key: value for key, value in schema.items() if key not in ("oneOf", "discriminator")}
+    return jsonschema.Draft202012Validator({**branch, "$ref": f"#/$defs/{kind}"})
+
+
+def read_status_file(path: Path) -> dict[str, Any] | None:
+    """The document of a status file (None when there is none), which must be what schemas/status.schema.json,
+    the contract operators read status files by, says: `_agent.json` an AgentStatus, any other a ContainerStatus.
+
+    Any other content fails the test, naming the file and what is wrong. The agent replaces a status file
+    by a rename, so a reader never meets a part of one: a document that does not parse is a bug too.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise AssertionError(f"status file {path} is not JSON: {exc}; it holds: {text[:200]!r}") from None
+    kind = "AgentStatus" if path.name == AGENT_FILE else "ContainerStatus"
+    if isinstance(doc, dict) and doc.get("kind") != kind:
+        raise AssertionError(f"status file {path} has kind {doc.get('kind')!r}; {path.name} must hold kind {kind!r}")
+    error = jsonschema.exceptions.best_match(_status_validator(kind).iter_errors(doc))
+    if error is not None:
+        raise AssertionError(f"status file {path} does not satisfy {STATUS_SCHEMA.relative_to(REPO)} "
+                             f"({kind}): {error.json_path}: {error.message}")
+    return doc
 
 
 def unmount_agent_dirs(work_dir: Path) -> None:

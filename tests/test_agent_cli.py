@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import read_status_file
+
 pytestmark = pytest.mark.root
 
 LINUX_ISOLATION = "namespaces/pid,namespaces/ipc,posix/cpu,posix/mem"
@@ -313,7 +315,8 @@ def test_flag_precedence_cli_over_env_over_config_file(env):
 
     run(with_env=True, with_cli=True)
     assert (from_cli / "_agent.json").exists()
-    agent = json.loads((from_cli / "_agent.json").read_text())
+    agent = read_status_file(from_cli / "_agent.json")
+    assert agent is not None
     assert agent["flags"]["status_dir"] == str(from_cli)
 
 

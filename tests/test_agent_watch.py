@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import alive, running
+from tests.conftest import alive, read_status_file, running
 
 pytestmark = pytest.mark.root
 
@@ -87,11 +87,9 @@ def test_several_manifests_dropped_at_once_and_status_files_are_never_partial(en
         while not stop.is_set():
             for path in list(env.status_dir.glob("*.json")):
                 try:
-                    json.loads(path.read_bytes())
-                except FileNotFoundError:
-                    pass
-                except ValueError as exc:
-                    torn.append(f"{path.name}: {exc}")
+                    read_status_file(path)
+                except AssertionError as exc:
+                    torn.append(str(exc))
 
     reader = threading.Thread(target=read_continuously, daemon=True)
     reader.start()

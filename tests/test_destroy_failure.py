@@ -9,6 +9,7 @@ import os
 from reconciler.agent import Agent
 from reconciler.config import AgentConfig
 from reconciler.launcher.posix import PosixLauncher
+from tests.conftest import read_status_file
 
 
 def test_a_failed_kill_keeps_checkpoint_and_status_and_is_retried(tmp_path, monkeypatch) -> None:
@@ -38,7 +39,8 @@ def test_a_failed_kill_keeps_checkpoint_and_status_and_is_retried(tmp_path, monk
             await agent.relist()
             await agent.reconciler.queue.wait_idle()
 
-            status = json.loads((tmp_path / "work" / "status" / "web.json").read_text())
+            status = read_status_file(tmp_path / "work" / "status" / "web.json")
+            assert status is not None
             assert status["reason"] == "DestroyFailed"
             assert status["message"] == "Failed to kill all processes in the container: 1234 still alive"
             assert os.path.isdir(tmp_path / "work" / "containers" / container.id), "the checkpoint must stay"

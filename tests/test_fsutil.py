@@ -147,6 +147,39 @@ def test_readers_refuse_links_fifos_and_oversized_files(tmp_path: Path, secret: 
     assert writer.read_all() == [] and writer.read_agent() is None
 
 
+def test_configuration_an_operator_names_is_read_through_links_but_never_from_a_fifo_or_past_its_bound(
+        tmp_path: Path) -> None:
+    # A ConfigMap volume: each file is a link into ..data, itself a link to the current version.
+    (tmp_path / "..2024_01_01").mkdir()
+    (tmp_path / "..2024_01_01" / "web.yaml").write_bytes(b"kind: Container\n")
+    (tmp_path / "..data").symlink_to("..2024_01_01")
+    (tmp_path / "web.yaml").symlink_to("..data/web.yaml")
+    st, data = fsutil.read_config_file(str(tmp_path / "web.yaml"), limit=1024)
+    assert data == b"kind: Container\n" and st.st_size == len(data)
+
+    os.mkfifo(tmp_path / "fifo.yaml")
+    outcome: list[object] = []
+    reader = threading.Thread(daemon=True, target=lambda: outcome.append(
+        _raises(lambda: fsutil.read_config_file(str(tmp_path / "fifo.yaml"), limit=1024))))
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive(), "read_config_file blocked on a FIFO"
+    assert isinstance(outcome[0], fsutil.NotRegularFileError) and "is a FIFO, not a regular file" in str(outcome[0])
+
+    (tmp_path / "huge.yaml").write_bytes(b" " * 2048)
+    with pytest.raises(fsutil.FileTooLargeError) as refused:
+        fsutil.read_config_file(str(tmp_path / "huge.yaml"), limit=1024)
+    assert (refused.value.size, refused.value.limit) == (2048, 1024)
+
+    def refuse(fd: int, st: os.stat_result) -> None:
+        raise PermissionError(f"not yours: mode {stat.S_IMODE(st.st_mode):o}")
+
+    with pytest.raises(PermissionError, match="not yours"):    # refused before anything is read
+        fsutil.read_config_file(str(tmp_path / "web.yaml"), limit=1024, check=refuse)
+    with pytest.raises(FileNotFoundError):
+        fsutil.read_config_file(str(tmp_path / "missing.yaml"), limit=1024)
+
+
 def _raises(function, *args):  # noqa: ANN001, ANN202
     try:
         function(*args)

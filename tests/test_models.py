@@ -174,6 +174,12 @@ def test_a_name_longer_than_63_characters_is_rejected() -> None:
     assert errors(doc) == [f"metadata.name: name {'a' * 64!r} is longer than 63 characters"]
 
 
+def test_a_long_value_is_quoted_cut_short_with_its_length() -> None:
+    doc = manifest()
+    doc["metadata"]["name"] = "a" * 10_000
+    assert errors(doc) == [f"metadata.name: name '{'a' * 80}'... (10000 characters) is longer than 63 characters"]
+
+
 def test_label_values_must_be_strings() -> None:
     doc = manifest()
     doc["metadata"]["labels"] = {"app.kubernetes.io/version": 2}
@@ -215,7 +221,7 @@ def test_kill_grace_period_accepts_mesos_durations_and_writes_them_back(given: A
     ("10 parsecs", "invalid duration '10 parsecs': expected a number and a unit, e.g. 500ms, 15secs, 1mins, 2hrs"),
     (-1, "duration must not be negative: -1"),
     (True, "expected a duration such as 10secs or 500ms, or a number of seconds, got True"),
-    ([10], "expected a duration such as 10secs or 500ms, or a number of seconds, got [10]"),
+    ([10], "expected a duration such as 10secs or 500ms, or a number of seconds, got a list"),
     (float("inf"), "expected a finite number, got inf"),
 ])
 def test_bad_durations_are_rejected(given: Any, message: str) -> None:
@@ -239,7 +245,7 @@ def test_mem_and_disk_are_megabytes_or_binary_quantities(given: Any, mb: float) 
     ("lots", "invalid quantity 'lots': expected MB as a number, or a string like 128Mi or 1Gi"),
     (0, "Input should be greater than 0, got 0"),
     (-5, "quantity must not be negative: -5"),
-    ({"mb": 1}, "expected megabytes as a number, or a string such as 128Mi or 1Gi, got {'mb': 1}"),
+    ({"mb": 1}, "expected megabytes as a number, or a string such as 128Mi or 1Gi, got a mapping"),
 ])
 def test_bad_quantities_are_rejected(given: Any, message: str) -> None:
     assert errors(manifest(resources={"mem": given})) == [f"spec.resources.mem: {message}"]

@@ -813,8 +813,17 @@ def test_results_convert_between_versions() -> None:
                               "0.3.1") == {"cniVersion": "0.3.1", "ips": [{"version": "4", "address": "10.0.0.2/8"}]}
 
 
+def test_a_refused_name_is_quoted_on_one_line_with_control_characters_escaped() -> None:
+    with pytest.raises(cni.CNIArgumentError) as refused:
+        cni.validate_ifname("eth0\x1b[2J" + "x" * 100)
+    assert str(refused.value).startswith(
+        f"interface name 'eth0\\x1b[2J{'x' * 32}'... (108 characters) is not a Linux interface name: ")
+    with pytest.raises(cni.CNIArgumentError, match=r"^container id 'a\\nb' is not a CNI container id"):
+        cni.validate_container_id("a\nb")
+
+
 def test_a_result_that_does_not_parse_names_the_field() -> None:
-    with pytest.raises(ValueError, match=r"'ips\[0\]\.address' \(10\.0\.0\.300/24\) is not an address"):
+    with pytest.raises(ValueError, match=r"'ips\[0\]\.address' \('10\.0\.0\.300/24'\) is not an address"):
         Result.from_json({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.300/24"}]})
     with pytest.raises(ValueError, match=r"'ips\[0\]\.interface' is not an index"):
         Result.from_json({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.3/24", "interface": "eth0"}]})

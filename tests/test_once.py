@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from reconciler.linux import proc
+from tests.conftest import read_status_file
 
 pytestmark = pytest.mark.root
 
@@ -82,7 +83,8 @@ def problems_after(env: Any, result: subprocess.CompletedProcess) -> list[str]:
     last_word = parse_iso(agent["updated_at"])
     phases = {}
     for path in sorted(env.status_dir.glob("[!_]*.json")):
-        status = json.loads(path.read_text())
+        status = read_status_file(path)
+        assert status is not None, f"{path} vanished"
         name, phase = status["name"], status["phase"]
         phases[name] = phase
         if phase not in SETTLED or status.get("reason") == "DestroyFailed":

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
+from reconciler.models import ContainerStatus, ResourceStatistics
 from reconciler.schema import (
     MANIFEST_SCHEMA_FILE,
     STATUS_SCHEMA_FILE,
@@ -19,6 +22,7 @@ from reconciler.schema import (
     status_schema,
     write_schemas,
 )
+from tests.conftest import read_status_file
 
 REPO = Path(__file__).resolve().parent.parent
 REGENERATE = "regenerate with: python3 -m reconciler.schema schemas/"
@@ -85,7 +89,6 @@ def test_status_schema_covers_both_status_files() -> None:
 
 
 def test_example_manifests_satisfy_the_manifest_schema() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
     validator = jsonschema.Draft202012Validator(manifest_schema())
     examples = sorted((REPO / "manifests").glob("*.yaml"))
     assert examples
@@ -103,8 +106,31 @@ def test_example_manifests_satisfy_the_manifest_schema() -> None:
 
 
 def test_a_status_document_satisfies_the_status_schema() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
-    from reconciler.models import ContainerStatus, ResourceStatistics
     status = ContainerStatus(name="web", phase="Running", updated_at="t", pid=42,
                              statistics=ResourceStatistics(processes=1))
     jsonschema.Draft202012Validator(status_schema()).validate(status.model_dump(mode="json"))
+
+
+def test_a_status_file_that_breaks_the_schema_fails_the_test_that_reads_it(tmp_path: Path) -> None:
+    """Every status file the tests read (tests/conftest.read_status_file) is held to the checked-in schema."""
+    good = ContainerStatus(name="web", phase="Running", updated_at="t", pid=42).model_dump(mode="json")
+    web = tmp_path / "web.json"
+    web.write_text(json.dumps(good))
+    assert read_status_file(web) == good
+    assert read_status_file(tmp_path / "gone.json") is None
+    web.write_text(json.dumps({**good, "pid": "42"}))
+    with pytest.raises(AssertionError, match=f"^status file {re.escape(str(web))} does not satisfy "
+                       r"schemas/status\.schema\.json \(ContainerStatus\): \$\.pid: '42' is not valid under any"):
+        read_status_file(web)
+    web.write_text(json.dumps({**good, "restart": 1}))
+    with pytest.raises(AssertionError, match=r"\$: Additional properties are not allowed \('restart' was"):
+        read_status_file(web)
+    (tmp_path / "_agent.json").write_text(json.dumps(good))
+    with pytest.raises(AssertionError, match="has kind 'ContainerStatus'; _agent.json must hold kind 'AgentStatus'$"):
+        read_status_file(tmp_path / "_agent.json")
+    (tmp_path / "api.json").write_text(json.dumps({**good, "kind": "AgentStatus"}))
+    with pytest.raises(AssertionError, match="has kind 'AgentStatus'; api.json must hold kind 'ContainerStatus'$"):
+        read_status_file(tmp_path / "api.json")
+    web.write_text(json.dumps(good)[:-5])
+    with pytest.raises(AssertionError, match=f"^status file {re.escape(str(web))} is not JSON"):
+        read_status_file(web)

@@ -54,7 +54,6 @@ import os
 import re
 import selectors
 import signal
-import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -62,7 +61,9 @@ from typing import Annotated, Any, Literal, Mapping, Sequence, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from reconciler.fsutil import FileTooLargeError, NotRegularFileError, read_config_file
 from reconciler.linux import DEFAULT_PATH
+from reconciler.units import quoted
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +246,6 @@ class _InvalidConfig(Exception):
     pass
 
 
-def _snippet(text: str, limit: int = 40) -> str:
-    text = text.replace("\n", "\\n")
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
-
-
 def _describe_validation_error(error: ValidationError) -> str:
     """Pydantic's errors by field, without the offending values (they may be secrets)."""
     parts = []
@@ -285,35 +281,19 @@ def _config_list(document: Any, source: str) -> NetworkConfigList:
                              plugins=plugins, document=document, source=source)
 
 
-def _read_config_file(path: str) -> bytes:
+def _load_config_file(path: str) -> NetworkConfigList:
     try:
-        # O_NONBLOCK: a FIFO given a config's name must not hang the agent. Symlinks are followed:
-        # a ConfigMap's files are links into its ..data directory.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise _InvalidConfig(f"cannot be opened: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _InvalidConfig("is not a regular file")
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise _InvalidConfig(f"is {st.st_size} bytes, more than the {MAX_CONFIG_BYTES} a CNI "
-                                 "configuration may have here")
-        chunks, size = [], 0
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_CONFIG_BYTES:
-                raise _InvalidConfig(f"is more than the {MAX_CONFIG_BYTES} bytes a CNI configuration may have here")
-        return b"".join(chunks)
+        _, data = read_config_file(path, limit=MAX_CONFIG_BYTES)
+    except NotRegularFileError:
+        raise _InvalidConfig("is not a regular file") from None
+    except FileTooLargeError as e:
+        if e.size is None:        # it grew past the limit while read
+            raise _InvalidConfig(f"is more than the {MAX_CONFIG_BYTES} bytes a CNI configuration may have "
+                                 "here") from None
+        raise _InvalidConfig(f"is {e.size} bytes, more than the {MAX_CONFIG_BYTES} a CNI configuration may have "
+                             "here") from None
     except OSError as e:
         raise _InvalidConfig(f"cannot be read: {e.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def _load_config_file(path: str) -> NetworkConfigList:
-    data = _read_config_file(path)
     try:
         document = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -420,7 +400,7 @@ def _parse_address(text: Any, where: str) -> ipaddress.IPv4Interface | ipaddress
     try:
         return ipaddress.ip_interface(text)
     except ValueError:
-        raise ValueError(f"'{where}' ({_snippet(text)}) is not an address with a prefix length") from None
+        raise ValueError(f"'{where}' ({quoted(text)}) is not an address with a prefix length") from None
 
 
 def _parse_ip(text: Any, where: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -429,7 +409,7 @@ def _parse_ip(text: Any, where: str) -> ipaddress.IPv4Address | ipaddress.IPv6Ad
     try:
         return ipaddress.ip_address(text)
     except ValueError:
-        raise ValueError(f"'{where}' ({_snippet(str(text))}) is not an IP address") from None
+        raise ValueError(f"'{where}' ({quoted(text)}) is not an IP address") from None
 
 
 def _parse_route(doc: Any, where: str) -> Route:
@@ -617,7 +597,7 @@ def convert_result(document: Mapping[str, Any], version: str) -> dict[str, Any]:
 def find_plugin(plugin_type: str, search_path: Sequence[str]) -> str:
     """The executable for `plugin_type` in the first directory of `search_path` that has one (CNI_PATH)."""
     if not plugin_type or "/" in plugin_type or plugin_type in (".", ".."):
-        raise PluginNotFoundError(f"'{_snippet(plugin_type)}' is not a CNI plugin name (a file name in the "
+        raise PluginNotFoundError(f"{quoted(plugin_type)} is not a CNI plugin name (a file name in the "
                                   "plugin directories)")
     not_executable = []
     for directory in search_path:
@@ -795,7 +775,7 @@ def _format_args(args: Mapping[str, str]) -> str:
     for key, value in args.items():
         value = str(value)
         if not _CNI_ARG_KEY_RE.match(key):
-            raise CNIArgumentError(f"CNI_ARGS key '{_snippet(key)}' must be letters, digits, '_', '-' or '.'")
+            raise CNIArgumentError(f"CNI_ARGS key {quoted(key)} must be letters, digits, '_', '-' or '.'")
         if ";" in value or "\x00" in value:
             raise CNIArgumentError(f"CNI_ARGS value of '{key}' must not contain ';'")
         pairs.append(f"{key}={value}")
@@ -804,13 +784,13 @@ def _format_args(args: Mapping[str, str]) -> str:
 
 def validate_container_id(container_id: str) -> None:
     if not re.match(_NAME_RE, container_id or ""):
-        raise CNIArgumentError(f"container id '{_snippet(container_id)}' is not a CNI container id: it must start "
+        raise CNIArgumentError(f"container id {quoted(container_id)} is not a CNI container id: it must start "
                                "with a letter or digit, followed by letters, digits, '_', '.' or '-'")
 
 
 def validate_ifname(ifname: str) -> None:
     if not ifname or ifname in (".", "..") or len(ifname) > 15 or _IFNAME_FORBIDDEN.search(ifname):
-        raise CNIArgumentError(f"interface name '{_snippet(ifname)}' is not a Linux interface name: 1 to 15 "
+        raise CNIArgumentError(f"interface name {quoted(ifname)} is not a Linux interface name: 1 to 15 "
                                "characters, not '.' or '..', without '/', ':' or spaces")
 
 

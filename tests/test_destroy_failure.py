@@ -66,3 +66,64 @@ def test_a_failed_kill_keeps_checkpoint_and_status_and_is_retried(tmp_path, monk
             agent.close()
 
     asyncio.run(scenario())
+
+
+def test_a_failed_launch_whose_kill_fails_is_kept_and_destroyed_before_the_next_try(tmp_path, monkeypatch) -> None:
+    """An aborted launch that cannot kill what it started is not forgotten: the name's container is a
+    failed destroy (checkpoint kept, retried with backoff), and only once it is gone is the launch tried again."""
+    from reconciler.isolators.posix import PosixCpuIsolator
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "web.yaml").write_text(json.dumps({
+        "apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": "web"},
+        "spec": {"kill_grace_period": "100ms", "command": {"value": "exec sleep 300"}}}))
+    config = AgentConfig(manifests=str(manifests), work_dir=str(tmp_path / "work"), launcher="posix",
+                         isolation=["posix/cpu"])
+    real_destroy, real_isolate = PosixLauncher.destroy, PosixCpuIsolator.isolate
+    left = {"isolate": 1, "destroy": 1}
+
+    def failing_isolate(self, container_id, pid):  # noqa: ANN001
+        if left["isolate"]:
+            left["isolate"] -= 1
+            raise OSError("cannot move the init into its cgroup")
+        return real_isolate(self, container_id, pid)
+
+    def failing_destroy(self, container_id, identity, pid_namespace):  # noqa: ANN001
+        if left["destroy"]:
+            left["destroy"] -= 1
+            raise TimeoutError("1234 still alive")
+        return real_destroy(self, container_id, identity, pid_namespace)
+
+    monkeypatch.setattr(PosixCpuIsolator, "isolate", failing_isolate)
+    monkeypatch.setattr(PosixLauncher, "destroy", failing_destroy)
+
+    async def scenario() -> None:
+        agent = Agent(config)
+        try:
+            await agent.start()
+            await agent.reconciler.queue.wait_idle()
+            kept = agent.reconciler.names["web"].container
+            assert kept is not None and kept.destroy_failed, "the unkilled launch is the name's container"
+            assert os.path.isdir(tmp_path / "work" / "containers" / kept.id), "its checkpoint stays"
+            assert agent.containerizer.destroy_errors == 1
+            status = read_status_file(tmp_path / "work" / "status" / "web.json")
+            assert status is not None and status["phase"] != "Running"
+            assert "cannot move the init into its cgroup" in status["message"]
+
+            await asyncio.sleep(2.5)   # the destroy is retried after 1 s and works; then the launch is tried again
+            await agent.reconciler.queue.wait_idle()
+            assert not os.path.isdir(tmp_path / "work" / "containers" / kept.id)
+            current = agent.reconciler.names["web"].container
+            assert current is not None and current.id != kept.id and current.pid
+            status = read_status_file(tmp_path / "work" / "status" / "web.json")
+            assert status is not None and status["phase"] == "Running", status
+        finally:
+            for state in agent.reconciler.names.values():
+                if state.container is not None and state.container.pid:
+                    try:
+                        os.kill(state.container.pid, 9)
+                    except ProcessLookupError:
+                        pass
+            agent.close()
+
+    asyncio.run(scenario())

@@ -295,3 +295,18 @@ def test_a_replacement_pulls_its_image_while_the_old_container_runs(world: PullW
     assert refused["phase"] == "Running" and refused["pid"] == new["pid"], refused
     assert (refused["pull"]["http_status"], refused["pull"]["code"]) == (404, "MANIFEST_UNKNOWN")
     assert {c["type"]: c for c in refused["conditions"]}["Pulling"]["reason"] == "PullFailed"
+
+
+def test_an_image_pushed_from_a_docker_save_archive_pulls_whole(world: PullWorld, tmp_path: Path) -> None:
+    """skopeo copy docker-archive: (what `docker save` writes) to the registry: a Docker schema2 manifest
+    with the archive's uncompressed layers, pulled into the store with every file as it was saved."""
+    files = {"etc/saved.conf": b"saved=1\n", "opt/blob": os.urandom(70_000)}
+    archive_dir = tmp_path / "archives"
+    build(str(archive_dir), "saved:1", layers=[layer(File("/etc/saved.conf", files["etc/saved.conf"])),
+                                               layer(File("/opt/blob", files["opt/blob"]))], fmt="manifest",
+          archive_name="saved.tar")     # skopeo reads a ":" in the path as a reference
+    archive = archive_dir / "saved.tar"
+    skopeo_copy(f"docker-archive:{archive}", f"docker://{world.registry.host}/team/saved:1")
+    image = world.store(tmp_path).pull(f"{world.host}/team/saved:1")
+    assert _files(image.layers) == files
+    assert len(world.proxy.manifest_gets()) == 1 and len(world.proxy.blob_gets()) == 3

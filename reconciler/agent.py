@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
 from reconciler import isolators as isolator_registry
+from reconciler.backoff import exponential
 from reconciler.checkpoint import Checkpoints
 from reconciler.config import AgentConfig
 from reconciler.containerizer import Container, Containerizer, State
@@ -290,7 +291,7 @@ class Agent:
     async def _watch(self) -> None:
         """Any event only schedules a re-list. Falls back to resync-only polling when inotify fails."""
         import watchfiles
-        delay = 1.0
+        failures = 0      # in a row: the next try waits 1 s, doubling to 20 s
         while not self._stop.is_set():
             if not os.path.isdir(self.config.manifests):
                 # Nothing to watch yet: look every second and re-list as soon as it appears.
@@ -315,7 +316,7 @@ class Agent:
                 ):
                     if changes:
                         self._relist.set()
-                        delay = 1.0
+                        failures = 0
                     if _identity(self.config.manifests) != watched:
                         log.info("%s was replaced: watching the new directory", self.config.manifests)
                         break
@@ -324,8 +325,8 @@ class Agent:
                 self.watch_mode = "polling"
                 self._watching.set()
                 log.warning("Watching %s failed (%s); relying on --resync_interval", self.config.manifests, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 20.0)
+                failures += 1
+                await asyncio.sleep(exponential(failures, 1.0, 20.0))
 
     async def _relister(self) -> None:
         while True:

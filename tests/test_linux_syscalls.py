@@ -212,30 +212,6 @@ def test_mount_on_a_missing_target_names_the_target(tmp_path: Path) -> None:
 # --- prctl and capabilities ---------------------------------------------------------------
 
 
-def test_child_subreaper_adopts_orphaned_grandchildren() -> None:
-    def child() -> int:
-        syscalls.set_child_subreaper()
-        r, w = os.pipe()
-        middle = os.fork()
-        if middle == 0:  # forks an orphan-to-be and exits at once
-            grandchild = os.fork()
-            if grandchild == 0:
-                time.sleep(30)
-                os._exit(0)
-            os.write(w, str(grandchild).encode())
-            os._exit(0)
-        os.waitpid(middle, 0)
-        grandchild = int(os.read(r, 32))
-        try:
-            with open(f"/proc/{grandchild}/stat") as f:
-                return int(f.read().rsplit(")", 1)[1].split()[1]) - os.getpid()  # 0 if adopted by us
-        finally:
-            os.kill(grandchild, signal.SIGKILL)
-            os.waitpid(grandchild, 0)
-
-    assert run_in_child(child) == 0
-
-
 def test_capget_reports_what_proc_status_shows() -> None:
     caps = syscalls.capget()
     assert caps.effective == status_mask("CapEff")
@@ -262,39 +238,6 @@ def test_capset_drops_an_effective_capability() -> None:
         return status_mask("CapEff")
 
     assert not run_in_child(child) & (1 << CAP_NET_RAW)
-
-
-def test_ambient_capability_can_be_raised_once_inheritable() -> None:
-    def child() -> tuple[bool, bool, int]:
-        refused = False
-        try:
-            syscalls.ambient_raise(CAP_NET_BIND_SERVICE)  # not inheritable yet: the kernel refuses
-        except PermissionError:
-            refused = True
-        caps = syscalls.capget()
-        syscalls.capset(syscalls.CapabilitySets(caps.effective, caps.permitted, caps.inheritable | (1 << CAP_NET_BIND_SERVICE)))
-        syscalls.ambient_raise(CAP_NET_BIND_SERVICE)
-        raised = syscalls.ambient_is_set(CAP_NET_BIND_SERVICE)
-        amb = status_mask("CapAmb")
-        syscalls.ambient_clear_all()
-        return refused, raised and not syscalls.ambient_is_set(CAP_NET_BIND_SERVICE), amb
-
-    refused, raised_then_cleared, ambient = run_in_child(child)
-    assert refused
-    assert raised_then_cleared
-    assert ambient == 1 << CAP_NET_BIND_SERVICE
-
-
-def test_bounding_drop_removes_capability_for_good() -> None:
-    def child() -> tuple[bool, bool, int]:
-        before = syscalls.bounding_is_set(CAP_SYS_TIME)
-        syscalls.bounding_drop(CAP_SYS_TIME)
-        return before, syscalls.bounding_is_set(CAP_SYS_TIME), status_mask("CapBnd")
-
-    before, after, bounding = run_in_child(child)
-    assert before and not after
-    assert not bounding & (1 << CAP_SYS_TIME)
-    assert syscalls.bounding_is_set(CAP_SYS_TIME)  # the parent keeps it
 
 
 def test_prctl_with_an_unknown_option_raises_einval() -> None:

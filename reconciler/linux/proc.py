@@ -89,28 +89,6 @@ def cgroup_paths(pid: int) -> dict[str, str]:
     return paths
 
 
-def all_pids() -> list[int]:
-    """Every process (thread-group leader) visible in this pid namespace."""
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def parent_map() -> dict[int, int]:
-    """pid → ppid for every process, in one pass over /proc.
-
-    Processes that exit during the pass are simply absent. Each read is one open/read/close of
-    /proc/<pid>/stat, the cheapest file that has the ppid.
-    """
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        fields = _read_stat_fields(pid)
-        if fields is not None:
-            parents[pid] = int(fields[_PPID])
-    return parents
-
-
 @dataclass(frozen=True)
 class ProcStat:
     """What one read of /proc/<pid>/stat tells about a process (what usage and killing need)."""

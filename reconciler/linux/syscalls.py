@@ -58,15 +58,6 @@ UMOUNT_NOFOLLOW = 8
 
 # prctl(2) options (<linux/prctl.h>).
 PR_CAPBSET_READ = 23
-PR_CAPBSET_DROP = 24
-PR_SET_CHILD_SUBREAPER = 36
-PR_GET_CHILD_SUBREAPER = 37
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_IS_SET = 1
-PR_CAP_AMBIENT_RAISE = 2
-PR_CAP_AMBIENT_LOWER = 3
-PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 # The calls with no libc wrapper, by number per architecture (<asm/unistd.h>): one table. (The container's
 # init and the launch helper, which import only the standard library, keep their own pivot_root and clone.)
@@ -142,11 +133,6 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return result
 
 
-def set_child_subreaper() -> None:
-    """Become the reaper of orphaned descendants, so a supervisor sees every exit below it."""
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
-
-
 # Capabilities, version 3: two 32-bit data structs make up each 64-bit set.
 
 
@@ -196,28 +182,6 @@ def capset(caps: CapabilitySets) -> None:
         data[i].inheritable = (caps.inheritable >> shift) & 0xFFFFFFFF
     if _libc.capset(ctypes.byref(header), data) != 0:
         _raise("capset")
-
-
-def ambient_raise(cap: int) -> None:
-    """Add `cap` to the ambient set; the kernel requires it to be permitted and inheritable."""
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
-
-
-def ambient_lower(cap: int) -> None:
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, cap)
-
-
-def ambient_clear_all() -> None:
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-
-
-def ambient_is_set(cap: int) -> bool:
-    return prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, cap) == 1
-
-
-def bounding_drop(cap: int) -> None:
-    """Remove `cap` from the bounding set, for good: no exec can bring it back."""
-    prctl(PR_CAPBSET_DROP, cap)
 
 
 def bounding_is_set(cap: int) -> bool:

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from pydantic import ValidationError
+
 from reconciler import users
 from reconciler.checkpoint import Checkpoints
 from reconciler.fsutil import remove_stale_temps
@@ -95,6 +97,7 @@ class Container:
     pidfd: int | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     destroy_task: "asyncio.Task[Termination] | None" = None
+    aborted: bool = False        # its launch failed before the command was let go (kept: its kill failed)
     _started_at_iso: str | None = field(default=None, repr=False)
 
     @property
@@ -268,7 +271,8 @@ class Containerizer:
         self.checkpoints.remove(cid)
 
     # provision (Mesos's provisioner) ----------------------------------------------------------
-    async def provision(self, config: ContainerConfig, progress: Callable[[int, int], None] | None = None) -> None:
+    async def provision(self, config: ContainerConfig, progress: Callable[[int, int], None] | None = None,
+                        resolved_since: float | None = None) -> None:
         """The container's image in the store (pulled from --docker_registry once), set on `config`, and its
         layers recorded in the checkpoint as in use (before the store's lock is let go, so a concurrent
         `reconciler images prune` cannot take them). Runs in a thread: extracting a layer takes time.
@@ -283,7 +287,7 @@ class Containerizer:
         record_dir = self.checkpoints.dir(config.container_id)
         os.makedirs(record_dir, mode=0o700, exist_ok=True)
         try:
-            pulled = await self._pull(image, progress, os.path.join(record_dir, IMAGE_RECORD))
+            pulled = await self._pull(image, progress, os.path.join(record_dir, IMAGE_RECORD), resolved_since)
         except BaseException:
             # A new id each try: nothing else is in it. The error's type says what the loop does next
             # (an invalid reference is permanent, any other image error temporary).
@@ -300,15 +304,18 @@ class Containerizer:
         await self._pull(image, progress, None)
 
     async def _pull(self, image: Image, progress: Callable[[int, int], None] | None,
-                    in_use_record: str | None) -> Any:
+                    in_use_record: str | None, resolved_since: float | None = None) -> Any:
+        """resolved_since: a resolution of the tag since then holds (the pull ahead of this launch)."""
         assert self.image_store is not None
         pull = functools.partial(self.image_store.pull, image.docker.name, refresh=not image.cached,
-                                 in_use_record=in_use_record, progress=progress)
+                                 in_use_record=in_use_record, progress=progress, resolved_since=resolved_since)
         # Ten containers of one image: one pull, which the others await here without a thread of theirs
         # (then each takes the result from the store, with its own in-use record).
         flight = self.image_store.join(image.docker.name, refresh=not image.cached, progress=progress)
         if flight is not None:
-            pull = functools.partial(pull, resolved_since=await asyncio.wrap_future(flight))
+            since = await asyncio.wrap_future(flight)
+            since = since if resolved_since is None else min(since, resolved_since)
+            pull = functools.partial(pull, resolved_since=since)
         # Pulls get threads of their own: a long extraction must not hold up destroys and the other work
         # the loop hands to the default executor.
         return await asyncio.get_running_loop().run_in_executor(self._pull_executor, pull)
@@ -386,6 +393,7 @@ class Containerizer:
         except Exception as exc:  # noqa: BLE001 - whatever it is, something may still run: keep the container
             self.destroy_errors += 1
             log.error("Failed to kill container %s after a failed launch: %s", cid, exc)
+            container.aborted = True
             container.state = State.TERMINATED
             container.termination = Termination(
                 reason="DestroyFailed", finished_at=time.time(),
@@ -585,6 +593,14 @@ class Containerizer:
                                 limited_resources=limitation.resources)
         final = final or Termination()
         status = self.checkpoints.read_status(container.id)
+        if container.aborted and final.reason != NOT_STARTED:
+            # A launch that failed and whose kill failed, destroyed later: its command never ran, whatever
+            # the init managed to write (the kill usually beats its not_started).
+            final.reason = NOT_STARTED
+            final.message = "the launch failed before the command started"
+            final.exit_code = final.exit_signal = None
+            final.finished_at = time.time()
+            return final
         if status is not None and status.get("not_started"):
             # The agent died between the fork and the go-ahead: nothing of the command ran.
             final.reason, final.message = NOT_STARTED, "the agent stopped before the command started"
@@ -658,15 +674,27 @@ class Containerizer:
         container = self.containers.get(container_id)
         if container is None:
             raise KeyError(f"Unknown container {container_id}")
-        statistics: dict[str, Any] = {}
+        parts: list[tuple[str, dict[str, Any]]] = []
         for isolator in self.isolators:
             try:
-                statistics.update(isolator.usage(container_id))
+                parts.append((isolator.name, isolator.usage(container_id)))
             except Exception as exc:  # noqa: BLE001 - Mesos skips a failed isolator's usage with a warning
                 log.debug("usage of %s from %s failed: %s", container_id, isolator.name, exc)
-        statistics["timestamp"] = time.time()
-        statistics.update(resource_limits(container.config.spec.resources))
-        return ResourceStatistics.model_validate(statistics)
+        parts.append(("limits", {"timestamp": time.time(), **resource_limits(container.config.spec.resources)}))
+        try:
+            return ResourceStatistics.model_validate({k: v for _, part in parts for k, v in part.items()})
+        except ValidationError:
+            # One isolator's figures that are not ResourceStatistics (a bug) cost only those figures.
+            statistics: dict[str, Any] = {}
+            for name, part in parts:
+                try:
+                    ResourceStatistics.model_validate(part)
+                except ValidationError as exc:
+                    log.warning("usage of %s from %s is not ResourceStatistics, left out: %s", container_id, name,
+                                str(exc).replace("\n", " ")[:300])
+                    continue
+                statistics.update(part)
+            return ResourceStatistics.model_validate(statistics)
 
     def status(self, container_id: str) -> dict[str, Any]:
         container = self.containers.get(container_id)

@@ -268,6 +268,10 @@ class Reconciler:
         return requeue_after
 
     async def _converge(self, name: str, state: NameState, target: Target) -> float | None:
+        if state.failure is not None and state.failure.spec_hash != target.spec_hash:
+            state.failure = None     # of a spec no longer wanted (a rollout reverted): it says nothing now
+        if state.pull is not None and state.pull.failed and state.pull.spec_hash != target.spec_hash:
+            state.pull = None
         container = state.container
         if container is not None and container.config.spec_hash == target.spec_hash \
                 and container.config.manifest != target.manifest:
@@ -378,8 +382,8 @@ class Reconciler:
             return failure.retry_at - now
         state.failure = None
         state.update_refused = None
-        state.statistics = self._first_statistics(container)
         state.container = container
+        state.statistics = self._first_statistics(container)
         if previous is not None:
             self.containerizer.remove(previous.id)
         log.info("Launched %s as container %s (pid %s)", name, container.id, container.pid)
@@ -391,7 +395,11 @@ class Reconciler:
         if image is None:
             state.pull = None
             return
-        await self._pulling(name, state, image, lambda progress: self.containerizer.provision(config, progress))
+        # A replacement's image was pulled (and its tag resolved) just before: that resolution holds.
+        since = state.prefetched[1] if state.prefetched is not None and state.prefetched[0] == config.spec_hash \
+            else None
+        await self._pulling(name, state, image, config.spec_hash,
+                            lambda progress: self.containerizer.provision(config, progress, resolved_since=since))
 
     async def _pull_before_replacing(self, name: str, state: NameState, container: Container,
                                      target: Target) -> tuple[bool, float | None]:
@@ -400,8 +408,8 @@ class Reconciler:
         (ready, when to look again). Failures are retried as a launch's are (launch_failure)."""
         image = image_of(target.spec)
         running = container.config.image.reference if container.config.image is not None else None
-        if image is None or self.containerizer.image_store is None or image.docker.name == running:
-            return True, None
+        if image is None or image.docker.name == running:
+            return True, None      # (without an image store, prefetch refuses: the running one is kept)
         failure = state.failure if state.failure is not None and state.failure.spec_hash == target.spec_hash else None
         now = time.time()
         if failure is not None:
@@ -410,20 +418,22 @@ class Reconciler:
             if now < failure.retry_at:
                 return False, failure.retry_at - now
         try:
-            await self._pulling(name, state, image, lambda progress: self.containerizer.prefetch(image, progress))
+            await self._pulling(name, state, image, target.spec_hash,
+                                lambda progress: self.containerizer.prefetch(image, progress))
         except Exception as exc:  # noqa: BLE001 - what it means is in its type: launch_failure decides
             state.failure = failure = launch_failure(exc, target.spec_hash, failure, now, None)
             log.warning("Keeping %s running: the image of its replacement could not be pulled: %s", name, exc)
             return False, None if failure.permanent else failure.retry_at - now
         state.failure = None
+        state.prefetched = (target.spec_hash, now)
         return True, None
 
-    async def _pulling(self, name: str, state: NameState, image: Image,
+    async def _pulling(self, name: str, state: NameState, image: Image, spec_hash: str,
                        pull: Callable[[Callable[[int, int], None]], Awaitable[None]]) -> None:
         """Run a pull of the name's image with its progress, then its failure, in the name's status."""
         store = self.containerizer.image_store
         registry = store.registry.host if store is not None and store.registry is not None else None
-        pulling = state.pull = PullState(image.docker.name, registry, time.time())
+        pulling = state.pull = PullState(image.docker.name, registry, time.time(), spec_hash)
         self.publish(name)
         loop = asyncio.get_running_loop()
 
@@ -469,8 +479,9 @@ class Reconciler:
         name = container.config.name
         state = self.names.setdefault(name, NameState())
         failures, retry_at = state.destroy_retry
-        if container.destroy_failed and time.time() < retry_at:
-            return retry_at - time.time()
+        now = time.time()
+        if container.destroy_failed and now < retry_at:
+            return retry_at - now
         if container.alive or container.state == State.DESTROYING or container.destroy_failed:
             await self.containerizer.destroy(container.id, grace=container.config.spec.kill_grace_period,
                                              reason=reason, message=message)

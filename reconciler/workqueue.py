@@ -75,6 +75,9 @@ class WorkQueue:
                     requeue_after = exponential(failures, FAILURE_BACKOFF_INITIAL, FAILURE_BACKOFF_MAX)
                     log.exception("reconcile of %s failed (%d in a row; again in %.0fs)", name, failures,
                                   requeue_after)
+                if requeue_after is not None and requeue_after <= 0:
+                    await asyncio.sleep(0)       # "again now": another pass, after the others had their turn
+                    continue
                 if name not in self._dirty:
                     if requeue_after is not None:
                         self.add_after(name, requeue_after)

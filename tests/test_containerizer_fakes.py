@@ -403,6 +403,21 @@ def test_a_failed_cleanup_does_not_stop_the_others_and_is_reported(node: Node) -
     node.run(scenario)
 
 
+def test_usage_leaves_out_only_the_figures_of_an_isolator_that_are_not_resource_statistics(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    cz = node.build("a", "b")
+    monkeypatch.setattr(node.isolators[0], "usage", lambda cid: {"cpus_user_time_secs": 1.5, "processes": 2})
+    monkeypatch.setattr(node.isolators[1], "usage", lambda cid: {"bogus_bytes": 1, "threads": 3})
+
+    async def scenario() -> None:
+        await cz.launch(node.config("c1"), {})
+        stats = cz.usage("c1")
+        assert (stats.cpus_user_time_secs, stats.processes, stats.threads) == (1.5, 2, None)
+        assert stats.timestamp is not None
+
+    node.run(scenario)
+
+
 def test_a_failed_kill_cleans_up_no_isolator_and_keeps_the_container(node: Node) -> None:
     """Mesos: isolators are not cleaned up while the container's processes may still run."""
     node.launcher.failures = Failures(destroy=[OSError("cgroup still has processes")])

@@ -117,6 +117,7 @@ def test_a_failed_launch_whose_kill_fails_is_kept_and_destroyed_before_the_next_
             assert current is not None and current.id != kept.id and current.pid
             status = read_status_file(tmp_path / "work" / "status" / "web.json")
             assert status is not None and status["phase"] == "Running", status
+            assert status["restarts"] == 0, "its command never ran: the next launch is not a restart"
         finally:
             for state in agent.reconciler.names.values():
                 if state.container is not None and state.container.pid:

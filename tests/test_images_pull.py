@@ -9,6 +9,7 @@ in front of it: every count below is of requests the registry was really asked.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -281,7 +282,9 @@ def test_a_replacement_pulls_its_image_while_the_old_container_runs(world: PullW
     env.write("web", f"{world.host}/tools/busy:1", {"value": "sleep 300"})
     old = env.wait("web", phases=("Running",), timeout=30)
     world.proxy.mode = "hold"
-    env.write("web", f"{world.host}/tools/busy:2", {"value": "sleep 300"})
+    world.proxy.requests.clear()
+    # cached: false resolves the tag: once, ahead of the replacement; the launch takes that resolution.
+    env.write("web", f"{world.host}/tools/busy:2", {"value": "sleep 300"}, cached=False)
     pulling = env.agent.wait_status("web", lambda s: s.get("pull", {}).get("bytes_done", 0) > 0, timeout=20)
     assert pulling["phase"] == "Running" and pulling["pid"] == old["pid"], pulling      # still serving
     assert {c["type"]: c for c in pulling["conditions"]}["Pulling"]["status"] is True
@@ -289,12 +292,18 @@ def test_a_replacement_pulls_its_image_while_the_old_container_runs(world: PullW
     new = env.agent.wait_status("web", lambda s: s["phase"] == "Running" and s["image"].endswith("busy:2"),
                                 timeout=30)
     assert new["pid"] != old["pid"] and "pull" not in new
+    assert [p for p in world.proxy.manifest_gets() if p.endswith("/busy/manifests/2")] == ["/v2/tools/busy/manifests/2"]
     # An image that is not there: the container keeps running, and its status says why it is not replaced.
     env.write("web", f"{world.host}/tools/busy:404", {"value": "sleep 300"})
     refused = env.agent.wait_status("web", lambda s: s.get("pull", {}).get("state") == "Failed", timeout=20)
     assert refused["phase"] == "Running" and refused["pid"] == new["pid"], refused
     assert (refused["pull"]["http_status"], refused["pull"]["code"]) == (404, "MANIFEST_UNKNOWN")
     assert {c["type"]: c for c in refused["conditions"]}["Pulling"]["reason"] == "PullFailed"
+    # The rollout reverted: the failure of the spec no longer wanted goes from the status.
+    env.write("web", f"{world.host}/tools/busy:2", {"value": "sleep 300"}, cached=False)
+    back = env.agent.wait_status("web", lambda s: "pull" not in s, timeout=20)
+    assert back["phase"] == "Running" and back["pid"] == new["pid"], back
+    assert {c["type"]: c for c in back["conditions"]}["Pulling"]["reason"] == "Pulled"
 
 
 def test_an_image_pushed_from_a_docker_save_archive_pulls_whole(world: PullWorld, tmp_path: Path) -> None:
@@ -310,3 +319,61 @@ def test_an_image_pushed_from_a_docker_save_archive_pulls_whole(world: PullWorld
     image = world.store(tmp_path).pull(f"{world.host}/team/saved:1")
     assert _files(image.layers) == files
     assert len(world.proxy.manifest_gets()) == 1 and len(world.proxy.blob_gets()) == 3
+
+
+class _Dribble(io.RawIOBase):
+    """A download whose first chunk is one byte (what a registry may hand over first)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.first = data, True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = 1 if self.first else len(buffer)
+        self.first = False
+        chunk, self.data = self.data[:n], self.data[n:]
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_a_gzip_layer_whose_first_chunk_is_one_byte_is_still_read_as_gzip(tmp_path: Path) -> None:
+    import gzip
+    import hashlib
+
+    from reconciler.images.extract import extract_layer
+    from tests.imagebuild import layer_tar
+    tar = layer_tar(layer(File("/etc/one", b"1\n")))
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    # As the store reads a registry's layer: the stream itself, no digest (the download verified it).
+    stats = extract_layer(io.BufferedReader(_Dribble(gzip.compress(tar))), str(rootfs), where="layer x",
+                          diff_id="sha256:" + hashlib.sha256(tar).hexdigest())
+    assert stats.entries >= 1 and (rootfs / "etc" / "one").read_bytes() == b"1\n"
+
+
+def test_a_waiter_that_gives_up_does_not_break_the_pull_it_waited_for(world: PullWorld, tmp_path: Path) -> None:
+    import asyncio
+    store = world.store(tmp_path)
+    world.proxy.mode = "hold"
+    results: list[Any] = []
+    leader = threading.Thread(target=lambda: results.append(store.pull(f"{world.host}/team/app:1")))
+    leader.start()
+    deadline = time.monotonic() + 10
+    while store.join(f"{world.host}/team/app:1") is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    async def give_up() -> None:
+        flight = store.join(f"{world.host}/team/app:1")
+        assert flight is not None
+        waiter = asyncio.ensure_future(asyncio.wrap_future(flight))
+        await asyncio.sleep(0.05)
+        waiter.cancel()                 # the container's launch was cancelled (the agent stopping)
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+    asyncio.run(give_up())
+    world.proxy.release.set()
+    leader.join(30)
+    assert len(results) == 1 and results[0].id

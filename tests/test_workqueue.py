@@ -160,3 +160,21 @@ def test_launch_failure_decides_from_the_error_type_alone() -> None:
     image = launch_failure(ImageError("registry 'r': HTTP 404 MANIFEST_UNKNOWN: ..."), "h", None, now, None)
     assert (image.reason, image.failed, image.permanent) == ("ProvisioningFailed", True, False)
     assert launch_failure(InvalidReference("bad reference"), "h", None, now, None).permanent
+
+
+def test_a_requeue_of_zero_runs_the_name_again_at_once() -> None:
+    async def scenario() -> int:
+        calls = 0
+
+        async def handler(name: str) -> float | None:
+            nonlocal calls
+            calls += 1
+            return 0.0 if calls < 3 else None
+
+        queue = WorkQueue(handler)
+        queue.add("web")
+        await asyncio.sleep(0.05)
+        await queue.wait_idle()
+        return calls
+
+    assert asyncio.run(scenario()) == 3

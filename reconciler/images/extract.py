@@ -33,6 +33,7 @@ import hashlib
 import io
 import lzma
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -153,7 +154,8 @@ class _Gunzip(io.RawIOBase):
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
-        self.pending = b""           # read past a member's end: the next member's header
+        self.pending = b""           # read ahead: what follows a member's end (its trailer, the next header)
+        self.at = 0                  # how much of `pending` was consumed (no copy of the rest per read)
         self.inflater: Any = None
         self.size = 0
         self.done = False
@@ -161,11 +163,19 @@ class _Gunzip(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def _fill(self) -> bool:
+        """Something unconsumed in `pending`; False at the end of the stream."""
+        if self.at < len(self.pending):
+            return True
+        self.pending, self.at = self.f.read(_GZIP_READ), 0
+        return bool(self.pending)
+
     def _read(self, n: int) -> bytes:
-        if self.pending:
-            data, self.pending = self.pending[:n], self.pending[n:]
-            return data
-        return self.f.read(n)
+        if not self._fill():
+            return b""
+        data = self.pending[self.at:self.at + n]
+        self.at += len(data)
+        return data
 
     def _exact(self, n: int) -> bytes:
         data = b""
@@ -177,15 +187,29 @@ class _Gunzip(io.RawIOBase):
         return data
 
     def _zero_terminated(self) -> None:
-        for _ in range(_GZIP_MAX_FIELD):
-            if self._exact(1) == b"\0":
+        seen = 0
+        while self._fill():
+            end = self.pending.find(b"\0", self.at)
+            if end >= 0:
+                seen += end - self.at
+                self.at = end + 1
+                if seen > _GZIP_MAX_FIELD:
+                    break
                 return
+            seen += len(self.pending) - self.at
+            self.at = len(self.pending)
+            if seen > _GZIP_MAX_FIELD:
+                break
+        else:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
         raise gzip.BadGzipFile(f"a gzip header field is longer than {_GZIP_MAX_FIELD} bytes")
 
     def _start_member(self) -> bool:
+        while self._fill():          # NUL padding after the last member, skipped in bulk
+            self.at = _NULS.match(self.pending, self.at).end()   # type: ignore[union-attr]
+            if self.at < len(self.pending):
+                break
         magic = self._read(1)
-        while magic == b"\0":       # padding after the last member
-            magic = self._read(1)
         if not magic:
             return False
         magic += self._exact(1)
@@ -207,7 +231,7 @@ class _Gunzip(io.RawIOBase):
         return True
 
     def _end_member(self) -> None:
-        self.pending = self.inflater.unused_data + self.pending
+        self.pending, self.at = self.inflater.unused_data + self.pending[self.at:], 0
         trailer = self._exact(8)
         if int.from_bytes(trailer[4:], "little") != self.size & 0xFFFFFFFF:
             raise gzip.BadGzipFile("Incorrect length of data produced")
@@ -243,10 +267,43 @@ class _Gunzip(io.RawIOBase):
 
 
 _GZIP_READ = 256 << 10
+_NULS = re.compile(rb"\0*")
 
 
-def _decompressed(buffered: Any, where: str) -> IO[bytes]:
-    magic = buffered.peek(6)[:6]
+class _Prepended(io.RawIOBase):
+    """`head` (read to see the format), then the rest of the stream."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self.head:
+            if n is None or n < 0:
+                data, self.head = self.head + self.rest.read(), b""
+                return data
+            data, self.head = self.head[:n], self.head[n:]
+            return data
+        return self.rest.read(-1 if n is None else n)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def _decompressed(stream: IO[bytes], where: str) -> IO[bytes]:
+    """The layer's tar stream, whatever compressed it. Its first bytes are read until there are six (a
+    stream may hand them over one at a time: a download's first chunk), then put back in front."""
+    magic = b""
+    while len(magic) < 6:
+        more = stream.read(6 - len(magic))
+        if not more:
+            break
+        magic += more
+    buffered = cast(IO[bytes], _Prepended(magic, stream))
     if magic[:2] == b"\x1f\x8b":
         return cast(IO[bytes], _Gunzip(buffered))
     if magic[:3] == b"BZh":
@@ -565,8 +622,7 @@ def extract_layer(stream: IO[bytes], rootfs: str, *, where: str, max_bytes: int 
 
     raw = _Counted(stream, hashing=digest is not None)
     # A registry's stream is verified as it downloads (no digest or size given here): read as it is.
-    raw_buf = stream if digest is None and size is None and hasattr(stream, "peek") \
-        else io.BufferedReader(raw, _CHUNK)
+    raw_buf = stream if digest is None and size is None else io.BufferedReader(raw, _CHUNK)
     root_fd = os.open(rootfs, _DIR_FLAGS)
     ex = _Extractor(root_fd, where, max_bytes, budget, over_budget, charge)
     try:

@@ -25,7 +25,8 @@ import os
 import threading
 from typing import IO, Callable, Iterable
 
-from reconciler.images.archive import REF_NAME, Source
+from reconciler.images.archive import MAX_JSON_BYTES, REF_NAME, Source
+from reconciler.images.errors import ArchiveError
 from reconciler.images.reference import ImageReference
 from reconciler.images.registry import Descriptor, RegistryClient, ResolvedManifest
 
@@ -127,6 +128,9 @@ class RegistrySource(Source):
         index = {"schemaVersion": 2, "manifests": [{
             "mediaType": resolved.media_type, "digest": resolved.digest, "size": len(resolved.manifest),
             "annotations": {REF_NAME: str(ref)}}]}
+        if resolved.config.size > MAX_JSON_BYTES:    # held in memory: refused before a byte is fetched
+            raise ArchiveError(f"Image '{ref}': its config is {resolved.config.size} bytes, over the limit of "
+                               f"{MAX_JSON_BYTES} bytes")
         config = io.BytesIO()
         client.fetch_blob(resolved.name, resolved.config, config)
         self._files = {"oci-layout": _LAYOUT, "index.json": json.dumps(index).encode(),

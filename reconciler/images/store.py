@@ -170,6 +170,9 @@ class _Flight:
     def __init__(self) -> None:
         self.started = time.time()
         self.future: Future[float] = Future()     # the time it started, or its error, once it ends
+        # Running: a waiter that gives up (its task cancelled, asyncio.wrap_future cancelling this) cannot
+        # cancel the flight under the others, nor make its leader's set_result fail.
+        self.future.set_running_or_notify_cancel()
         self.watchers: list[Progress] = []
 
     def report(self, done: int, total: int) -> None:
@@ -354,6 +357,7 @@ class ImageStore:
         it and take its result (or its error), so ten containers of one image cost one pull.
         """
         ref = parse_reference(reference)
+        refresh = refresh and resolved_since is None    # what a caller handed a fresh resolution asks for
         flight_key = (str(ref), refresh)
         with self._flights_lock:
             flight = self._flights.get(flight_key)
@@ -366,8 +370,8 @@ class ImageStore:
             # What the flight pulled, from the store (under its lock, with this caller's in-use record).
             return self._pull_locked(ref, in_use_record, refresh=False, resolved_since=flight.future.result())
         try:
-            image = self._pull_locked(ref, in_use_record, refresh=refresh and resolved_since is None,
-                                      resolved_since=resolved_since, progress=flight.report)
+            image = self._pull_locked(ref, in_use_record, refresh=refresh, resolved_since=resolved_since,
+                                      progress=flight.report)
         except BaseException as e:
             flight.future.set_exception(e)
             raise
@@ -563,7 +567,9 @@ class ImageStore:
         with self._flock(f"image-{_hex(image_id)}"):
             record_path = os.path.join(self.images_dir, _hex(image_id) + ".json")
             doc = _read_json(record_path)
-            image = self._image_from_record(doc, str(ref)) if isinstance(doc, dict) else None
+            # Only an image whose id is its config's digest (not a legacy docker save's, which its archive chose).
+            known = isinstance(doc, dict) and doc.get("format") in ("oci", "docker-save")
+            image = self._image_from_record(doc, str(ref)) if known and isinstance(doc, dict) else None
             if image is None:
                 return None
             assert isinstance(doc, dict)
@@ -662,6 +668,7 @@ class ImageStore:
                 for future in as_completed(futures.values()):
                     future.result()
             except BaseException:
+                executor.shutdown(wait=False, cancel_futures=True)   # layers not started yet never start
                 source.close()
                 raise
         return [futures[blob.diff_id or blob.name].result() for blob in blobs]

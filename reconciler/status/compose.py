@@ -36,6 +36,7 @@ class PullState:
     image: str
     registry: str | None
     started_at: float
+    spec_hash: str = ""          # of the spec it pulls for
     bytes_done: int = 0
     bytes_total: int = 0
     published_at: float = 0.0
@@ -70,6 +71,7 @@ class NameState:
     phase: str | None = None          # as last published (what _agent.json counts)
     pull: PullState | None = None     # its image while a launch pulls it, or the last pull's failure
     requeue_at: float | None = None   # when its last reconcile asked to be looked at again (a restart's backoff)
+    prefetched: tuple[str, float] | None = None   # (spec hash, when): a replacement's image, pulled ahead
 
 
 def kept_by(manifest: str, listing: Listing) -> InvalidDocument | None:
@@ -172,7 +174,7 @@ def container_phase(state: NameState, container: Container) -> tuple[str, str, s
     if policy == "Never" or (policy == "OnFailure" and termination.succeeded):
         return ended, reason, message
     until = state.requeue_at
-    if until is not None:
+    if until is not None and reason != "DestroyFailed":   # that one waits to kill again, not to restart
         return "BackOff", reason or "CrashLoopBackOff", f"{message}; restarting at {iso(until)}".lstrip("; ")
     return ended, reason, message
 

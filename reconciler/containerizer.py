@@ -448,7 +448,6 @@ class Containerizer:
             "network_namespace": info.network_namespace,
             "mounts": info.mounts,
             "rlimits": info.rlimits,
-            "pre_exec": info.pre_exec,
             "capabilities": info.capabilities,
             "last_cap": syscalls.last_capability(),
             "user": user.launch_spec() if user is not None else None,

@@ -12,7 +12,7 @@ No `from __future__ import annotations`: the annotations are evaluated, so that 
 says at run time what the type checker says (tests compare a built spec against it).
 """
 
-from typing import Any, NotRequired, TypedDict, final
+from typing import NotRequired, TypedDict, final
 
 
 class MountOptions(TypedDict, total=False):
@@ -108,9 +108,6 @@ class InitSpec(Stdio, LaunchSteps):
     argv: list[str]
     env: dict[str, str]
     cwd: str                        # inside the container (made if missing)
-    # Mesos's pre_exec_commands: no isolator asks for one and the init runs none (its shape is Mesos's
-    # CommandInfo, which nothing here models).
-    pre_exec: list[dict[str, Any]]
     capabilities: CapabilitySets | None   # None: the agent's own, unchanged (no linux/capabilities)
     last_cap: int
     user: CommandUser | None        # resolved on the host (command.user of a container without an image)

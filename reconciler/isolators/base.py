@@ -63,7 +63,6 @@ class LaunchInfo:
     rlimits: list[RLimitSetting] = field(default_factory=list)
     hostname: str | None = None
     working_directory: str | None = None
-    pre_exec: list[dict[str, Any]] = field(default_factory=list)
     capabilities: CapabilitySets | None = None
     user: UserInImage | None = None
     # docker/runtime: the argv to exec instead of the manifest's command (argv[0] is the program,
@@ -82,7 +81,6 @@ class LaunchInfo:
         self.clone_namespaces |= other.clone_namespaces
         self.environment.update(other.environment)
         self.mounts.extend(other.mounts)
-        self.pre_exec.extend(other.pre_exec)
         for attr, message in (
             ("rlimits", "Multiple isolators specify rlimits"),
             ("working_directory", "Multiple isolators specify working directory"),

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
+from reconciler.fsutil import FileTooLargeError, NotRegularFileError, read_config_file
 from reconciler.units import MB, format_bytes, megabytes_to_bytes, parse_bytes, parse_duration, quoted
 from reconciler.yamlbounds import first_past_limits
 
@@ -987,13 +988,14 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def _config_file_bytes(path: str, shown: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_FILE_BYTES + 1)
+        _, data = read_config_file(path, limit=MAX_CONFIG_FILE_BYTES)
+    except NotRegularFileError:
+        raise ConfigError(f"flag --config: {shown} is not a regular file") from None
+    except FileTooLargeError:
+        raise ConfigError(f"flag --config: {shown} is larger than {MAX_CONFIG_FILE_BYTES >> 20} MiB: "
+                          "a file of flags is a few lines") from None
     except OSError as exc:
         raise ConfigError(f"flag --config: cannot read {shown}: {exc.strerror}") from None
-    if len(data) > MAX_CONFIG_FILE_BYTES:
-        raise ConfigError(f"flag --config: {shown} is larger than {MAX_CONFIG_FILE_BYTES >> 20} MiB: "
-                          "a file of flags is a few lines")
     return data
 
 

@@ -339,3 +339,19 @@ def test_write_files_writes_nothing_when_an_input_is_bad(tmp_path: Path, host: d
     with pytest.raises(ValueError, match="is not valid"):
         etc_files.write_files(str(directory), hostname="-web", addresses=["10.1.2.3"], **host)
     assert os.listdir(directory) == []
+
+
+def test_a_resolv_conf_linked_to_dev_null_says_nothing_and_a_fifo_is_refused(tmp_path) -> None:
+    import os
+
+    import pytest
+
+    from reconciler import fsutil
+    from reconciler.network.etc_files import read_resolv_conf
+    null = tmp_path / "resolv-null.conf"
+    null.symlink_to(os.devnull)
+    assert read_resolv_conf(str(null)).nameservers == ()
+    fifo = tmp_path / "resolv-fifo.conf"
+    os.mkfifo(fifo)
+    with pytest.raises(fsutil.NotRegularFileError):
+        read_resolv_conf(str(fifo))     # refused at once, not read (a FIFO would hang the launch)

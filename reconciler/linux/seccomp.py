@@ -65,7 +65,6 @@ import json
 import os
 import platform
 import re
-import stat
 import struct
 import threading
 from collections import OrderedDict
@@ -81,6 +80,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from reconciler.fsutil import FileTooLargeError, NotRegularFileError, read_config_file
 
 DEFAULT_PROFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seccomp_default.json")
 MAX_PROFILE_BYTES = 1 << 20
@@ -219,18 +220,14 @@ class Profile(_Model):
 def load_profile(path: str) -> Profile:
     """The profile in the file at `path`; SeccompError naming the file (and the field) otherwise."""
     try:
-        # Non-blocking: a FIFO put in the profile directory must not hang the agent.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # A FIFO put in the profile directory does not hang the agent: read_config_file refuses it.
+        st, data = read_config_file(path, limit=MAX_PROFILE_BYTES)
+    except NotRegularFileError:
+        raise SeccompError(f"seccomp profile {path}: not a regular file") from None
+    except FileTooLargeError:
+        raise SeccompError(f"seccomp profile {path}: larger than {MAX_PROFILE_BYTES} bytes") from None
     except OSError as exc:
         raise SeccompError(f"seccomp profile {path}: cannot read it: {exc.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise SeccompError(f"seccomp profile {path}: not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_PROFILE_BYTES + 1)
-    if len(data) > MAX_PROFILE_BYTES:
-        raise SeccompError(f"seccomp profile {path}: larger than {MAX_PROFILE_BYTES} bytes")
     try:
         doc = json.loads(data)
     except ValueError as exc:

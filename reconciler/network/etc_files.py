@@ -284,14 +284,20 @@ _SOURCE_WORDS = {
 def read_resolv_conf(path: str = HOST_RESOLV_CONF) -> DnsConfig:
     """What a host's resolv.conf says, read as the resolver reads it: unknown lines and nameservers
     that are no IP address are skipped, the last domain or search line wins, lists are cut at the
-    bounds. A missing file says nothing. Follows a link (/etc/resolv.conf often is one)."""
+    bounds. A missing file says nothing, nor does /dev/null (how some hosts say "no resolver"). Follows
+    a link (/etc/resolv.conf often is one); anything else that is not a regular file (a FIFO, a
+    directory, another device) is refused: fsutil.NotRegularFileError."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_RESOLV_CONF_BYTES + 1)
+        _, data = fsutil.read_config_file(path, limit=MAX_RESOLV_CONF_BYTES)
     except FileNotFoundError:
         return DnsConfig(where=path)
-    if len(data) > MAX_RESOLV_CONF_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_RESOLV_CONF_BYTES} bytes; it cannot be a resolver configuration")
+    except fsutil.NotRegularFileError:
+        if os.path.realpath(path) == os.devnull:
+            return DnsConfig(where=path)
+        raise
+    except fsutil.FileTooLargeError:
+        raise ValueError(f"{path} is larger than {MAX_RESOLV_CONF_BYTES} bytes; "
+                         "it cannot be a resolver configuration") from None
     nameservers: list[str] = []
     domain: str | None = None
     search: list[str] = []

@@ -112,7 +112,25 @@ class BoundedTarInfo(tarfile.TarInfo):
             tarfile.fileobj = real
 
 
-class _Counted(io.RawIOBase):
+class ReadStream(io.RawIOBase):
+    """A raw stream defined by its read(n), which returns what it has (never copied to fill a buffer);
+    readinto, which BufferedReader and RawIOBase.read use, goes through it."""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1) -> bytes:
+        raise NotImplementedError
+
+    def readinto(self, buffer: Any) -> int:
+        if not len(buffer):
+            return 0               # (read(0) may mean "what you have" to a subclass)
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class _Counted(ReadStream):
     """Hashes and counts what passes through; past `limit` bytes it raises `over_limit()`."""
 
     def __init__(self, f: IO[bytes], limit: int | None = None, over_limit: object = None, hashing: bool = True) -> None:
@@ -120,9 +138,6 @@ class _Counted(io.RawIOBase):
         self.sha = hashlib.sha256()
         self.hashing = hashing
         self.count = 0
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, n: int | None = -1) -> bytes:
         """What the stream gives, as it gives it (RawIOBase.read would copy it twice)."""
@@ -136,17 +151,12 @@ class _Counted(io.RawIOBase):
             self.sha.update(data)
         return data
 
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buf))
-        buf[:len(data)] = data
-        return len(data)
-
 
 _GZIP_FEXTRA, _GZIP_FNAME, _GZIP_FCOMMENT, _GZIP_FHCRC = 4, 8, 16, 2
 _GZIP_MAX_FIELD = 64 << 10     # of a member's file name or comment
 
 
-class _Gunzip(io.RawIOBase):
+class _Gunzip(ReadStream):
     """gzip members one after the other (RFC 1952, NUL padding after the last tolerated, as gzip does),
     inflated by zlib without the CRC-32 of each member: the layer's sha256 digests (of the blob, and of
     the tar, its diff_id) are what vouch for its bytes, and the CRC took as long as inflating. Each
@@ -159,9 +169,6 @@ class _Gunzip(io.RawIOBase):
         self.inflater: Any = None
         self.size = 0
         self.done = False
-
-    def readable(self) -> bool:
-        return True
 
     def _fill(self) -> bool:
         """Something unconsumed in `pending`; False at the end of the stream."""
@@ -237,11 +244,6 @@ class _Gunzip(io.RawIOBase):
             raise gzip.BadGzipFile("Incorrect length of data produced")
         self.inflater = None
 
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
     def read(self, n: int | None = -1) -> bytes:
         """Up to n inflated bytes (any positive number when n is -1 or None), b"" at the end."""
         n = n if n is not None and n > 0 else _CHUNK
@@ -270,14 +272,11 @@ _GZIP_READ = 256 << 10
 _NULS = re.compile(rb"\0*")
 
 
-class _Prepended(io.RawIOBase):
+class _Prepended(ReadStream):
     """`head` (read to see the format), then the rest of the stream."""
 
     def __init__(self, head: bytes, rest: IO[bytes]) -> None:
         self.head, self.rest = head, rest
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, n: int | None = -1) -> bytes:
         if self.head:
@@ -287,11 +286,6 @@ class _Prepended(io.RawIOBase):
             data, self.head = self.head[:n], self.head[n:]
             return data
         return self.rest.read(-1 if n is None else n)
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
 
 def _decompressed(stream: IO[bytes], where: str) -> IO[bytes]:

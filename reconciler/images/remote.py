@@ -27,6 +27,7 @@ from typing import IO, Callable, Iterable
 
 from reconciler.images.archive import MAX_JSON_BYTES, REF_NAME, Source
 from reconciler.images.errors import ArchiveError
+from reconciler.images.extract import ReadStream
 from reconciler.images.reference import ImageReference
 from reconciler.images.registry import Descriptor, RegistryClient, ResolvedManifest
 
@@ -96,20 +97,12 @@ class _Download:
             self.cond.notify_all()
 
 
-class _Reader(io.RawIOBase):
+class _Reader(ReadStream):
     def __init__(self, download: _Download) -> None:
         self._download = download
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int | None = -1) -> bytes:
         return self._download.read(n if n is not None and n > 0 else BUFFERED)
-
-    def readinto(self, buffer: "bytearray | memoryview") -> int:   # type: ignore[override]
-        data = self._download.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         self._download.stop()      # a reader that gives up (a refused layer) ends its download

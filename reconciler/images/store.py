@@ -580,11 +580,16 @@ class ImageStore:
                     changed = True
             if changed:
                 _write_json(record_path, doc)
-        path = f"{self._registry_url()}/{manifest.name}"
-        _write_json(os.path.join(self.refs_dir, key + ".json"),
-                    {"reference": str(ref), "image_id": image_id, "archive": path, "stat": None,
-                     "registry": self._registry_url(), "resolved_at": resolved_at})
+        self._record_ref(key, ref, image_id, f"{self._registry_url()}/{manifest.name}", None, resolved_at)
         return dataclasses.replace(image, manifest_digest=manifest.digest)
+
+    def _record_ref(self, key: str, ref: ImageReference, image_id: str, archive: str,
+                    stat_key: tuple[int, int] | None, resolved_at: float) -> None:
+        """refs/<key>.json: what the reference resolved to, from where, when (what _cached reads)."""
+        _write_json(os.path.join(self.refs_dir, key + ".json"),
+                    {"reference": str(ref), "image_id": image_id, "archive": archive,
+                     "stat": list(stat_key) if stat_key else None, "registry": self._registry_url(),
+                     "resolved_at": resolved_at})
 
     def _pull(self, ref: ImageReference, key: str, progress: Progress | None = None) -> PulledImage:
         started = time.monotonic()
@@ -633,10 +638,7 @@ class ImageStore:
                 "format": resolved.format, "archive": path, "names": resolved.names,
                 "pulled_at": old.get("pulled_at", now), "last_used": now,
             })
-        _write_json(os.path.join(self.refs_dir, key + ".json"),
-                    {"reference": str(ref), "image_id": resolved.id, "archive": path,
-                     "stat": list(stat_key) if stat_key else None, "registry": self._registry_url(),
-                     "resolved_at": resolved_at})
+        self._record_ref(key, ref, resolved.id, path, stat_key, resolved_at)
         log.info("pulled image '%s' (%s, %d layers) from '%s' in %.3fs", ref, resolved.id, len(used), path,
                  time.monotonic() - started)
         return PulledImage(reference=str(ref), id=resolved.id, layers=[self.layer_path(i) for i in used],

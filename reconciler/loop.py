@@ -60,6 +60,11 @@ def retry_delay(step: int) -> float:
     return exponential(step, RETRY_INITIAL, RETRY_MAX)
 
 
+def temporary_delay(exc: BaseException, step: int) -> float:
+    """The wait before retrying after a temporary failure: the delay it names, else the backoff's."""
+    return exc.delay if isinstance(exc, TemporaryError) and exc.delay is not None else retry_delay(step)
+
+
 @dataclass
 class Target:
     """What a name should run: the manifest's spec, or its last good spec while the manifest is broken."""
@@ -148,7 +153,7 @@ def launch_failure(exc: BaseException, spec_hash: str, previous: LaunchFailure |
         return LaunchFailure(spec_hash, str(exc), permanent=False, reason=reason, waits_for_release=True,
                              image=image)
     step = previous.step + 1 if previous is not None else 1
-    delay = exc.delay if isinstance(exc, TemporaryError) and exc.delay is not None else retry_delay(step)
+    delay = temporary_delay(exc, step)
     return LaunchFailure(spec_hash, f"Failed to launch container: {exc}", permanent=False, step=step,
                          retry_at=now + delay, reason=reason,
                          failed=isinstance(exc, ReconcileError) and exc.shows_failed, image=image)
@@ -315,7 +320,7 @@ class Reconciler:
             state.update_refused = (target.spec_hash, f"Failed to update resources: {exc}")
             return None
         except Exception as exc:  # noqa: BLE001 - temporary, whatever it is: try again soon
-            delay = exc.delay if isinstance(exc, TemporaryError) and exc.delay is not None else retry_delay(1)
+            delay = temporary_delay(exc, 1)
             log.warning("Failed to update resources of %s: %s; retrying", name, exc)
             return delay
         container.config.manifest = target.manifest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from pathlib import Path
 
 from reconciler.agent import Agent
 from reconciler.config import AgentConfig
@@ -12,14 +13,31 @@ from reconciler.launcher.posix import PosixLauncher
 from tests.conftest import read_status_file
 
 
-def test_a_failed_kill_keeps_checkpoint_and_status_and_is_retried(tmp_path, monkeypatch) -> None:
+def web_agent_config(tmp_path: Path) -> AgentConfig:
+    """An in-process agent (posix launcher) with one manifest, web, running `sleep 300`."""
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     (manifests / "web.yaml").write_text(json.dumps({
         "apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": "web"},
         "spec": {"kill_grace_period": "100ms", "command": {"value": "exec sleep 300"}}}))
-    config = AgentConfig(manifests=str(manifests), work_dir=str(tmp_path / "work"), launcher="posix",
-                         isolation=["posix/cpu"])
+    return AgentConfig(manifests=str(manifests), work_dir=str(tmp_path / "work"), launcher="posix",
+                       isolation=["posix/cpu"])
+
+
+def kill_all_and_close(agent: Agent) -> None:
+    """The test's teardown: whatever the agent still runs is killed (its kills were made to fail)."""
+    for state in agent.reconciler.names.values():
+        if state.container is not None and state.container.pid:
+            try:
+                os.kill(state.container.pid, 9)
+            except ProcessLookupError:
+                pass
+    agent.close()
+
+
+def test_a_failed_kill_keeps_checkpoint_and_status_and_is_retried(tmp_path, monkeypatch) -> None:
+    manifests = tmp_path / "manifests"
+    config = web_agent_config(tmp_path)
     real_destroy = PosixLauncher.destroy
     failures = {"left": 1}
 
@@ -57,13 +75,7 @@ def test_a_failed_kill_keeps_checkpoint_and_status_and_is_retried(tmp_path, monk
             assert not os.path.isdir(tmp_path / "work" / "containers" / container.id)
             assert container.identity is not None and not container.identity.is_alive()
         finally:
-            for state in agent.reconciler.names.values():
-                if state.container is not None and state.container.pid:
-                    try:
-                        os.kill(state.container.pid, 9)
-                    except ProcessLookupError:
-                        pass
-            agent.close()
+            kill_all_and_close(agent)
 
     asyncio.run(scenario())
 
@@ -72,13 +84,7 @@ def test_a_failed_launch_whose_kill_fails_is_kept_and_destroyed_before_the_next_
     """An aborted launch that cannot kill what it started is not forgotten: the name's container is a
     failed destroy (checkpoint kept, retried with backoff), and only once it is gone is the launch tried again."""
     from reconciler.isolators.posix import PosixCpuIsolator
-    manifests = tmp_path / "manifests"
-    manifests.mkdir()
-    (manifests / "web.yaml").write_text(json.dumps({
-        "apiVersion": "reconciler/v1", "kind": "Container", "metadata": {"name": "web"},
-        "spec": {"kill_grace_period": "100ms", "command": {"value": "exec sleep 300"}}}))
-    config = AgentConfig(manifests=str(manifests), work_dir=str(tmp_path / "work"), launcher="posix",
-                         isolation=["posix/cpu"])
+    config = web_agent_config(tmp_path)
     real_destroy, real_isolate = PosixLauncher.destroy, PosixCpuIsolator.isolate
     left = {"isolate": 1, "destroy": 1}
 
@@ -119,12 +125,6 @@ def test_a_failed_launch_whose_kill_fails_is_kept_and_destroyed_before_the_next_
             assert status is not None and status["phase"] == "Running", status
             assert status["restarts"] == 0, "its command never ran: the next launch is not a restart"
         finally:
-            for state in agent.reconciler.names.values():
-                if state.container is not None and state.container.pid:
-                    try:
-                        os.kill(state.container.pid, 9)
-                    except ProcessLookupError:
-                        pass
-            agent.close()
+            kill_all_and_close(agent)
 
     asyncio.run(scenario())

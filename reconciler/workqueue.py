@@ -95,10 +95,6 @@ class WorkQueue:
         """Handler exceptions in a row for the name (0 once it succeeded)."""
         return self._failures.get(name, 0)
 
-    def pending_timer(self, name: str) -> float | None:
-        timer = self._timers.get(name)
-        return timer.when() if timer is not None else None
-
     async def wait_idle(self) -> None:
         """Until nothing is being handled (timers may still be pending)."""
         while self._running:

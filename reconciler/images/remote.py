@@ -136,7 +136,6 @@ class RegistrySource(Source):
         self._closed = False
         self.bytes_total = 0
         self.bytes_done = 0
-        self.blobs_fetched = 0
 
     def exists(self, name: str) -> bool:
         return name in self._files or name in self._layers
@@ -169,9 +168,6 @@ class RegistrySource(Source):
             self.client.fetch_blob(self.resolved.name, download.descriptor, download)
         except BaseException as e:  # noqa: BLE001 - handed to the reader, who raises it: whatever it is
             error = e
-        else:
-            with self._lock:
-                self.blobs_fetched += 1
         download.finish(error)
 
     def _count(self, n: int) -> None:

@@ -310,15 +310,23 @@ class Containerizer:
         pull = functools.partial(self.image_store.pull, image.docker.name, refresh=not image.cached,
                                  in_use_record=in_use_record, progress=progress, resolved_since=resolved_since)
         # Ten containers of one image: one pull, which the others await here without a thread of theirs
-        # (then each takes the result from the store, with its own in-use record).
-        flight = self.image_store.join(image.docker.name, refresh=not image.cached, progress=progress)
-        if flight is not None:
-            since = await asyncio.wrap_future(flight)
+        # (then each takes the result from the store, with its own in-use record). The first reserves the
+        # flight before its pull waits for a thread, so the others never queue for threads of their own.
+        waiting, reservation = self.image_store.reserve(image.docker.name, refresh=not image.cached,
+                                                        resolved_since=resolved_since, progress=progress)
+        if waiting is not None:
+            since = await asyncio.wrap_future(waiting)
             since = since if resolved_since is None else min(since, resolved_since)
             pull = functools.partial(pull, resolved_since=since)
+        else:
+            pull = functools.partial(pull, reservation=reservation)
         # Pulls get threads of their own: a long extraction must not hold up destroys and the other work
         # the loop hands to the default executor.
-        return await asyncio.get_running_loop().run_in_executor(self._pull_executor, pull)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pull_executor, pull)
+        finally:
+            if reservation is not None:
+                self.image_store.release(reservation)
 
     # launch -----------------------------------------------------------------------------------
     async def launch(self, config: ContainerConfig, environment: dict[str, str]) -> Container:

@@ -377,3 +377,38 @@ def test_a_waiter_that_gives_up_does_not_break_the_pull_it_waited_for(world: Pul
     world.proxy.release.set()
     leader.join(30)
     assert len(results) == 1 and results[0].id
+
+
+def test_a_reservation_is_what_later_callers_wait_for_and_fails_them_if_its_pull_never_starts(
+        world: PullWorld, tmp_path: Path) -> None:
+    from reconciler.images.errors import ImageError
+    store = world.store(tmp_path)
+    ref = f"{world.host}/team/app:1"
+    waiting, reservation = store.reserve(ref)
+    assert waiting is None and reservation is not None          # the first caller leads
+    waiting, second = store.reserve(ref)
+    assert second is None and waiting is not None                # the next waits, without a thread
+    store.release(reservation)                                   # its pull never started (cancelled)
+    with pytest.raises(ImageError, match="cancelled"):
+        waiting.result(timeout=1)
+    # Run by its reserver's pull, a reservation is one flight; a watcher that comes late is told at once
+    # how far it got (layers held half sent: no further byte would tell it).
+    waiting, reservation = store.reserve(ref)
+    assert reservation is not None
+    world.proxy.mode = "hold"
+    leader_saw: list[tuple[int, int]] = []
+    results: list[Any] = []
+    leader = threading.Thread(target=lambda: results.append(
+        store.pull(ref, reservation=reservation, progress=lambda d, t: leader_saw.append((d, t)))))
+    leader.start()
+    deadline = time.monotonic() + 10
+    while not any(d for d, _ in leader_saw) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    late: list[tuple[int, int]] = []
+    assert store.join(ref, progress=lambda d, t: late.append((d, t))) is not None
+    assert late and late[0][0] > 0, late
+    world.proxy.release.set()
+    leader.join(30)
+    store.release(reservation)                                   # claimed: nothing to do
+    assert results and results[0].id and store.join(ref) is None
+    assert len(world.proxy.manifest_gets()) == 1

@@ -167,15 +167,25 @@ Progress = Callable[[int, int], None]   # (bytes fetched, bytes to fetch) while 
 class _Flight:
     """One pull of a reference in this process, which the other callers asking for it meanwhile wait for."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: tuple[str, bool], claimed: bool = True) -> None:
+        self.key = key
+        self.claimed = claimed      # a pull is running it (a reservation is not claimed until its pull starts)
         self.started = time.time()
         self.future: Future[float] = Future()     # the time it started, or its error, once it ends
         # Running: a waiter that gives up (its task cancelled, asyncio.wrap_future cancelling this) cannot
         # cancel the flight under the others, nor make its leader's set_result fail.
         self.future.set_running_or_notify_cancel()
         self.watchers: list[Progress] = []
+        self.last: tuple[int, int] | None = None
+
+    def watch(self, progress: Progress) -> None:
+        """Under the store's flights lock. A watcher that comes late is told at once how far it got."""
+        self.watchers.append(progress)
+        if self.last is not None:
+            progress(*self.last)
 
     def report(self, done: int, total: int) -> None:
+        self.last = (done, total)
         for watcher in list(self.watchers):
             watcher(done, total)
 
@@ -343,7 +353,8 @@ class ImageStore:
         return os.path.join(self.layers_dir, _hex(layer_id), "rootfs")
 
     def pull(self, reference: str, *, in_use_record: str | None = None, refresh: bool = False,
-             progress: Progress | None = None, resolved_since: float | None = None) -> PulledImage:
+             progress: Progress | None = None, resolved_since: float | None = None,
+             reservation: _Flight | None = None) -> PulledImage:
         """Make the image available in the store and return it. Thread- and process-safe.
 
         in_use_record: a path (e.g. <work_dir>/containers/<id>/image.json) written with
@@ -352,20 +363,23 @@ class ImageStore:
         refresh: resolve the reference again even when the store has it (Mesos's Image.cached false).
         progress(bytes fetched, bytes to fetch): called from the pulling thread while layers download
         from a registry. resolved_since: a tag resolved since then counts as fresh (what `join` returns).
+        reservation: the flight `reserve` made for this caller, which this pull runs.
 
         Pulls of one reference in this process share one flight: while one runs, the others wait for
         it and take its result (or its error), so ten containers of one image cost one pull.
         """
         ref = parse_reference(reference)
-        refresh = refresh and resolved_since is None    # what a caller handed a fresh resolution asks for
-        flight_key = (str(ref), refresh)
+        flight_key = self._flight_key(ref, refresh, resolved_since)
+        refresh = flight_key[1]
         with self._flights_lock:
             flight = self._flights.get(flight_key)
-            leader = flight is None
+            leader = flight is None or (flight is reservation and not flight.claimed)
             if flight is None:
-                flight = self._flights[flight_key] = _Flight()
-            if progress is not None:
-                flight.watchers.append(progress)
+                flight = self._flights[flight_key] = _Flight(flight_key)
+            if progress is not None and flight is not reservation:   # (reserve added the reserver's)
+                flight.watch(progress)
+            if leader:
+                flight.claimed = True
         if not leader:
             # What the flight pulled, from the store (under its lock, with this caller's in-use record).
             return self._pull_locked(ref, in_use_record, refresh=False, resolved_since=flight.future.result())
@@ -382,19 +396,48 @@ class ImageStore:
                 del self._flights[flight_key]
         return image
 
+    @staticmethod
+    def _flight_key(ref: ImageReference, refresh: bool, resolved_since: float | None) -> tuple[str, bool]:
+        return str(ref), refresh and resolved_since is None   # a caller handed a fresh resolution asks no more
+
     def join(self, reference: str, *, refresh: bool = False, progress: Progress | None = None) -> Future[float] | None:
-        """The pull of this reference running in this process, if any, for a caller that waits without a
-        thread (the agent's event loop): `progress` is added to its watchers; the future gives the time
-        it started (pass it to `pull` as resolved_since, which then serves the result from the store)
-        or raises its error."""
-        ref = parse_reference(reference)
+        """The pull of this reference running in this process, if any: `progress` is added to its watchers;
+        the future gives the time it started (pass it to `pull` as resolved_since, which then serves the
+        result from the store) or raises its error."""
+        waiting, _ = self._join_or_reserve(parse_reference(reference), (refresh, None), progress, reserve=False)
+        return waiting
+
+    def reserve(self, reference: str, *, refresh: bool = False, resolved_since: float | None = None,
+                progress: Progress | None = None) -> tuple[Future[float] | None, _Flight | None]:
+        """For a caller that waits without a thread (the agent's event loop), before it hands its pull to
+        one: the running flight's future to wait for, or a reservation, a flight the others wait for from
+        now on, which the caller's `pull(reservation=...)` runs and `release` ends if that never starts."""
+        return self._join_or_reserve(parse_reference(reference), (refresh, resolved_since), progress, reserve=True)
+
+    def _join_or_reserve(self, ref: ImageReference, asked: tuple[bool, float | None], progress: Progress | None,
+                         reserve: bool) -> tuple[Future[float] | None, _Flight | None]:
+        key = self._flight_key(ref, *asked)
         with self._flights_lock:
-            flight = self._flights.get((str(ref), refresh))
+            flight = self._flights.get(key)
             if flight is None:
-                return None
+                if not reserve:
+                    return None, None
+                flight = self._flights[key] = _Flight(key, claimed=False)
+                if progress is not None:
+                    flight.watch(progress)
+                return None, flight
             if progress is not None:
-                flight.watchers.append(progress)
-            return flight.future
+                flight.watch(progress)
+            return flight.future, None
+
+    def release(self, reservation: _Flight) -> None:
+        """After the reserver's pull: a reservation whose pull never started (its task cancelled before a
+        thread took it) fails, so that those waiting for it go on."""
+        with self._flights_lock:
+            if reservation.claimed or self._flights.get(reservation.key) is not reservation:
+                return
+            del self._flights[reservation.key]
+        reservation.future.set_exception(ImageError(f"the pull of '{reservation.key[0]}' was cancelled"))
 
     def _pull_locked(self, ref: ImageReference, in_use_record: str | None, *, refresh: bool,
                      resolved_since: float | None = None, progress: Progress | None = None) -> PulledImage:
